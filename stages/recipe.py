@@ -1,0 +1,200 @@
+"""The recipe: one typed, validated description of a pipeline run, loaded from YAML or a named preset.
+
+Every count, size and model is configuration. Validation happens here, before anything heavy is imported or loaded,
+and a bad value fails naming its field (pydantic's `loc`), e.g. `base_model.model.hidden_size: must be divisible ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "recipes"
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrackingConfig(Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file, http://host:port, ...)")
+    experiment: str = Field("r1-pipeline", min_length=1, description="MLflow experiment name")
+    artifact_location: str | None = Field(None, description="artifact root for a new experiment (default: ./mlartifacts)")
+
+
+class ModelArch(Strict):
+    """A small Qwen2-architecture model built from scratch (the `tiny` stand-in for a pretrained base)."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(384, ge=8)
+    max_position_embeddings: int = Field(256, ge=16)
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary size (byte alphabet of 256 + merges + specials)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+class NoiseConfig(Strict):
+    """Share of pretraining traces with each flaw, so the base model has R1-Zero's problems to fix."""
+
+    wrong_answer: float = Field(0.25, ge=0, le=1)
+    no_tags: float = Field(0.15, ge=0, le=1)
+    mixed_language: float = Field(0.2, ge=0, le=1)
+
+
+class BaseModelConfig(Strict):
+    """Where the pipeline's base model comes from: an existing model (path/hub id/URI) or a tiny one built here."""
+
+    source: Literal["build", "pretrained"] = "build"
+    path: str | None = Field(None, description="model path, hub id or runs:/ URI when source=pretrained")
+    trust_remote_code: bool = Field(False, description="only for a model you trust: runs code shipped with it")
+    model: ModelArch = ModelArch()
+    task: str = Field("addition", description="problem family for pretraining (see stages.tasks)")
+    max_digits: int = Field(2, ge=1, le=6)
+    noise: NoiseConfig = NoiseConfig()
+    train_problems: int = Field(20000, ge=100)
+    pretrain_seconds: float = Field(150.0, gt=0, description="wall-clock budget for pretraining")
+    max_steps: int = Field(3000, ge=1, description="upper bound on optimiser steps (whichever comes first)")
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @model_validator(mode="after")
+    def _pretrained_needs_path(self):
+        if self.source == "pretrained" and not self.path:
+            raise ValueError("source=pretrained needs base_model.path")
+        return self
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation run at the end of every stage."""
+
+    num_prompts: int = Field(128, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, description="k for sampled pass@1 averaged over k samples")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 1234
+
+
+class PromptConfig(Strict):
+    """How a problem becomes a prompt. `{question}` is replaced by the problem text."""
+
+    template: str = Field("User: {question}\nAssistant:", description="R1-Zero style template")
+    target_language: str = Field("en", description="ISO 639-1 code of the language the CoT should be in")
+
+    @model_validator(mode="after")
+    def _has_placeholder(self):
+        if "{question}" not in self.template:
+            raise ValueError("template must contain the placeholder {question}")
+        return self
+
+
+class ClusterConfig(Strict):
+    """Where the stages run. `local` is in-process; the others are launched by infra/ (see README, scaling)."""
+
+    launcher: Literal["local", "torchrun", "deepspeed", "slurm", "kubernetes"] = "local"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0 = CPU")
+    deepspeed_config: str | None = Field(None, description="path of a DeepSpeed JSON config (infra/deepspeed/...)")
+
+    @model_validator(mode="after")
+    def _multi_node_needs_launcher(self):
+        if self.nodes > 1 and self.launcher in ("local", "torchrun"):
+            raise ValueError(f"nodes={self.nodes} needs launcher deepspeed, slurm or kubernetes (got {self.launcher})")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field("tiny", min_length=1)
+    seed: int = 0
+    output_dir: str = Field("runs", description="local working directory for checkpoints and intermediate files")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tracking: TrackingConfig = TrackingConfig()
+    prompt: PromptConfig = PromptConfig()
+    base_model: BaseModelConfig = BaseModelConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names every bad field."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
+    """A preset name (`tiny`, ...) or a YAML path, with optional dotted overrides {"eval.num_prompts": 8}."""
+    path = Path(name_or_path)
+    if not path.suffix and (PRESET_DIR / f"{name_or_path}.yaml").exists():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise RecipeError(f"recipe {str(name_or_path)!r} is neither a file nor a preset; presets: {presets()}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, str(path))) from None
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> value, for MLflow params."""
+    out: dict[str, str] = {}
+    for k, v in cfg.model_dump().items():
+        _flatten_into(out, f"{prefix}{k}", v)
+    return out
+
+
+def _flatten_into(out: dict, key: str, v) -> None:
+    if isinstance(v, dict):
+        for k2, v2 in v.items():
+            _flatten_into(out, f"{key}.{k2}", v2)
+    else:
+        out[key] = str(v)
