@@ -1,0 +1,154 @@
+"""Rollouts: prompts in, G sampled completions per prompt out, as padded tensors plus decoded text.
+
+A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` uses
+Hugging Face `generate` with its KV cache (the CPU path); a vLLM backend fits the same protocol.
+
+Layout: prompt i's completions are rows i*G .. i*G+G-1 (one group per prompt, consecutive). Prompts are left-padded,
+completions right-padded; `completion_mask` covers the tokens up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    do_sample: bool = True  # False: greedy decoding (temperature and top_p are ignored)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class Rollout:
+    """One batch of generations. N = num_prompts * num_generations rows."""
+
+    prompts: list[str]  # the N prompt texts (each prompt repeated G times, consecutively)
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, T) right-padded with pad_token_id after the first EOS
+    completion_mask: torch.Tensor  # (N, T) 1 on tokens up to and including the first EOS
+    completions: list[str]  # decoded with skip_special_tokens=True (<think>/<answer> survive: they are not special)
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    lengths: torch.Tensor  # (N,) number of completion tokens (EOS included)
+    num_generations: int
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(N, P+T) prompt and completion, the sequence the policy scores."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def to(self, device) -> Rollout:
+        moved = {
+            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            for f in fields(self)
+        }
+        return Rollout(**moved)
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams) -> Rollout: ...
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Generation and padding need both an EOS (to stop) and a PAD (to pad); fail clearly instead of mid-batch."""
+    missing = [name for name in ("eos_token_id", "pad_token_id") if getattr(tokenizer, name, None) is None]
+    if missing:
+        raise ValueError(
+            f"tokenizer has no {' and no '.join(m.removesuffix('_id') for m in missing)}; "
+            "GRPO needs an EOS token to end completions and a PAD token to pad batches"
+        )
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask is 1 up to and including the first EOS of each row; truncated rows have no EOS."""
+    is_eos = completion_ids == eos_token_id
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    mask = (positions <= first_eos.unsqueeze(1)).long()
+    return mask, ~is_eos.any(dim=1)
+
+
+class HFGenerateBackend:
+    """Hugging Face `generate` (KV cache, left padding, per-sequence stop at EOS)."""
+
+    def __init__(self, model, tokenizer, max_prompt_length: int | None = None):
+        check_tokenizer(tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+
+    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(
+            prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
+        )
+        if self.max_prompt_length is not None:
+            lengths = enc["attention_mask"].sum(dim=1)
+            too_long = (lengths > self.max_prompt_length).nonzero().flatten().tolist()
+            if too_long:
+                i = too_long[0]
+                raise ValueError(
+                    f"prompt {i} is {int(lengths[i])} tokens long, over max_prompt_length={self.max_prompt_length} "
+                    f"({len(too_long)} prompt(s) too long; first starts {prompts[i][:80]!r})"
+                )
+        return enc["input_ids"], enc["attention_mask"]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams) -> Rollout:
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1 (got {num_generations})")
+        tok, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
+        prompt_ids, prompt_mask = self.tokenize_prompts(prompts)
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0).to(device)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0).to(device)
+
+        gen_kwargs = dict(
+            do_sample=sampling.do_sample,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+        )
+        if sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+        finally:
+            model.train(was_training)
+
+        completion_ids = out[:, prompt_ids.shape[1] :]
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
+        texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(num_generations)],
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            completions=texts,
+            truncated=truncated,
+            lengths=completion_mask.sum(dim=1),
+            num_generations=num_generations,
+        )
