@@ -1,0 +1,113 @@
+"""GRPOConfig: every knob of the engine, typed and validated before any model loads.
+
+Defaults follow the DeepSeekMath / R1 seed (k3 KL with beta > 0, symmetric clip, token-level mean over a sequence),
+not TRL's defaults. A bad value fails naming its field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class GRPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- schedule: iterations x steps x mu
+    prompts_per_step: int = Field(16, ge=1, description="B: prompts sampled per step (across all ranks)")
+    num_generations: int = Field(8, ge=1, description="G: completions per prompt (one group)")
+    iterations: int = Field(1, ge=1, description="outer iterations; the reference model is reset to the policy at each")
+    steps_per_iteration: int = Field(100, ge=1, description="rollout steps per iteration")
+    mu: int = Field(1, description="inner policy updates per rollout batch (mu = 1: old log-probs = detached new ones)")
+    minibatch_size: int | None = Field(
+        None, ge=1, description="completions per optimiser update; None = the whole rollout batch (B*G) per update"
+    )
+
+    # --- loss
+    epsilon: float = Field(0.2, description="clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, description="upper clip (DAPO clip-higher); None = epsilon")
+    beta: float = Field(0.04, description="KL coefficient; 0 = no reference model is held or run")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="estimator of KL(pi_new || pi_ref) per token")
+    loss_aggregation: Literal["token_mean", "sequence_mean", "dr_grpo"] = Field(
+        "sequence_mean",
+        description="sequence_mean: mean over a sequence's tokens, then over sequences (GRPO paper); token_mean: over "
+        "all tokens of the batch (DAPO); dr_grpo: sum over tokens / (sequences * max_completion_length) (Dr. GRPO)",
+    )
+    advantage_mode: Literal["outcome", "process"] = Field(
+        "outcome", description="outcome: one reward per completion; process: rewards per reasoning step"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide centred rewards by the group's std, the whole batch's std, or not at all (Dr. GRPO)"
+    )
+
+    # --- generation
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (also applied to the log-probs)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_prompt_length: int = Field(256, ge=1, description="longer prompts are an error, not silently cut")
+    max_completion_length: int = Field(256, ge=1, description="max new tokens; also the dr_grpo normaliser")
+
+    # --- optimiser
+    learning_rate: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser updates")
+    lr_schedule: Literal["cosine", "constant"] = Field("constant", description="after warmup")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.99, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None = no clipping")
+
+    # --- bookkeeping
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; None = only at the end")
+    log_every: int = Field(1, ge=1, description="steps between metric logs")
+    logprob_chunk_size: int = Field(
+        4096, ge=1, description="positions per chunk of the log-softmax (bounds peak memory of the vocab projection)"
+    )
+
+    @field_validator("mu")
+    @classmethod
+    def _mu_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"mu (inner updates per rollout) must be >= 1, got {v}")
+        return v
+
+    @field_validator("epsilon", "epsilon_high")
+    @classmethod
+    def _eps_positive(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {v}")
+        return v
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_nonneg(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"beta (KL coefficient) must be >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _group_std_needs_two(self):
+        if self.num_generations < 2 and self.scale_rewards != "none":
+            raise ValueError(
+                f"num_generations={self.num_generations}: a group needs at least 2 completions to have a std "
+                f"(scale_rewards={self.scale_rewards!r}); use num_generations >= 2"
+            )
+        if self.minibatch_size is not None:
+            n = self.prompts_per_step * self.num_generations
+            if n % self.minibatch_size:
+                raise ValueError(
+                    f"minibatch_size={self.minibatch_size} must divide prompts_per_step*num_generations={n}"
+                )
+        return self
+
+    @property
+    def eps_low(self) -> float:
+        return self.epsilon
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def total_steps(self) -> int:
+        return self.iterations * self.steps_per_iteration
