@@ -1,0 +1,245 @@
+"""Stage 0: the `tiny` base model, a stand-in for a pretrained base since no hub is reachable.
+
+Build a BPE tokenizer and a small Qwen2-architecture model, and pretrain it on deliberately flawed R1-formatted traces
+(stages.tasks.noisy_trace): some answers wrong, some traces without tags, some steps with Chinese words. The result
+shows R1-Zero's flaws, so every later stage has something real to fix.
+
+Pretraining is bounded by optimiser steps, which keeps the build deterministic for a seed; `pretrain_seconds` is only a
+safety cap (hitting it is logged, since the result then depends on machine speed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.recipe import BaseModelConfig, Recipe
+from stages.tasks import Problem, TraceNoise, make_problems, noisy_trace
+
+log = logging.getLogger(__name__)
+
+EVAL_BUCKETS = 10  # one question in ten (by a stable hash) is held out for evaluation, never trained on
+
+
+def split_of(question: str) -> str:
+    """'eval' or 'train', stable across runs and processes (crc32 of the question text)."""
+    return "eval" if zlib.crc32(question.encode()) % EVAL_BUCKETS == 0 else "train"
+
+
+def problems_for(cfg: BaseModelConfig, split: str, n: int, seed: int) -> list[Problem]:
+    """n problems of the recipe's task family from one split (the other split's questions are never returned)."""
+    out: list[Problem] = []
+    batch_seed = seed
+    while len(out) < n:
+        batch = make_problems(cfg.task, max(n, 256), batch_seed, max_digits=cfg.max_digits)
+        out.extend(p for p in batch if split_of(p.question) == split)
+        batch_seed += 7919
+    return out[:n]
+
+
+def pretraining_texts(recipe: Recipe) -> list[tuple[str, str]]:
+    """(prompt, noisy completion) pairs for pretraining, from the train split only."""
+    cfg = recipe.base_model
+    rng = random.Random(recipe.seed)
+    noise = TraceNoise(**cfg.noise.model_dump())
+    probs = problems_for(cfg, "train", cfg.train_problems, recipe.seed)
+    return [(recipe.prompt.template.format(question=p.question), " " + noisy_trace(p, rng, noise)) for p in probs]
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    num_parameters: int
+    steps: int
+    final_loss: float
+    seconds: float
+    hit_time_cap: bool
+
+
+def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress: bool = True) -> BuildResult:
+    """Build, pretrain and save the tiny base model to `out_dir` (a Hugging Face directory, safetensors)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from stages.tokenizer import train_tokenizer
+
+    cfg = recipe.base_model
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(recipe.seed)
+    pairs = pretraining_texts(recipe)
+    tok = train_tokenizer((p + c for p, c in pairs), vocab_size=cfg.model.vocab_size)
+    arch = cfg.model
+    model_cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(model_cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("base model: %d parameters, vocab %d, %d pretraining traces", n_params, len(tok), len(pairs))
+
+    examples = _tokenize_pairs(tok, pairs, arch.max_position_embeddings)
+    steps, loss, seconds, capped = _pretrain(model, examples, tok.pad_token_id, cfg, recipe.seed, on_step, progress)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    meta = {
+        "kind": "r1-tiny-base",
+        "recipe": recipe.name,
+        "seed": recipe.seed,
+        "task": cfg.task,
+        "parameters": n_params,
+        "steps": steps,
+        "final_loss": loss,
+        "noise": cfg.noise.model_dump(),
+    }
+    (out / "r1_model.json").write_text(json.dumps(meta, indent=2))
+    return BuildResult(out, n_params, steps, loss, seconds, capped)
+
+
+def _tokenize_pairs(tok, pairs, max_len: int) -> list[tuple[list[int], int]]:
+    """Token ids of prompt+completion+eos and where the completion starts (loss is on the completion only)."""
+    out = []
+    for prompt, completion in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = (p + c)[:max_len]
+        out.append((ids, len(p)))
+    return out
+
+
+def _pretrain(model, examples, pad_id: int, cfg: BaseModelConfig, seed: int, on_step, progress: bool):
+    import torch
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, cfg.max_steps // 20)
+
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return cfg.learning_rate * (step + 1) / warmup
+        t = (step - warmup) / max(1, cfg.max_steps - warmup)
+        return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    order: list[int] = []
+    start = time.perf_counter()
+    ema = None
+    capped = False
+    bar = tqdm(total=cfg.max_steps, desc="pretrain base", disable=not progress, unit="step")
+    step = 0
+    for step in range(cfg.max_steps):
+        if time.perf_counter() - start > cfg.pretrain_seconds:
+            capped = True
+            log.warning("pretraining hit its %.0f s cap at step %d; the build is no longer seed-deterministic",
+                        cfg.pretrain_seconds, step)
+            break
+        if len(order) < cfg.batch_size:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+        batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
+        input_ids, labels, attn = _collate(batch, pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if on_step:
+            on_step(step, {"pretrain/loss": loss.item(), "pretrain/lr": lr_at(step)})
+    else:
+        step = cfg.max_steps
+    bar.close()
+    model.eval()
+    return step, float(ema or 0.0), time.perf_counter() - start, capped
+
+
+def _collate(batch, pad_id: int):
+    """Right-padded ids, labels with -100 on the prompt and on padding, attention mask."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(batch):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        labels[i, start : len(ids)] = t[start:]
+        attn[i, : len(ids)] = 1
+    return input_ids, labels, attn
+
+
+STAGE = "base_model"
+
+
+def heldout_problems(recipe: Recipe, n: int | None = None) -> list[Problem]:
+    """The evaluation split: problems whose questions no stage ever trains on."""
+    return problems_for(recipe.base_model, "eval", n or recipe.eval.num_prompts, recipe.eval.seed)
+
+
+def run(recipe: Recipe, parent_run_id: str | None = None, progress: bool = True) -> dict[str, str]:
+    """The base-model stage: build (or adopt) the base model, evaluate it, log everything to one MLflow run.
+
+    Returns {"run_id", "model"}; `model` is the URI later stages take as input (runs:/<id>/model).
+    """
+    import tempfile
+
+    import mlflow
+
+    from stages import tracking
+    from stages.evaluate import evaluate
+    from stages.models import check_model_dir, load_model, load_tokenizer, resolve_model_uri
+    from stages.recipe import flatten
+
+    cfg = recipe.base_model
+    tracking.check_tracking(recipe.tracking)
+    if cfg.source == "pretrained":
+        check_model_dir(resolve_model_uri(cfg.path))  # fail before opening a run
+    params = flatten(cfg, "base_model.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
+    with tracking.stage_run(recipe.tracking, STAGE, params, recipe.name, parent_run_id) as mrun:
+        with tempfile.TemporaryDirectory(prefix="r1-base-") as tmp:
+            if cfg.source == "build":
+                def on_step(step, metrics):
+                    if step % 10 == 0:
+                        mlflow.log_metrics(metrics, step=step)
+
+                res = build_base_model(recipe, Path(tmp) / "model", on_step=on_step, progress=progress)
+                mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,
+                                    "base/final_loss": res.final_loss, "base/build_seconds": res.seconds})
+                model_dir = res.path
+            else:
+                model_dir = check_model_dir(resolve_model_uri(cfg.path))
+            model = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
+            tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+            result = evaluate(model, tok, heldout_problems(recipe), recipe.eval, recipe.prompt.template,
+                              recipe.prompt.target_language, progress=progress)
+            mlflow.log_metrics(result.metrics())
+            mlflow.log_table({k: [s[k] for s in result.samples] for k in result.samples[0]}, "samples.json")
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        log.info("base model evaluation: %s", {k: round(v, 3) for k, v in result.metrics().items()})
+        return {"run_id": mrun.info.run_id, "model": f"runs:/{mrun.info.run_id}/model"}

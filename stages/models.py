@@ -1,0 +1,108 @@
+"""Loading models and tokenizers the safe way, with cheap checks first.
+
+A model directory is checked (config, safetensors weights, tokenizer files, chat template) before any weights are read,
+so a bad path fails in milliseconds naming the file, not after minutes of loading. Weights load as safetensors only and
+`trust_remote_code` stays off unless the recipe asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+class ModelInputError(ValueError):
+    """A model or tokenizer input that cannot be used; the message names the path and what is missing."""
+
+
+def resolve_model_uri(uri: str) -> Path:
+    """A local directory for a model URI: a path, `runs:/<id>/<artifact>` or `models:/<name>@<alias>` (MLflow)."""
+    if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+        import mlflow
+
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except Exception as e:  # MLflow raises several types for a missing run/model/alias
+            raise ModelInputError(f"model URI {uri!r} could not be resolved in MLflow: {e}") from e
+    path = Path(uri).expanduser()
+    if path.exists():
+        return path
+    if "/" in uri and not uri.startswith((".", "/", "~")) and uri.count("/") == 1:
+        raise ModelInputError(
+            f"model {uri!r} is not a local path; it looks like a hub id, and no hub is reachable from here. "
+            "Download the model to a directory and give its path."
+        )
+    raise ModelInputError(f"model path {uri!r} does not exist")
+
+
+def check_model_dir(path: str | Path, need_chat_template: bool = False) -> Path:
+    """Raise ModelInputError naming the first thing missing from a Hugging Face model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelInputError(f"model path {str(path)!r} is not a directory")
+    config = path / "config.json"
+    if not config.exists():
+        raise ModelInputError(f"{config} is missing: not a Hugging Face model directory")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelInputError(f"{config} is not valid JSON: {e}") from e
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        extra = f" (found {found}: pickle weights are refused; convert them to safetensors)" if found else ""
+        raise ModelInputError(f"no *.safetensors weights in {path}{extra}")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ModelInputError(f"no tokenizer in {path} (expected one of {list(TOKENIZER_FILES)})")
+    if need_chat_template and not _has_chat_template(path):
+        raise ModelInputError(f"tokenizer in {path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    return path
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
+        return True
+    cfg = path / "tokenizer_config.json"
+    return cfg.exists() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """Tokenizer with left padding (generation) and a pad token (falls back to eos, with a warning)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ModelInputError(f"tokenizer in {path} has no eos token: generation could never stop")
+    if tok.pad_token_id is None:
+        log.warning("tokenizer in %s has no pad token; using eos (%r) for padding", path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False, dtype=None):
+    """Causal LM from safetensors weights, in eval mode, on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+    )
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(uri: str, device: str = "cpu", trust_remote_code: bool = False):
+    path = check_model_dir(resolve_model_uri(uri))
+    return load_model(path, device, trust_remote_code), load_tokenizer(path, trust_remote_code)
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
