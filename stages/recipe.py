@@ -156,7 +156,7 @@ def presets() -> list[str]:
 def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
     """A preset name (`tiny`, ...) or a YAML path, with optional dotted overrides {"eval.num_prompts": 8}."""
     path = Path(name_or_path)
-    if not path.suffix and (PRESET_DIR / f"{name_or_path}.yaml").exists():
+    if not path.exists() and (PRESET_DIR / f"{name_or_path}.yaml").exists():
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise RecipeError(f"recipe {str(name_or_path)!r} is neither a file nor a preset; presets: {presets()}")

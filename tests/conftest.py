@@ -1,0 +1,47 @@
+"""Shared fixtures. No hub access: every model and tokenizer is built here."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# A recipe small enough to build in seconds: for plumbing tests, not for quality.
+MINI = {
+    "base_model.model.hidden_size": 32,
+    "base_model.model.num_hidden_layers": 1,
+    "base_model.model.num_attention_heads": 2,
+    "base_model.model.num_key_value_heads": 1,
+    "base_model.model.intermediate_size": 64,
+    "base_model.train_problems": 400,
+    "base_model.max_steps": 8,
+    "base_model.batch_size": 16,
+    "eval.num_prompts": 8,
+    "eval.samples_per_prompt": 2,
+    "eval.max_new_tokens": 24,
+}
+
+
+@pytest.fixture
+def mini_recipe(tmp_path):
+    from stages.recipe import load_recipe
+
+    return load_recipe("tiny", {**MINI, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                "output_dir": str(tmp_path / "runs")})
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The real `tiny` preset base model, built once per test session (about 2-3 minutes on 2 cores)."""
+    from stages.base_model import build_base_model
+    from stages.recipe import load_recipe
+
+    recipe = load_recipe("tiny")
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    res = build_base_model(recipe, out, progress=False)
+    return recipe, res
