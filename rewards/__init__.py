@@ -1,1 +1,29 @@
-"""rewards"""
+"""Reward functions for GRPO: `fn(prompts, completions, **columns) -> list[float]` (process rewards: a list of
+(step end offset, reward) pairs per completion), and a registry that builds them by name from config."""
+
+from rewards.accuracy import accuracy_reward, is_correct, normalize_answer
+from rewards.format import format_reward, soft_format_reward
+from rewards.language import language_consistency_reward, target_language_share
+from rewards.length import cosine_length_reward, overlong_reward, repetition_penalty_reward
+from rewards.math_verifier import MathVerifier
+from rewards.parsing import extract_answer, extract_boxed, extract_think, is_r1_format
+from rewards.process import arithmetic_claims, process_arithmetic_reward, process_reward_model, split_steps
+from rewards.registry import REGISTRY, RewardError, RewardSpec, build_rewards, call_reward, is_process_reward
+
+
+def __getattr__(name):  # the reward-model side imports torch/transformers: only on first use
+    if name in ("RewardModelScorer", "train_bradley_terry", "pairwise_accuracy"):
+        from rewards import reward_model
+
+        return getattr(reward_model, name)
+    raise AttributeError(f"module 'rewards' has no attribute {name!r}")
+
+
+__all__ = [
+    "accuracy_reward", "is_correct", "normalize_answer", "format_reward", "soft_format_reward",
+    "language_consistency_reward", "target_language_share", "cosine_length_reward", "overlong_reward",
+    "repetition_penalty_reward", "MathVerifier", "extract_answer", "extract_boxed", "extract_think", "is_r1_format",
+    "arithmetic_claims", "process_arithmetic_reward", "process_reward_model", "split_steps", "REGISTRY", "RewardError",
+    "RewardSpec", "build_rewards", "call_reward", "is_process_reward", "RewardModelScorer", "train_bradley_terry",
+    "pairwise_accuracy",
+]

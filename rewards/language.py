@@ -1,0 +1,161 @@
+"""Language consistency (R1's remedy for language mixing): the share of the CoT's words written in the target language.
+
+Words are counted by Unicode script first: lingua, given a few Chinese words inside an English sentence, calls the whole
+sentence English, while the script of each word is unambiguous. A word is a run of letters of one script; numbers and
+symbols are neutral and not counted. Han and kana characters count one word each (the usual word-count convention for
+CJK text, which writes no spaces), so `进位` is two words and `carry` one.
+
+Only when several candidate languages share a script (English and French are both Latin) is lingua asked which words of
+that script are in the target language, one sentence at a time (it splits sentence-level mixing well, word-level
+mixing badly). The candidates are `languages` (default: the target plus English and Chinese,
+the mix R1 saw); with one candidate per script lingua is never loaded. A sentence lingua cannot decide counts as
+target.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import threading
+from collections.abc import Iterable
+
+from rewards.parsing import extract_think
+
+# ISO 639-1 code -> the scripts its words are written in (each also a lingua language with that code).
+LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
+    **{
+        code: frozenset({"Latin"})
+        for code in (
+            "en fr de es it pt nl sv da nb nn pl cs sk sl hr bs sq ro hu fi et lv lt tr az vi id ms tl sw yo zu xh "
+            "so st tn ts ga cy eu ca is af eo la lg sn"
+        ).split()
+    },
+    "zh": frozenset({"Han"}),
+    "ja": frozenset({"Han", "Kana"}),
+    "ko": frozenset({"Hangul"}),
+    **{code: frozenset({"Cyrillic"}) for code in ("ru", "uk", "be", "bg", "mk", "sr", "kk", "mn")},
+    "el": frozenset({"Greek"}),
+    **{code: frozenset({"Arabic"}) for code in ("ar", "fa", "ur")},
+    "he": frozenset({"Hebrew"}),
+    **{code: frozenset({"Devanagari"}) for code in ("hi", "mr")},
+    "th": frozenset({"Thai"}),
+    "hy": frozenset({"Armenian"}),
+    "ka": frozenset({"Georgian"}),
+}
+
+_CJK_CHAR = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+# one CJK character, or a run of other letters (apostrophes inside a word allowed); no nested quantifiers
+_WORD = re.compile(rf"[{_CJK_CHAR}]|[^\W\d_{_CJK_CHAR}]+(?:['’][^\W\d_{_CJK_CHAR}]+)*")
+
+_RANGES = [  # (first, last, script) for the first character of a word
+    (0x0041, 0x024F, "Latin"),
+    (0x0370, 0x03FF, "Greek"),
+    (0x0400, 0x052F, "Cyrillic"),
+    (0x0530, 0x058F, "Armenian"),
+    (0x0590, 0x05FF, "Hebrew"),
+    (0x0600, 0x077F, "Arabic"),
+    (0x0900, 0x097F, "Devanagari"),
+    (0x0E00, 0x0E7F, "Thai"),
+    (0x10A0, 0x10FF, "Georgian"),
+    (0x1100, 0x11FF, "Hangul"),
+    (0x1E00, 0x1EFF, "Latin"),
+    (0x1F00, 0x1FFF, "Greek"),
+    (0x3040, 0x30FF, "Kana"),
+    (0x3130, 0x318F, "Hangul"),
+    (0x31F0, 0x31FF, "Kana"),
+    (0x3400, 0x4DBF, "Han"),
+    (0x4E00, 0x9FFF, "Han"),
+    (0xAC00, 0xD7AF, "Hangul"),
+    (0xF900, 0xFAFF, "Han"),
+    (0xFF21, 0xFF5A, "Latin"),
+    (0x20000, 0x2FA1F, "Han"),
+]
+
+
+def script_of(ch: str) -> str:
+    cp = ord(ch)
+    for lo, hi, name in _RANGES:
+        if lo <= cp <= hi:
+            return name
+    return "Other"
+
+
+def words_by_script(text: str) -> list[tuple[int, str, str]]:
+    """(start offset, word, script) for every word of `text`."""
+    return [(m.start(), m.group(), script_of(m.group()[0])) for m in _WORD.finditer(text)]
+
+
+def check_language(code: str) -> str:
+    code = str(code).lower()
+    if code not in LANGUAGE_SCRIPTS:
+        raise ValueError(f"unknown language code {code!r}; known ISO 639-1 codes: {sorted(LANGUAGE_SCRIPTS)}")
+    return code
+
+
+_DETECTORS: dict[frozenset[str], object] = {}
+_DETECTORS_LOCK = threading.Lock()
+
+
+def _detector(codes: frozenset[str]):
+    """A lingua detector for exactly these languages, built once (lingua loads its models lazily on first use)."""
+    with _DETECTORS_LOCK:
+        if codes not in _DETECTORS:
+            from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+            langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c.upper())) for c in sorted(codes)]
+            _DETECTORS[codes] = LanguageDetectorBuilder.from_languages(*langs).build()
+        return _DETECTORS[codes]
+
+
+_SENTENCE_END = re.compile(r"[.!?;:。！？；：\n]")
+
+
+def _target_words_lingua(text: str, words: list[tuple[int, str]], target: str, candidates: frozenset[str]) -> int:
+    """How many of `words` ((offset, word), all of one script) are in `target`, deciding sentence by sentence with
+    lingua among `candidates` (lingua is reliable on a sentence, not on a lone word); undecided sentences count."""
+    ends = [m.start() for m in _SENTENCE_END.finditer(text)]
+    sentences: dict[int, list[str]] = {}
+    for off, w in words:
+        sentences.setdefault(bisect.bisect_left(ends, off), []).append(w)
+    detector = _detector(candidates)
+    hits = 0
+    for ws in sentences.values():
+        lang = detector.detect_language_of(" ".join(ws))
+        if lang is None or lang.iso_code_639_1.name.lower() == target:
+            hits += len(ws)
+    return hits
+
+
+def target_language_share(text: str, target: str = "en", languages: Iterable[str] | None = None) -> float:
+    """Share of the words of `text` in language `target` (0.0 when `text` has no words)."""
+    target = check_language(target)
+    candidates = {target, "en", "zh"} if languages is None else {check_language(c) for c in languages} | {target}
+    words = words_by_script(text)
+    if not words:
+        return 0.0
+    hits = 0
+    for script in LANGUAGE_SCRIPTS[target]:
+        in_script = [(off, w) for off, w, s in words if s == script]
+        if not in_script:
+            continue
+        sharing = frozenset(c for c in candidates if script in LANGUAGE_SCRIPTS[c])
+        hits += len(in_script) if len(sharing) == 1 else _target_words_lingua(text, in_script, target, sharing)
+    return hits / len(words)
+
+
+def language_consistency_reward(
+    prompts: list[str],
+    completions: list[str],
+    target_language: str = "en",
+    languages: list[str] | None = None,
+    **kwargs,
+) -> list[float]:
+    """Share (0..1) of the think block's words in `target_language` (ISO 639-1); no or empty think block -> 0.0."""
+    target = check_language(target_language)
+    if languages is not None:
+        languages = [check_language(c) for c in languages]
+    out = []
+    for c in completions:
+        think = extract_think(c)
+        out.append(target_language_share(think, target, languages) if think and think.strip() else 0.0)
+    return out
