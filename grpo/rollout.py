@@ -90,11 +90,13 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) ->
 class HFGenerateBackend:
     """Hugging Face `generate` (KV cache, left padding, per-sequence stop at EOS)."""
 
-    def __init__(self, model, tokenizer, max_prompt_length: int | None = None):
+    def __init__(self, model, tokenizer, max_prompt_length: int | None = None, synced_gpus: bool = False):
+        """synced_gpus: keep every rank stepping until all are done (needed under ZeRO-3, where each forward is collective)."""
         check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
+        self.synced_gpus = synced_gpus
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(
@@ -127,6 +129,7 @@ class HFGenerateBackend:
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             use_cache=True,
+            synced_gpus=self.synced_gpus,
         )
         if sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)

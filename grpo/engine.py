@@ -1,0 +1,157 @@
+"""The optimiser side of training, behind one small interface, so the trainer has one code path:
+plain PyTorch (one process) or DeepSpeed ZeRO-2/3 (any number of ranks, CPU with gloo or GPUs).
+
+The trainer calls `backward(loss)` then `step() -> grad norm`; forward passes use `engine.module`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each metric over ranks (identity on one process)."""
+    _, world = rank_and_world()
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_max(value: float) -> float:
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def lr_lambda(warmup_steps: int, total_updates: int, schedule: str):
+    """Linear warmup, then constant or cosine decay to 0 over the remaining updates."""
+
+    def f(update: int) -> float:
+        if update < warmup_steps:
+            return (update + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup_steps) / max(1, total_updates - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference model: a copy of the policy's current weights, never trained."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+class TorchEngine:
+    """One process, plain torch.optim."""
+
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def make_reference(self) -> torch.nn.Module:
+        return frozen_copy(self.module)
+
+    def save(self, directory: str) -> None:
+        torch.save(self.module.state_dict(), os.path.join(directory, "policy.pt"))
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+
+    def load(self, directory: str) -> None:
+        self.module.load_state_dict(torch.load(os.path.join(directory, "policy.pt"), weights_only=True))
+        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+        self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2/3. Gradient clipping and the optimiser step belong to DeepSpeed; we keep the same interface."""
+
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict):
+        import deepspeed
+
+        cfg = copy.deepcopy(ds_config)
+        _, world = rank_and_world()
+        cfg.setdefault("train_micro_batch_size_per_gpu", 1)
+        cfg["gradient_accumulation_steps"] = 1  # one backward per optimiser update (minibatching is ours)
+        cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"] * world)
+        if max_grad_norm is not None:
+            cfg["gradient_clipping"] = max_grad_norm
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+        )
+        self.module = self.engine.module
+        self.zero_stage = self.engine.zero_optimization_stage()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def make_reference(self) -> torch.nn.Module:
+        """ZeRO-3 partitions the weights: gather them to build a full frozen copy on every rank.
+
+        Fine for small and mid-size models; for large ones a ZeRO-3 inference engine for the reference is the seam.
+        """
+        if self.zero_stage < 3:
+            return frozen_copy(self.module)
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        ref = _fresh_like(self.module)
+        ref.load_state_dict(state, strict=False)
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="engine")
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="engine")
+
+
+def _fresh_like(module):
+    """An unpartitioned model of the same config (Hugging Face models)."""
+    cls = type(module)
+    with torch.device("cpu"):
+        return cls(module.config)

@@ -1,0 +1,325 @@
+"""The GRPO training loop (DeepSeekMath §4.1, Algorithm 1), once, for every RL stage.
+
+    for iteration:                                   reference ← copy of policy   (only when β > 0)
+        for step:
+            B prompts → G completions each           (rollout backend)
+            rewards = Σ_f weight_f · reward_f        (reward functions passed in; grpo never imports rewards/)
+            Â = group (outcome) or per-step (process) advantages
+            for μ inner updates: minimise the clipped surrogate + β·KL on the same rollout
+
+Old log-probs are computed once per rollout, and only when the rollout feeds more than one optimiser update (μ > 1 or
+several minibatches); otherwise old = new.detach() (ratio 1, the gradient of the plain policy gradient).
+One code path for 1 or N ranks: prompts are sharded across ranks, each rank keeps its groups whole.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from grpo.advantages import group_advantages, process_advantages
+from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.config import GRPOConfig
+from grpo.engine import DeepSpeedEngine, TorchEngine, all_reduce_max, all_reduce_mean, lr_lambda, rank_and_world
+from grpo.logging import MetricLogger, NullLogger
+from grpo.logprobs import completion_logprobs
+from grpo.loss import grpo_loss, masked_mean
+from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
+from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams
+
+
+class PromptSampler:
+    """Walks the dataset in a seeded random order, epoch after epoch; its whole state is (epoch, position)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.pos = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out, order = [], self._order()
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos, order = self.epoch + 1, 0, None
+                order = self._order()
+            take = min(k - len(out), self.n - self.pos)
+            out += order[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        config: GRPOConfig,
+        dataset: Sequence[dict],
+        reward_funcs: Sequence[RewardFunc],
+        *,
+        backend: RolloutBackend | None = None,
+        logger: MetricLogger | None = None,
+        output_dir: str | Path | None = None,
+        deepspeed_config: dict | None = None,
+        progress: bool = True,
+    ):
+        cfg = self.cfg = config
+        check_reward_funcs(reward_funcs)
+        if not dataset:
+            raise ValueError("the dataset is empty")
+        missing = [i for i, row in enumerate(dataset[:1000]) if "prompt" not in row]
+        if missing:
+            raise ValueError(f"dataset row {missing[0]} has no 'prompt' column (columns: {sorted(dataset[missing[0]])})")
+        self.rank, self.world = rank_and_world()
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}")
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.reward_funcs = list(reward_funcs)
+        self.logger = logger or NullLogger()
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.progress = progress
+
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.warmup_steps, self.total_updates, cfg.lr_schedule)
+        )
+        if deepspeed_config is not None:
+            self.engine = DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config)
+        else:
+            if self.world > 1:
+                raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
+            self.engine = TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
+        self.backend = backend or HFGenerateBackend(
+            self.engine.module,
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            synced_gpus=getattr(self.engine, "zero_stage", 0) == 3 and self.world > 1,
+        )
+        self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_completion_length, do_sample=True)
+        self.sampler = PromptSampler(len(dataset), cfg.seed)
+        self.reference: torch.nn.Module | None = None
+        self.global_step = 0
+
+    # ---- sizes
+    @property
+    def local_prompts(self) -> int:
+        return self.cfg.prompts_per_step // self.world
+
+    @property
+    def minibatches_per_rollout(self) -> int:
+        cfg = self.cfg
+        return 1 if cfg.minibatch_size is None else cfg.prompts_per_step * cfg.num_generations // cfg.minibatch_size
+
+    @property
+    def total_updates(self) -> int:
+        return self.cfg.total_steps * self.cfg.mu * self.minibatches_per_rollout
+
+    # ---- the loop
+    def train(self, resume_from: str | Path | None = None, max_steps: int | None = None) -> list[dict]:
+        """Run until `config.total_steps` (or `max_steps` more steps); returns the per-step metrics of this call.
+
+        resume_from: a checkpoint directory, or "latest" for the newest one in output_dir.
+        """
+        cfg = self.cfg
+        if resume_from is not None:
+            self.resume(resume_from)
+        stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.global_step + max_steps)
+        history = []
+        bar = tqdm(total=cfg.total_steps, initial=self.global_step, disable=not self.progress or self.rank != 0)
+        while self.global_step < stop:
+            if self.global_step % cfg.steps_per_iteration == 0 and cfg.beta > 0:
+                self.reference = self.engine.make_reference()  # new iteration: π_ref ← π_θ
+            metrics = self.train_step()
+            self.global_step += 1
+            history.append(metrics)
+            if self.global_step % cfg.log_every == 0 or self.global_step == stop:
+                if self.rank == 0:
+                    self.logger.log_metrics(metrics, step=self.global_step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
+            if self.output_dir is not None and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if self.output_dir is not None and self.global_step == cfg.total_steps and cfg.checkpoint_every is None:
+            self.save()
+        return history
+
+    def train_step(self) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        rows = self.next_rows()
+        rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling)
+        gen_time = time.perf_counter() - t0
+
+        rewards, reward_metrics = self.score(rollout, rows)
+        if cfg.advantage_mode == "outcome":
+            advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        else:
+            advantages = process_advantages(
+                rewards["step_rewards"], rewards["step_ends"], G, rollout.completion_ids.shape[1], cfg.scale_rewards
+            )
+        advantages = advantages.to(rollout.completion_ids.device)
+        update_stats = self.policy_update(rollout, advantages)
+
+        lengths = rollout.lengths.float()
+        metrics = {
+            **reward_metrics,
+            **update_stats,
+            "completion_length/mean": lengths.mean().item(),
+            "truncated_share": rollout.truncated.float().mean().item(),
+        }
+        metrics = all_reduce_mean(metrics)
+        metrics["completion_length/max"] = all_reduce_max(lengths.max().item())
+        step_time = time.perf_counter() - t0
+        metrics["lr"] = self.engine.lr()
+        metrics["step_time"] = step_time
+        metrics["tokens_per_s"] = lengths.sum().item() * self.world / max(gen_time, 1e-9)
+        return metrics
+
+    def next_rows(self) -> list[dict]:
+        """This rank's share of the step's B prompts (every rank draws the same global indices)."""
+        idx = self.sampler.take(self.cfg.prompts_per_step)
+        mine = idx[self.rank * self.local_prompts : (self.rank + 1) * self.local_prompts]
+        return [self.dataset[i] for i in mine]
+
+    # ---- rewards
+    def score(self, rollout: Rollout, rows: list[dict]):
+        """Weighted sum of all reward functions. Outcome: (N,) tensor. Process: step rewards and step end tokens."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        prompts, completions = rollout.prompts, rollout.completions
+        metrics = {}
+        if cfg.advantage_mode == "outcome":
+            total = torch.zeros(len(completions))
+            for name, fn, weight in self.reward_funcs:
+                r = torch.tensor(call_reward(name, fn, prompts, completions, columns, "outcome"), dtype=torch.float32)
+                total += weight * r
+                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = r.mean().item(), r.std().item()
+                if name == "accuracy":
+                    metrics["accuracy"] = r.mean().item()
+            metrics["reward/mean"], metrics["reward/std"] = total.mean().item(), total.std().item()
+            return total, metrics
+
+        merged: list[dict[int, float]] = [{} for _ in completions]  # char offset -> weighted step reward
+        for name, fn, weight in self.reward_funcs:
+            out = call_reward(name, fn, prompts, completions, columns, "process")
+            sums = torch.tensor([sum(r for _, r in steps) for steps in out])
+            metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = sums.mean().item(), sums.std().item()
+            for i, steps in enumerate(out):
+                for off, r in steps:
+                    merged[i][off] = merged[i].get(off, 0.0) + weight * r
+        step_rewards, step_ends = [], []
+        for i, steps in enumerate(merged):
+            offsets = sorted(steps)
+            step_rewards.append([steps[o] for o in offsets])
+            step_ends.append(
+                char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], int(rollout.lengths[i]), offsets)
+            )
+        totals = torch.tensor([sum(s) for s in step_rewards])
+        metrics["reward/mean"], metrics["reward/std"] = totals.mean().item(), totals.std().item()
+        return {"step_rewards": step_rewards, "step_ends": step_ends}, metrics
+
+    # ---- μ inner updates on one rollout
+    def logprobs(self, model, rollout: Rollout, rows: slice | torch.Tensor):
+        return completion_logprobs(
+            model,
+            rollout.input_ids[rows],
+            rollout.attention_mask[rows],
+            rollout.completion_ids.shape[1],
+            self.cfg.temperature,
+            self.cfg.logprob_chunk_size,
+        )
+
+    @torch.no_grad()
+    def frozen_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """Log-probs under a model that does not change during the updates (old policy, reference), by minibatch."""
+        n, mb = rollout.completion_ids.shape[0], self.local_minibatch
+        return torch.cat([self.logprobs(model, rollout, slice(s, s + mb))[0] for s in range(0, n, mb)])
+
+    @property
+    def local_minibatch(self) -> int:
+        n = self.local_prompts * self.cfg.num_generations
+        return n // self.minibatches_per_rollout
+
+    def policy_update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        policy = self.engine.module
+        n, mb = rollout.completion_ids.shape[0], self.local_minibatch
+        updates_per_rollout = cfg.mu * self.minibatches_per_rollout
+        old_logp = self.frozen_logprobs(policy, rollout) if updates_per_rollout > 1 else None
+        ref_logp = self.frozen_logprobs(self.reference, rollout) if cfg.beta > 0 else None
+
+        stats: dict[str, list[float]] = {}
+        for _ in range(cfg.mu):
+            for start in range(0, n, mb):
+                rows = slice(start, start + mb)
+                mask = rollout.completion_mask[rows]
+                logp, entropy = self.logprobs(policy, rollout, rows)
+                loss, s = grpo_loss(
+                    logp,
+                    old_logp[rows] if old_logp is not None else logp.detach(),
+                    advantages[rows],
+                    mask,
+                    logp_ref=ref_logp[rows] if ref_logp is not None else None,
+                    beta=cfg.beta,
+                    eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high,
+                    kl_estimator=cfg.kl_estimator,
+                    aggregation=cfg.loss_aggregation,
+                    max_len=cfg.max_completion_length,
+                )
+                self.engine.backward(loss)
+                s["grad_norm"] = self.engine.step()
+                s["loss"] = loss.item()
+                s["entropy"] = masked_mean(entropy, mask).item()
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(v)
+        self.last_update_stats = stats  # every update's values (the returned dict holds means)
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    # ---- checkpoints
+    def trainer_state(self) -> dict:
+        return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        if path is None:
+            if self.output_dir is None:
+                raise ValueError("save() needs a path or the trainer's output_dir")
+            path = self.output_dir / f"checkpoint-{self.global_step}"
+        return save_checkpoint(path, self.engine, self.reference, self.trainer_state())
+
+    def resume(self, path: str | Path) -> None:
+        if str(path) == "latest":
+            if self.output_dir is None or (found := latest_checkpoint(self.output_dir)) is None:
+                raise FileNotFoundError(f"no complete checkpoint under output_dir={self.output_dir}")
+            path = found
+        if self.cfg.beta > 0 and self.reference is None:
+            self.reference = self.engine.make_reference()  # overwritten by the saved weights
+        state = load_checkpoint(path, self.engine, self.reference)
+        if state["world_size"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
+        self.global_step = state["global_step"]
+        self.sampler.load(state["sampler"])

@@ -1,0 +1,281 @@
+"""The training loop on a tiny model: learning, μ=1 vs μ>1, EOS masking, log-probs, rewards, process mode, logging."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from grpo.config import GRPOConfig
+from grpo.logging import ConsoleLogger, MetricLogger, MLflowLogger
+from grpo.logprobs import completion_logprobs, position_ids_from_mask
+from grpo.loss import grpo_loss
+from grpo.rewards_io import RewardError, char_offsets_to_token_ends
+from grpo.trainer import GRPOTrainer, PromptSampler
+from stages.tasks import clean_trace, make_problems
+from stages.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    problems = make_problems("addition", 200, seed=0)
+    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return [{"prompt": f"User: {p.question}\nAssistant:", "answer": p.answer} for p in make_problems("addition", 64, 1)]
+
+
+def tiny_model(tok, seed=0, hidden=32):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def think_fraction(tok):
+    def reward(prompts, completions, **columns):
+        assert len(columns["answer"]) == len(completions)  # dataset columns arrive repeated per completion
+        return [c.count("<think>") / max(1, len(tok(c, add_special_tokens=False)["input_ids"])) for c in completions]
+
+    return reward
+
+
+def small_config(**kw):
+    base = dict(prompts_per_step=2, num_generations=4, steps_per_iteration=2, beta=0.0, learning_rate=1e-2,
+                max_completion_length=8, max_prompt_length=32, seed=0)
+    return GRPOConfig(**{**base, **kw})
+
+
+def test_chosen_token_logprobs_match_full_log_softmax():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    m = Qwen2ForCausalLM(cfg)
+    ids = torch.randint(0, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, -2:] = 0  # after EOS
+    logp, ent = completion_logprobs(m, ids, mask, completion_len=4, temperature=0.7, chunk_size=5)
+    logits = m(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits / 0.7
+    full = torch.log_softmax(logits[:, -5:-1].float(), -1)
+    ref = full.gather(-1, ids[:, -4:, None]).squeeze(-1)
+    assert torch.allclose(logp, ref, atol=1e-5)
+    assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-4)
+    # gradients through the chunked, checkpointed path equal those of the full computation
+    g1 = torch.autograd.grad(logp.sum(), m.lm_head.weight)[0]
+    g2 = torch.autograd.grad(ref.sum(), m.lm_head.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_policy_learns_toy_reward(tok, dataset):
+    cfg = small_config(prompts_per_step=4, steps_per_iteration=30, learning_rate=3e-2, max_completion_length=12)
+    logger = ConsoleLogger(printer=lambda s: None)
+    trainer = GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("think", think_fraction(tok), 1.0)],
+                          logger=logger, progress=False)
+    history = trainer.train()
+    rewards = [m["reward/mean"] for m in history]
+    assert len(logger.history) == 30
+    assert sum(rewards[:5]) / 5 < 0.1
+    assert sum(rewards[-5:]) / 5 > 0.6, rewards
+
+
+def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tok, dataset):
+    model = tiny_model(tok)
+    ref_trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)],
+                              progress=False)
+    torch.manual_seed(3)
+    rollout = ref_trainer.backend.generate([r["prompt"] for r in dataset[:2]], 4, ref_trainer.sampling)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.0, -1.0])
+    results = {}
+    for mu in (1, 2):
+        trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(mu=mu, beta=0.04), dataset,
+                              [("think", think_fraction(tok), 1.0)], progress=False)
+        trainer.reference = trainer.engine.make_reference()
+        calls = []
+        trainer.engine.module.base_model.register_forward_hook(lambda *a: calls.append(1))
+        trainer.policy_update(rollout, adv)
+        params = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+        results[mu] = (trainer.last_update_stats, len(calls), params)
+    (s1, calls1, p1), (s2, calls2, _) = results[1], results[2]
+    assert calls1 == 1  # μ = 1: no separate forward for the old log-probs
+    assert calls2 == 3  # μ = 2: old log-probs once, then two updates
+    for key in ("loss", "grad_norm", "kl", "clip_low", "clip_high"):
+        assert math.isclose(s1[key][0], s2[key][0], rel_tol=1e-5, abs_tol=1e-7), key
+    assert s2["clip_low"][0] == s2["clip_high"][0] == 0  # first update: ratio 1
+    # the μ=1 update equals the μ=2 first update: same parameters as a μ=2 run cut after one update
+    trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(mu=2, beta=0.04), dataset,
+                          [("think", think_fraction(tok), 1.0)], progress=False)
+    trainer.reference = trainer.engine.make_reference()
+    original_step = trainer.engine.step
+    snapshots = []
+
+    def step_and_snapshot():
+        norm = original_step()
+        snapshots.append({k: v.clone() for k, v in trainer.engine.module.state_dict().items()})
+        return norm
+
+    trainer.engine.step = step_and_snapshot
+    trainer.policy_update(rollout, adv)
+    for k in p1:
+        assert torch.allclose(p1[k], snapshots[0][k], atol=1e-6), k
+
+
+def loss_on(trainer, rollout, adv):
+    """Loss and gradient with a ratio away from 1 and a KL term, so both depend on every unmasked log-prob."""
+    model = trainer.engine.module
+    logp, _ = trainer.logprobs(model, rollout, slice(None))
+    loss, _ = grpo_loss(logp, logp.detach() - 0.05, adv, rollout.completion_mask, logp_ref=torch.full_like(logp, -3.0),
+                        beta=0.1, aggregation="sequence_mean")
+    grad = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    return loss.detach(), grad
+
+
+def test_tokens_after_eos_do_not_change_the_loss(tok, dataset):
+    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(max_completion_length=16), dataset,
+                          [("think", think_fraction(tok), 1.0)], progress=False)
+    torch.manual_seed(0)
+    rollout = trainer.backend.generate([dataset[0]["prompt"]], 4, trainer.sampling)
+    # make rows end early: EOS at position 2 of rows 0 and 1
+    rollout.completion_ids[:2, 2] = tok.eos_token_id
+    rollout.completion_mask[:2] = (torch.arange(rollout.completion_ids.shape[1]) <= 2).long()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    (a, ga) = loss_on(trainer, rollout, adv)
+    changed = copy.deepcopy(rollout)
+    changed.completion_ids[:2, 3:] = torch.randint(0, len(tok), changed.completion_ids[:2, 3:].shape)
+    (b, gb) = loss_on(trainer, changed, adv)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and a != 0
+    # sanity: changing a token before EOS does change the loss
+    changed.completion_ids[0, 1] = (changed.completion_ids[0, 1] + 1) % len(tok)
+    assert not torch.allclose(loss_on(trainer, changed, adv)[0], a, atol=1e-6)
+
+
+def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
+    def wrong_length(prompts, completions, **kw):
+        return [0.0]
+
+    def nan_reward(prompts, completions, **kw):
+        return [float("nan")] + [0.0] * (len(completions) - 1)
+
+    for name, fn, pattern in [("short", wrong_length, r"'short' returned 1 values for 8 completions; sample 0: prompt="),
+                              ("nanny", nan_reward, r"'nanny' returned nan .*sample 0: prompt='User: ")]:
+        trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [(name, fn, 1.0)], progress=False)
+        with pytest.raises(RewardError, match=pattern):
+            trainer.train()
+        assert trainer.global_step == 0
+
+
+def test_bad_trainer_inputs(tok, dataset):
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        GRPOTrainer(tiny_model(tok), tok, small_config(), [{"question": "1+1"}], [("r", think_fraction(tok), 1.0)])
+    with pytest.raises(ValueError, match="unique"):
+        f = think_fraction(tok)
+        GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [("r", f, 1.0), ("r", f, 1.0)])
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [("r", think_fraction(tok), float("nan"))])
+    long = [{"prompt": "User: " + "1+1 " * 40 + "\nAssistant:"}]
+    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), long, [("r", think_fraction(tok), 1.0)], progress=False)
+    with pytest.raises(ValueError, match=r"tokens long, over max_prompt_length=32"):
+        trainer.train()
+
+
+def test_metrics_and_reference_only_with_beta(tok, dataset):
+    def accuracy(prompts, completions, answer, **kw):
+        return [float(a in c) for a, c in zip(answer, completions)]
+
+    funcs = [("accuracy", accuracy, 1.0), ("think", think_fraction(tok), 0.5)]
+    t0 = GRPOTrainer(tiny_model(tok), tok, small_config(beta=0.0), dataset, funcs, progress=False)
+    m0 = t0.train(max_steps=1)[0]
+    assert t0.reference is None and "kl" not in m0
+    t1 = GRPOTrainer(tiny_model(tok), tok, small_config(beta=0.1, mu=2, epsilon_high=0.28), dataset, funcs,
+                     progress=False)
+    m1 = t1.train(max_steps=1)[0]
+    assert t1.reference is not None and not any(p.requires_grad for p in t1.reference.parameters())
+    expected = {"reward/mean", "reward/std", "reward/accuracy/mean", "reward/accuracy/std", "reward/think/mean",
+                "reward/think/std", "accuracy", "kl", "clip_low", "clip_high", "completion_length/mean",
+                "completion_length/max", "truncated_share", "entropy", "loss", "lr", "grad_norm", "step_time",
+                "tokens_per_s"}
+    assert expected <= set(m1), expected - set(m1)
+    assert all(math.isfinite(v) for v in m1.values())
+    assert m1["kl"] >= 0
+
+
+def test_prompt_sampler_epochs_and_state():
+    s = PromptSampler(5, seed=0)
+    first = s.take(3) + s.take(2)
+    assert sorted(first) == list(range(5))
+    nxt = s.take(4)
+    state = s.state()
+    s2 = PromptSampler(5, seed=0)
+    s2.load(state)
+    assert s.take(3) == s2.take(3) and len(set(nxt)) == 4
+
+
+def test_char_offsets_map_to_token_ends(tok):
+    text = "<think>12+34=46, write 6.</think><answer>46</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    pieces = [tok.decode(ids[: k + 1], skip_special_tokens=True) for k in range(len(ids))]
+    offsets = [len("<think>"), len("<think>12+34=46,"), len(text) - len("</answer>"), len(text)]
+    ends = char_offsets_to_token_ends(tok, torch.tensor(ids), len(ids), offsets)
+    for off, k in zip(offsets, ends):
+        assert len(pieces[k]) >= off and (k == 0 or len(pieces[k - 1]) < off)
+    assert ends[0] == 0  # "<think>" is one token
+    assert ends[-1] == len(ids) - 2  # the last text character is in the token before EOS
+    # a multi-byte character split over byte-level tokens maps to the token that completes it
+    zh = "所以 答案"
+    zids = tok(zh, add_special_tokens=False)["input_ids"]
+    k = char_offsets_to_token_ends(tok, torch.tensor(zids), len(zids), [1])[0]
+    assert tok.decode(zids[: k + 1]) == "所" and "\ufffd" in tok.decode(zids[:k]) + "\ufffd"
+
+
+def test_process_mode_trains(tok, dataset):
+    def per_step(prompts, completions, **kw):
+        # a "step" ends at every ",": reward 1 if the step contains a digit
+        out = []
+        for c in completions:
+            steps, start = [], 0
+            for i, ch in enumerate(c):
+                if ch == "," or i == len(c) - 1:
+                    steps.append((i + 1, float(any(x.isdigit() for x in c[start : i + 1]))))
+                    start = i + 1
+            out.append(steps)
+        return out
+
+    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(advantage_mode="process"), dataset,
+                          [("digit_steps", per_step, 1.0)], progress=False)
+    history = trainer.train()
+    assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
+
+    def bad(prompts, completions, **kw):
+        return [[(10_000, 1.0)]] * len(completions)
+
+    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(advantage_mode="process"), dataset,
+                          [("bad_steps", bad, 1.0)], progress=False)
+    with pytest.raises(RewardError, match="'bad_steps' returned step"):
+        trainer.train()
+
+
+def test_loggers(tmp_path):
+    assert isinstance(ConsoleLogger(), MetricLogger)
+    lines = []
+    c = ConsoleLogger(keys=("a",), printer=lines.append)
+    c.log_metrics({"a": 1.0, "b": 2.0}, step=3)
+    assert lines == ["step 3: a=1"] and c.history == [(3, {"a": 1.0, "b": 2.0})]
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        logger = MLflowLogger()
+        logger.log_metrics({"reward/mean": 0.5}, step=1)
+        logger.log_metrics({"reward/mean": 0.7}, step=2)
+        logger.log_params({"beta": 0.04})
+    hist = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward/mean")
+    assert [(m.step, m.value) for m in hist] == [(1, 0.5), (2, 0.7)]
+    assert mlflow.get_run(run.info.run_id).data.params["beta"] == "0.04"
+    mlflow.set_tracking_uri(previous)
