@@ -80,9 +80,10 @@ def _metadata(m: Any) -> dict:
 
 def score_reasoning_gym(family: str, prediction: str, gold: str, metadata: Any, question: str = "") -> float:
     """reasoning-gym's score (0..1) for `prediction`; its scorer reads the entry's `answer` and `metadata`."""
+    scorer = _rg_scorer(family)  # an unknown family is a configuration error: it raises
     entry = {"question": question, "answer": gold, "metadata": _metadata(metadata)}
     try:
-        return float(_rg_scorer(family)(prediction, entry))
+        return float(scorer(prediction, entry))
     except Exception as e:  # a scorer choking on a model's garbage is a wrong answer, not a crash of the trainer
         log.warning("reasoning-gym scorer %s failed on %r: %s", family, shorten(prediction, 120), e)
         return 0.0

@@ -110,22 +110,6 @@ def _detector(codes: frozenset[str]):
 _SENTENCE_END = re.compile(r"[.!?;:。！？；：\n]")
 
 
-def _target_words_lingua(text: str, words: list[tuple[int, str]], target: str, candidates: frozenset[str]) -> int:
-    """How many of `words` ((offset, word), all of one script) are in `target`, deciding sentence by sentence with
-    lingua among `candidates` (lingua is reliable on a sentence, not on a lone word); undecided sentences count."""
-    ends = [m.start() for m in _SENTENCE_END.finditer(text)]
-    sentences: dict[int, list[str]] = {}
-    for off, w in words:
-        sentences.setdefault(bisect.bisect_left(ends, off), []).append(w)
-    detector = _detector(candidates)
-    hits = 0
-    for ws in sentences.values():
-        lang = detector.detect_language_of(" ".join(ws))
-        if lang is None or lang.iso_code_639_1.name.lower() == target:
-            hits += len(ws)
-    return hits
-
-
 def target_language_share(text: str, target: str = "en", languages: Iterable[str] | None = None) -> float:
     """Share of the words of `text` in language `target` (0.0 when `text` has no words)."""
     target = check_language(target)
@@ -133,13 +117,25 @@ def target_language_share(text: str, target: str = "en", languages: Iterable[str
     words = words_by_script(text)
     if not words:
         return 0.0
+    scripts = LANGUAGE_SCRIPTS[target]
+    mine = [(off, w, s) for off, w, s in words if s in scripts]
+    sharing = {s: frozenset(c for c in candidates if s in LANGUAGE_SCRIPTS[c]) for s in scripts}
+    if all(len(sharing[s]) == 1 for s in scripts):  # the script alone decides: lingua not needed
+        return len(mine) / len(words)
+    # lingua, one sentence at a time (it is reliable on a sentence, not on a lone word), for the shared scripts only
+    ends = [m.start() for m in _SENTENCE_END.finditer(text)]
+    sentences: dict[int, list[tuple[int, str, str]]] = {}
+    for word in mine:
+        sentences.setdefault(bisect.bisect_left(ends, word[0]), []).append(word)
     hits = 0
-    for script in LANGUAGE_SCRIPTS[target]:
-        in_script = [(off, w) for off, w, s in words if s == script]
-        if not in_script:
-            continue
-        sharing = frozenset(c for c in candidates if script in LANGUAGE_SCRIPTS[c])
-        hits += len(in_script) if len(sharing) == 1 else _target_words_lingua(text, in_script, target, sharing)
+    for ws in sentences.values():
+        shared = [s for _, _, s in ws if len(sharing[s]) > 1]
+        hits += len(ws) - len(shared)
+        if shared:
+            among = frozenset().union(*(sharing[s] for s in set(shared)))
+            lang = _detector(among).detect_language_of(text[ws[0][0] : ws[-1][0] + len(ws[-1][1])])
+            if lang is None or lang.iso_code_639_1.name.lower() == target:
+                hits += len(shared)
     return hits / len(words)
 
 
