@@ -49,10 +49,10 @@ def test_hostile_completions_score_zero(no_math_verify):
         "<think>a</think><answer>85",  # unclosed
         "<think>" + "8" * 1_000_000 + "</think><answer>" + "9" * 10_000 + "</answer>",  # huge number: not "plain"
     ]
-    t = time.perf_counter()
+    t = time.process_time()
     out = accuracy_reward([""] * len(comps), comps, ["85"] * 5 + ["1"], math_verify=False)
     assert out == [0.0] * len(comps)
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
 
 
 def test_normalisation():

@@ -68,9 +68,9 @@ def test_other_scripts_and_non_ascii():
 def test_noisy_traces_and_speed():
     rng = random.Random(0)
     comps = [noisy_trace(p, rng, TraceNoise(mixed_language=0.5)) for p in make_problems("addition", 512, seed=0)]
-    t = time.perf_counter()
+    t = time.process_time()
     out = language_consistency_reward([""] * len(comps), comps)
     out.extend(language_consistency_reward([""], [T("word " * 200_000)]))  # 1 MB think
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert all(0.0 <= r <= 1.0 for r in out)
     assert 0 < sum(r < 1 for r in out) < len(out)  # some mixed, some clean

@@ -106,11 +106,11 @@ def test_hostile_huge_inputs_are_linear():
         "</think>" * 130_000 + "<answer>x",
         "<think>" + "<answer>1</answer>" * 60_000 + "</think>",
     ]
-    t = time.perf_counter()
+    t = time.process_time()
     for text in huge:
         extract_think(text), extract_answer(text), extract_answer(text, "boxed"), is_r1_format(text)
         format_reward([""], [text]), soft_format_reward([""], [text])
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
 
 
 def test_shorten():
