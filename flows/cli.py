@@ -126,7 +126,7 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. base_model"),
           verbose: bool = False) -> None:
     """Run one stage alone as its own MLflow run (no Prefect)."""
     _logging(verbose)
-    from flows.pipeline import STAGES, check_stages
+    from stages.registry import check_stages, runnable
 
     try:
         check_stages([name])
@@ -134,7 +134,7 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. base_model"),
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     cfg = _recipe(recipe, set)
-    out = STAGES[name](cfg)
+    out = runnable()[name](cfg)
     console.print_json(json.dumps(out))
 
 
@@ -147,7 +147,8 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     parent run and a nested run per stage. Results: `mlflow ui --backend-store-uri sqlite:///mlflow.db`."""
     _logging(verbose)
     cfg = _recipe(recipe, set)  # validate before Prefect starts
-    from flows.pipeline import check_stages, configure_local_prefect
+    from flows.pipeline import configure_local_prefect
+    from stages.registry import check_stages
 
     try:
         check_stages(stages or ["base_model"])

@@ -56,7 +56,7 @@ def test_pipeline_flow_nests_stage_runs_under_one_parent(mini_recipe, tmp_path):
 
 
 def test_pipeline_refuses_unknown_stage_before_starting():
-    from flows.pipeline import check_stages
+    from stages.registry import check_stages
 
     with pytest.raises(ValueError, match="unknown stage 'r2_zero'"):
         check_stages(["r2_zero"])

@@ -1,0 +1,46 @@
+"""Entry point of one stage in its own process: `python -m stages.entry NAME --recipe R [...]`.
+
+Launchers (in-process, torchrun, DeepSpeed, Slurm, Kubernetes) all run this. Rank 0 writes the stage's outputs (run id
+and artifact URIs) as JSON to `--result-file`, atomically, so the launching task can read them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.entry", description=__doc__)
+    parser.add_argument("stage", help="stage name")
+    parser.add_argument("--recipe", default="tiny", help="preset name or YAML path")
+    parser.add_argument("--overrides", default="{}", help="JSON object of dotted-key overrides")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow run id of the pipeline run")
+    parser.add_argument("--result-file", type=Path, default=None, help="where rank 0 writes the outputs as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from stages.recipe import load_recipe
+    from stages.registry import check_stages, runnable
+
+    check_stages([args.stage])
+    recipe = load_recipe(args.recipe, json.loads(args.overrides))
+    out = runnable()[args.stage](recipe, parent_run_id=args.parent_run_id, progress=sys.stderr.isatty())
+    if args.result_file and int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(args.result_file, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The one SFT loop, shared by every SFT stage (cold start, general, distillation) and by base-model pretraining.
+
+Loss on response tokens only. Batches are length-grouped (padding-aware): examples are sorted by length inside
+shuffled mega-batches, so a batch holds similar lengths and little padding. The optimiser side is grpo.engine's (plain
+torch on one process, DeepSpeed ZeRO-2/3 on many), checkpoints are grpo.checkpoint's (atomic, exact resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from stages.recipe import Strict
+
+log = logging.getLogger(__name__)
+
+
+class SFTConfig(Strict):
+    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimiser steps; overrides epochs")
+    batch_size: int = Field(32, ge=1, description="examples per optimiser step (global, over all ranks)")
+    learning_rate: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8, description="tokens of prompt + completion; longer completions are cut")
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
+    log_every: int = Field(10, ge=1)
+    time_limit_seconds: float | None = Field(None, gt=0, description="safety cap; stopping early is logged")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def tokenize_examples(tokenizer, examples: Sequence[dict], max_length: int) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) per example; `completion` gets the eos token. An example whose prompt alone fills
+    max_length has nothing to learn from and is an error naming it."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for i, ex in enumerate(examples):
+        prompt, completion = _prompt_completion(tokenizer, ex, i)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        if len(p) >= max_length:
+            raise ValueError(f"example {i}: prompt is {len(p)} tokens, max_length is {max_length}; raise max_length")
+        out.append(((p + c)[:max_length], len(p)))
+    return out
+
+
+def _prompt_completion(tokenizer, ex: dict, i: int) -> tuple[str, str]:
+    """An example is {prompt, completion} (already templated), or {messages} (chat template; the last turn is the
+    assistant's and the one trained on)."""
+    if "messages" in ex:
+        msgs = ex["messages"]
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"example {i}: the last message must be the assistant's")
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, " " + msgs[-1]["content"]
+    if "prompt" not in ex or "completion" not in ex:
+        raise ValueError(f"example {i} needs 'prompt' and 'completion' (or 'messages'); it has {sorted(ex)}")
+    return ex["prompt"], ex["completion"]
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of indices with similar lengths: shuffle, sort within mega-batches of 32 batches, shuffle the batches."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    mega = batch_size * 32
+    batches = []
+    for s in range(0, len(idx), mega):
+        chunk = sorted(idx[s : s + mega], key=lambda i: lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    batches = [b for b in batches if len(b) == batch_size] or batches  # drop ragged tails when there is enough data
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: Sequence[tuple[list[int], int]], pad_id: int):
+    """Right-padded ids, labels with -100 on the prompt and on padding, attention mask."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(batch):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        labels[i, start : len(ids)] = t[start:]
+        attn[i, : len(ids)] = 1
+    return input_ids, labels, attn
+
+
+class SFTTrainer:
+    def __init__(self, model, tokenizer, examples: Sequence[dict], cfg: SFTConfig, *, output_dir: str | Path | None = None,
+                 logger=None, deepspeed_config: dict | None = None, progress: bool = True):
+        import torch
+
+        from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world
+        from grpo.logging import NullLogger
+
+        if not examples:
+            raise ValueError("SFT needs at least one example")
+        self.cfg, self.tokenizer, self.progress = cfg, tokenizer, progress
+        self.rank, self.world = rank_and_world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.world}")
+        self.data = tokenize_examples(tokenizer, examples, cfg.max_length)
+        self.batch_size = min(cfg.batch_size, len(self.data) - len(self.data) % self.world or self.world)
+        self.batches_per_epoch = max(1, len(self.data) // self.batch_size)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.logger = logger or NullLogger()
+        torch.manual_seed(cfg.seed)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.lr_schedule))
+        if deepspeed_config is not None:
+            self.engine = DeepSpeedEngine(model, opt, sched, cfg.max_grad_norm, deepspeed_config)
+        elif self.world > 1:
+            raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
+        else:
+            self.engine = TorchEngine(model, opt, sched, cfg.max_grad_norm)
+        self.step = 0
+
+    def _batch(self, step: int) -> list[tuple[list[int], int]]:
+        """The examples of global step `step` for this rank: a pure function of the step (exact resume)."""
+        epoch, pos = divmod(step, self.batches_per_epoch)
+        order = length_grouped_order([len(ids) for ids, _ in self.data], self.batch_size, self.cfg.seed + epoch)
+        idx = order[pos % len(order)]
+        share = len(idx) // self.world
+        return [self.data[i] for i in idx[self.rank * share : (self.rank + 1) * share]]
+
+    def train(self, resume_from: str | Path | None = None) -> SFTResult:
+        from tqdm.auto import tqdm
+
+        from grpo.checkpoint import latest_checkpoint, load_checkpoint
+
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
+        if resume_from:
+            self.step = load_checkpoint(resume_from, self.engine, None)["step"]
+            log.info("resumed SFT from %s at step %d", resume_from, self.step)
+        model = self.engine.module
+        model.train()
+        start, ema, history, stopped = time.perf_counter(), None, [], False
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step",
+                   disable=not self.progress or self.rank != 0)
+        while self.step < self.total_steps:
+            if self.cfg.time_limit_seconds and time.perf_counter() - start > self.cfg.time_limit_seconds:
+                log.warning("SFT hit its %.0f s time limit at step %d of %d", self.cfg.time_limit_seconds, self.step,
+                            self.total_steps)
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            input_ids, labels, attn = collate(self._batch(self.step), self.tokenizer.pad_token_id)
+            dev = next(model.parameters()).device
+            loss = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev)).loss
+            lr = self.engine.lr()
+            self.engine.backward(loss)
+            grad_norm = self.engine.step()
+            self.step += 1
+            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            metrics = {"sft/loss": loss.item(), "sft/lr": lr, "sft/grad_norm": grad_norm,
+                       "sft/tokens": float((labels != -100).sum()), "sft/step_seconds": time.perf_counter() - t0}
+            history.append(metrics)
+            if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+                self.logger.log_metrics(metrics, step=self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        model.eval()
+        return SFTResult(self.step, float(ema or 0.0), time.perf_counter() - start, stopped, history)
+
+    def save(self) -> Path:
+        from grpo.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.output_dir / f"checkpoint-{self.step}", self.engine, None, {"step": self.step})
