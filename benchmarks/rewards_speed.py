@@ -24,12 +24,14 @@ RG_FAMILIES = ["rg:basic_arithmetic", "rg:chain_sum", "rg:fraction_simplificatio
 def latex_row(rng: random.Random) -> tuple[str, str]:
     """(gold, prediction) that only math-verify can compare: equivalent or wrong fractions and expressions."""
     a, b, k = rng.randint(1, 50), rng.randint(51, 99), rng.randint(2, 9)
-    return rng.choice([
-        (f"\\frac{{{a}}}{{{b}}}", f"\\frac{{{k * a}}}{{{k * b}}}"),
-        (f"\\frac{{{a}}}{{{b}}}", f"\\dfrac{{{a + 1}}}{{{b}}}"),
-        (f"{a}\\sqrt{{2}}", f"\\sqrt{{{2 * a * a}}}"),
-        (f"x^2+{2 * a}x+{a * a}", f"(x+{a})^2"),
-    ])
+    return rng.choice(
+        [
+            (f"\\frac{{{a}}}{{{b}}}", f"\\frac{{{k * a}}}{{{k * b}}}"),
+            (f"\\frac{{{a}}}{{{b}}}", f"\\dfrac{{{a + 1}}}{{{b}}}"),
+            (f"{a}\\sqrt{{2}}", f"\\sqrt{{{2 * a * a}}}"),
+            (f"x^2+{2 * a}x+{a * a}", f"(x+{a})^2"),
+        ]
+    )
 
 
 def build_batch(n_prompts: int = 128, group: int = 8, latex_share: float = 0.0, seed: int = 0):
@@ -75,11 +77,13 @@ def main() -> None:
     args = ap.parse_args()
 
     prompts, completions, cols = build_batch(args.prompts, args.group, args.latex_share)
-    rewards = build_rewards([
-        {"name": "accuracy", "params": {"math_verify_workers": args.workers}},
-        {"name": "format"},
-        {"name": "language_consistency", "params": {"target_language": "en"}},
-    ])
+    rewards = build_rewards(
+        [
+            {"name": "accuracy", "params": {"math_verify_workers": args.workers}},
+            {"name": "format"},
+            {"name": "language_consistency", "params": {"target_language": "en"}},
+        ]
+    )
     times: dict[str, list[float]] = {name: [] for name, _, _ in rewards}
     totals = []
     for run in range(args.runs + 1):  # run 0 warms up (imports, reasoning-gym scorers, math-verify workers)

@@ -84,7 +84,7 @@ def score_reasoning_gym(family: str, prediction: str, gold: str, metadata: Any, 
     entry = {"question": question, "answer": gold, "metadata": _metadata(metadata)}
     try:
         return float(scorer(prediction, entry))
-    except Exception as e:  # a scorer choking on a model's garbage is a wrong answer, not a crash of the trainer
+    except Exception as e:  # noqa: BLE001 - a scorer choking on a model's garbage is a wrong answer, not a crash of the trainer
         log.warning("reasoning-gym scorer %s failed on %r: %s", family, shorten(prediction, 120), e)
         return 0.0
 

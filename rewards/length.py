@@ -38,12 +38,21 @@ def overlong_reward(
 ) -> list[float]:
     """DAPO's soft overlong punishment per completion (0 .. -1); lengths as in `completion_lengths`."""
     if not 0 < cache_length <= max_length:
-        raise ValueError(f"need 0 < cache_length <= max_length (got cache_length={cache_length}, max_length={max_length})")
+        raise ValueError(
+            f"need 0 < cache_length <= max_length (got cache_length={cache_length}, max_length={max_length})"
+        )
     return [overlong_penalty(n, max_length, cache_length) for n in completion_lengths(completions, tokenizer)]
 
 
-def cosine_scaled(length: int, correct: bool, max_length: int, min_value_wrong: float, max_value_wrong: float,
-                  min_value_correct: float, max_value_correct: float) -> float:
+def cosine_scaled(
+    length: int,
+    correct: bool,
+    max_length: int,
+    min_value_wrong: float,
+    max_value_wrong: float,
+    min_value_correct: float,
+    max_value_correct: float,
+) -> float:
     """open-r1's cosine schedule: at length 0 a correct answer gets max_value_correct and a wrong one min_value_wrong;
     at max_length (and beyond: progress is clipped) they reach min_value_correct and max_value_wrong."""
     progress = min(max(length / max_length, 0.0), 1.0)

@@ -52,8 +52,8 @@ class _Worker:
         try:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        except Exception:  # already gone
-            pass
+        except (OSError, subprocess.TimeoutExpired) as e:  # already gone, or stuck in the kernel
+            log.debug("math-verify worker kill: %s", e)
 
 
 class MathVerifier:
@@ -139,7 +139,9 @@ class MathVerifier:
                     idx, verdict, secs = json.loads(line)
                     results[idx] = bool(verdict)
                     if verdict is None:
-                        log.warning("math-verify timed out after %.1fs on %r; scored 0", secs, shorten(todo[idx][0], 120))
+                        log.warning(
+                            "math-verify timed out after %.1fs on %r; scored 0", secs, shorten(todo[idx][0], 120)
+                        )
                     w.job = None
                     pending -= 1
                     dispatch(w)
@@ -193,7 +195,7 @@ def _serve(timeout_s: float) -> None:
             g = parse(_as_math(gold), parsing_timeout=per_call)
             p = parse(_as_math(pred), parsing_timeout=per_call)
             verdict = bool(g and p and verify(g, p, timeout_seconds=per_call))
-        except Exception:
+        except Exception:  # noqa: BLE001 - anything math-verify raises on a model's text is a failed match
             verdict = False
         secs = time.monotonic() - t
         if not verdict and secs >= per_call:

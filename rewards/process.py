@@ -68,7 +68,7 @@ def completion_steps(
 # may start only at the first digit of a digit run (lookbehind), every quantifier is bounded or possessive, and the
 # whole pattern sits in a lookahead so that claims sharing a number (`2+3=5+1=6`) are all found: linear time, one C pass.
 _CLAIM_REVERSED = re.compile(
-    r"(?<![0-9])(?=([0-9]{1,%d}) *(=) *([0-9]{1,%d}(?: *\+ *[0-9]{1,%d})++)(?![0-9]))" % ((_MAX_DIGITS,) * 3)
+    rf"(?<![0-9])(?=([0-9]{{1,{_MAX_DIGITS}}}) *(=) *([0-9]{{1,{_MAX_DIGITS}}}(?: *\+ *[0-9]{{1,{_MAX_DIGITS}}})++)(?![0-9]))"
 )
 
 

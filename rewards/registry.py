@@ -108,8 +108,14 @@ def is_process_reward(fn: RewardFn) -> bool:
 class RewardError(RuntimeError):
     """A reward function failed or returned something unusable; the message names it and shows the sample."""
 
-    def __init__(self, name: str, message: str, index: int | None = None, prompt: str | None = None,
-                 completion: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        message: str,
+        index: int | None = None,
+        prompt: str | None = None,
+        completion: str | None = None,
+    ):
         self.name, self.index, self.prompt, self.completion = name, index, prompt, completion
         text = f"reward {name!r}: {message}"
         if index is not None:
@@ -129,7 +135,7 @@ def _locate(fn: RewardFn, prompts, completions, columns, idx: list[int], budget:
             budget[0] -= 1
             try:
                 fn([prompts[i] for i in part], [completions[i] for i in part], **_row(columns, part))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure locates the sample; the original error is re-raised
                 idx = part
                 break
         else:

@@ -71,7 +71,13 @@ class RewardModelScorer:
         response_text("", mode)  # validates mode before loading anything
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
-        self.path, self.mode, self.batch_size, self.max_length, self.device = str(path), mode, batch_size, max_length, device
+        self.path, self.mode, self.batch_size, self.max_length, self.device = (
+            str(path),
+            mode,
+            batch_size,
+            max_length,
+            device,
+        )
         self.model, self.tokenizer = _load(path, device)
         self.model.eval()
 
@@ -82,8 +88,13 @@ class RewardModelScorer:
         out: list[float] = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                out.extend(_scores(self.model, self.tokenizer, list(texts[i : i + self.batch_size]), self.max_length,
-                                   self.device).float().tolist())
+                out.extend(
+                    _scores(
+                        self.model, self.tokenizer, list(texts[i : i + self.batch_size]), self.max_length, self.device
+                    )
+                    .float()
+                    .tolist()
+                )
         return out
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:

@@ -34,7 +34,9 @@ def test_fast_path_numbers(no_math_verify):
 def test_addition_traces_from_tasks(no_math_verify):
     probs = make_problems("addition", 20, seed=3)
     comps = [clean_trace(p) for p in probs]
-    wrong = [c.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>") for c, p in zip(comps, probs)]
+    wrong = [
+        c.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>") for c, p in zip(comps, probs)
+    ]
     gold = [p.answer for p in probs]
     assert accuracy_reward([""] * 20, comps, gold, task=["addition"] * 20, metadata=["{}"] * 20) == [1.0] * 20
     assert accuracy_reward([""] * 20, wrong, gold) == [0.0] * 20
@@ -88,7 +90,9 @@ def test_math_verify_latex():
 def test_math_verify_from_a_thread():
     # math-verify's own signal.alarm timeout fails outside the main thread; the worker processes do not care
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", accuracy_reward([""], [R("\\frac{2}{4}")], ["\\frac{1}{2}"])))
+    t = threading.Thread(
+        target=lambda: out.setdefault("r", accuracy_reward([""], [R("\\frac{2}{4}")], ["\\frac{1}{2}"]))
+    )
     t.start()
     t.join(60)
     assert out["r"] == [1.0]

@@ -47,8 +47,16 @@ def test_cosine_hand_checked():
 
 def test_cosine_custom_values_and_extra_columns():
     out = cosine_length_reward(
-        ["", ""], [of_len(40), of_len(40, "1")], answer=["85", "85"], max_length=80, min_value_correct=0.0,
-        max_value_correct=2.0, min_value_wrong=-2.0, max_value_wrong=0.0, task=["addition"] * 2, prompt_id=["a", "a"],
+        ["", ""],
+        [of_len(40), of_len(40, "1")],
+        answer=["85", "85"],
+        max_length=80,
+        min_value_correct=0.0,
+        max_value_correct=2.0,
+        min_value_wrong=-2.0,
+        max_value_wrong=0.0,
+        task=["addition"] * 2,
+        prompt_id=["a", "a"],
     )
     assert out == pytest.approx([1.0, -1.0])  # halfway: the middle of each range
 
@@ -56,8 +64,9 @@ def test_cosine_custom_values_and_extra_columns():
 def test_repetition_hand_checked():
     assert repeated_ngram_share("a b c a b c", 3) == pytest.approx(0.25)  # abc bca cab abc: 3 distinct of 4
     assert repeated_ngram_share("one two", 3) == 0.0
-    out = repetition_penalty_reward(["", "", ""], ["a b c a b c", "a b c d e f", "x x x x x x"], ngram_size=3,
-                                    max_penalty=-0.5)
+    out = repetition_penalty_reward(
+        ["", "", ""], ["a b c a b c", "a b c d e f", "x x x x x x"], ngram_size=3, max_penalty=-0.5
+    )
     assert out == pytest.approx([-0.125, 0.0, -0.5 * 3 / 4])
     with pytest.raises(ValueError, match="max_penalty"):
         repetition_penalty_reward([""], ["x"], max_penalty=1.0)

@@ -88,7 +88,10 @@ def test_soft_format_hand_checked():
         "junk<think>a</think>junk<answer>85</answer>junk": 1.0,  # soft: surrounding text is not checked
     }
     assert soft_format_reward([""] * len(cases), list(cases)) == list(cases.values())
-    assert format_reward([""] * 2, [GOOD, "<think>a</think> 85"], answer=["85", "85"], unknown_column=[1, 2]) == [1.0, 0.0]
+    assert format_reward([""] * 2, [GOOD, "<think>a</think> 85"], answer=["85", "85"], unknown_column=[1, 2]) == [
+        1.0,
+        0.0,
+    ]
 
 
 def test_ordered_tag_count_is_longest_in_order_subsequence():

@@ -13,8 +13,15 @@ MIXED = "<think>7+8=15, 写 5 进位 1. 所以 答案 是 85.</think><answer>84<
 
 def test_known_names():
     assert set(REGISTRY) == {
-        "accuracy", "format", "soft_format", "language_consistency", "overlong", "cosine_length", "repetition",
-        "reward_model", "process_arithmetic",
+        "accuracy",
+        "format",
+        "soft_format",
+        "language_consistency",
+        "overlong",
+        "cosine_length",
+        "repetition",
+        "reward_model",
+        "process_arithmetic",
     }
 
 
@@ -102,10 +109,10 @@ def test_output_validation(value, match):
 
 
 def test_process_output_validation_and_columns():
-    ok = lambda p, c, **k: [[(1, 0.5)] for _ in c]  # noqa: E731
+    ok = lambda p, c, **k: [[(1, 0.5)] for _ in c]
     ok.process = True
     assert call_reward("ok", ok, ["p"], ["abc"]) == [[(1, 0.5)]]
-    bad = lambda p, c, **k: [[(5, 0.5)] for _ in c]  # noqa: E731
+    bad = lambda p, c, **k: [[(5, 0.5)] for _ in c]
     bad.process = True
     with pytest.raises(RewardError, match=r"step end 5 .*\[0, 3\]"):
         call_reward("bad", bad, ["p"], ["abc"])

@@ -7,14 +7,30 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rewards import build_rewards, call_reward, process_reward_model  # noqa: E402
-from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry  # noqa: E402
-from stages.tokenizer import train_tokenizer  # noqa: E402
+from rewards import build_rewards, call_reward, process_reward_model
+from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
+from stages.tokenizer import train_tokenizer
 
-TOPICS = ["the weather", "my homework", "a recipe", "the train times", "a good book", "this error", "the score",
-          "my garden", "the meeting", "a gift idea", "the museum", "my bike"]
-POLITE = ["Thank you for asking, I am happy to help with", "Of course, here is a kind answer about",
-          "Great question, glad to explain", "Sure, with pleasure, let me help with"]
+TOPICS = [
+    "the weather",
+    "my homework",
+    "a recipe",
+    "the train times",
+    "a good book",
+    "this error",
+    "the score",
+    "my garden",
+    "the meeting",
+    "a gift idea",
+    "the museum",
+    "my bike",
+]
+POLITE = [
+    "Thank you for asking, I am happy to help with",
+    "Of course, here is a kind answer about",
+    "Great question, glad to explain",
+    "Sure, with pleasure, let me help with",
+]
 RUDE = ["Go away, I will not talk about", "Stupid question, figure out", "Shut up about", "Nobody cares about"]
 
 
@@ -35,8 +51,16 @@ def trained(tmp_path_factory):
     held_out = [pair(rng, t) for t in TOPICS[8:] for _ in range(6)]  # topics never seen in training
     tok = train_tokenizer([p + c + r for p, c, r in train + held_out], vocab_size=400)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
     cfg.pad_token_id = tok.pad_token_id
     model = Qwen2ForSequenceClassification(cfg)
     root = tmp_path_factory.mktemp("rm")
@@ -70,8 +94,9 @@ def test_answer_mode_reads_only_the_final_answer(trained):
 
 def test_through_the_registry_and_as_process_reward(trained):
     path, _, held_out = trained
-    [(name, fn, w)] = build_rewards([{"name": "reward_model", "weight": 0.5, "params": {"path": str(path), "mode": "full",
-                                                                                       "batch_size": 4}}])
+    [(name, fn, _w)] = build_rewards(
+        [{"name": "reward_model", "weight": 0.5, "params": {"path": str(path), "mode": "full", "batch_size": 4}}]
+    )
     prompts = [p for p, _, _ in held_out[:3]] * 2
     comps = [c for _, c, _ in held_out[:3]] + [r for _, _, r in held_out[:3]]
     scores = call_reward(name, fn, prompts, comps, answer=[""] * 6, prompt_id=list("abcabc"))
