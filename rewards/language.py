@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Iterable
 
-from rewards.parsing import extract_think
+from rewards.parsing import TAGS, extract_think
 
 # ISO 639-1 code -> the scripts its words are written in (each also a lingua language with that code).
 LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
@@ -198,6 +198,8 @@ def language_consistency_reward(
         languages = [check_language(c) for c in languages]
     out = []
     for c in completions:
-        think = extract_think(c)
-        out.append(target_language_share(think, target, languages) if think and think.strip() else 0.0)
+        think = extract_think(c) or ""
+        for tag in TAGS:  # a stray nested tag is markup, not English words
+            think = think.replace(tag, " ")
+        out.append(target_language_share(think, target, languages) if think.strip() else 0.0)
     return out

@@ -31,7 +31,7 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -71,9 +71,7 @@ def _reward_model(**params) -> RewardFn:
             raise ValueError(f"unknown param {p!r} for reward reward_model; known params: {sorted(allowed)}")
     if "path" not in params:
         raise ValueError("reward reward_model needs param 'path' (a saved sequence-classification model)")
-    scorer = RewardModelScorer(**params)
-    scorer.process = False
-    return scorer
+    return RewardModelScorer(**params)
 
 
 REGISTRY: dict[str, Callable[..., RewardFn]] = {

@@ -7,6 +7,7 @@ the left so the end of the response is always seen. Models load with `trust_remo
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Sequence
@@ -60,6 +61,8 @@ def _scores(model, tokenizer, texts: list[str], max_length: int, device: str):
 class RewardModelScorer:
     """Scores completions with a reward model; callable as a reward function `(prompts, completions, **columns)`."""
 
+    process = False  # one score per completion (see `rewards.process.process_reward_model` for per-step scores)
+
     def __init__(
         self,
         path: str | Path,
@@ -80,6 +83,9 @@ class RewardModelScorer:
         )
         self.model, self.tokenizer = _load(path, device)
         self.model.eval()
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.max_length > limit:  # keep the end of long texts within what the model was built for
+            self.max_length = limit
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """Raw scalar scores of full texts, in batches."""
@@ -144,7 +150,7 @@ def train_bradley_terry(
         raise ValueError("a tokenizer is required when a model object is given")
     if model.config.num_labels != 1:
         raise ValueError(f"a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
-    tokenizer = _prepare_tokenizer(tokenizer, model)
+    tokenizer = _prepare_tokenizer(copy.deepcopy(tokenizer), model)  # the caller's tokenizer stays as it was
 
     torch.manual_seed(seed)
     order = list(range(len(pairs)))

@@ -74,3 +74,9 @@ def test_noisy_traces_and_speed():
     assert time.process_time() - t < 1.0
     assert all(0.0 <= r <= 1.0 for r in out)
     assert 0 < sum(r < 1 for r in out) < len(out)  # some mixed, some clean
+
+
+def test_nested_tags_are_not_words():
+    assert language_consistency_reward(
+        [""], ["<think>写<think>字</think><answer>1</answer>"], target_language="zh"
+    ) == [1.0]

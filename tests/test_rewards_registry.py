@@ -118,3 +118,8 @@ def test_process_output_validation_and_columns():
         call_reward("bad", bad, ["p"], ["abc"])
     with pytest.raises(RewardError, match="column 'answer'"):
         call_reward("ok", ok, ["p"], ["abc"], answer=["1", "2"])
+
+
+def test_weight_must_be_finite():
+    with pytest.raises(ValidationError, match="weight"):
+        RewardSpec(name="format", weight=float("nan"))

@@ -78,6 +78,14 @@ def test_bradley_terry_beats_chance_on_held_out_pairs(trained):
     assert after >= 0.9 and after > before, (before, after)
 
 
+def test_scores_do_not_depend_on_batching_or_padding(trained):
+    path, _, held_out = trained
+    texts = [p + c for p, c, _ in held_out[:4]] + ["User: hi\nAssistant: ok"]
+    batched = RewardModelScorer(path, mode="full", batch_size=8).score(texts)
+    alone = RewardModelScorer(path, mode="full", batch_size=1).score(texts)
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
 def test_answer_mode_reads_only_the_final_answer(trained):
     path, _, held_out = trained
     assert response_text("<think>secret</think><answer>Hi.</answer>", "answer") == "Hi."
