@@ -1,0 +1,273 @@
+"""The stage launcher (flows/launch.py): real 2-process torchrun launches of tests/launch_targets.py on CPU (gloo), the
+in-process target, and the generated DeepSpeed command, Slurm script and Kubernetes job configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import stat
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from flows import launch
+from flows.launch import LaunchError, LaunchSpec, launch_stage
+from tests.launch_targets import FAIL_MESSAGE
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_spec(tmp_path, **kw) -> LaunchSpec:
+    return LaunchSpec(target="torchrun", nproc_per_node=2, master_port=free_port(), module="tests.launch_targets",
+                      workdir=str(tmp_path / "launch"), timeout=180, env={"OMP_NUM_THREADS": "1"}, **kw)
+
+
+# --- torchrun: real launches ----------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_ranks_return_rank0_result(tmp_path):
+    lines: list[str] = []
+    spec = torchrun_spec(tmp_path)
+    spec.env["R1_TEST_ENV"] = "from-spec"
+    out = launch_stage("ok", "tiny", {"eval.num_prompts": 4}, "parent123", spec, log=lines.append)
+    assert out["sum"] == 3.0 and out["world_size"] == 2  # (0 + 1) + (1 + 1): both ranks took part
+    assert out["stage"] == "ok" and out["recipe"] == "tiny" and out["parent_run_id"] == "parent123"
+    assert out["overrides"] == {"eval.num_prompts": 4} and out["env"] == "from-spec"
+    streamed = "\n".join(lines)
+    assert "rank 0/2: all_reduce sum 3.0" in streamed and "rank 1/2: all_reduce sum 3.0" in streamed
+    assert lines[0].startswith("$ ") and "torch.distributed.run" in lines[0]
+
+
+def test_torchrun_rank1_failure_raises_with_its_error(tmp_path):
+    with pytest.raises(LaunchError) as e:
+        launch_stage("fail", "tiny", None, None, torchrun_spec(tmp_path), log=lambda line: None)
+    msg = str(e.value)
+    assert FAIL_MESSAGE in msg and "rank 1" in msg and "RuntimeError" in msg
+    assert "launch_targets.py" in msg  # the traceback tail, not only the last line
+    assert "Signal 15" not in msg  # rank 0 was only terminated; the root cause is rank 1
+
+
+def test_error_json_written_by_record_is_read(tmp_path):
+    """Ranks under torch.distributed.elastic's @record leave error.json; it is preferred to the stderr log."""
+    rank_dir = tmp_path / "none_abc" / "attempt_0" / "1"
+    rank_dir.mkdir(parents=True)
+    stack = f'Traceback (most recent call last):\n  File "x.py", line 3, in f\n    boom()\nValueError: {FAIL_MESSAGE}\n'
+    (rank_dir / "error.json").write_text(json.dumps(
+        {"message": {"message": f"ValueError: {FAIL_MESSAGE}", "extraInfo": {"py_callstack": stack, "timestamp": "1"}}}))
+    (rank_dir / "stderr.log").write_text("[rank1]: unrelated\n")
+    summary = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1"
+    msg = launch._torchrun_failure("s", 1, summary.splitlines(), tmp_path)
+    assert f"ValueError: {FAIL_MESSAGE}" in msg and 'File "x.py"' in msg and "rank 1" in msg
+
+
+def test_timeout_kills_the_launch(tmp_path):
+    spec = LaunchSpec(target="torchrun", timeout=1)
+    with pytest.raises(LaunchError, match="timed out"):
+        launch._stream(["sleep", "30"], spec, log=lambda line: None)
+
+
+# --- local: in-process ----------------------------------------------------------------------------------------------
+
+
+def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_stage(recipe, parent_run_id=None, progress=True):
+        calls.append((recipe, parent_run_id, progress, os.getpid()))
+        return {"run_id": "r1", "model": "runs:/r1/model"}
+
+    monkeypatch.setattr("stages.registry.runnable", lambda: {"base_model": fake_stage})
+    out = launch_stage("base_model", "tiny", {"eval.num_prompts": 3}, "p1", LaunchSpec(target="local"))
+    assert out == {"run_id": "r1", "model": "runs:/r1/model"}
+    recipe, parent, progress, pid = calls[0]
+    assert recipe.eval.num_prompts == 3 and recipe.name == "tiny" and parent == "p1" and not progress
+    assert pid == os.getpid()
+    with pytest.raises(LaunchError, match="not runnable"):
+        launch_stage("r1_zero", "tiny", None, None, LaunchSpec(target="local"))
+
+
+def test_local_accepts_a_validated_recipe(monkeypatch):
+    from stages.recipe import load_recipe
+
+    seen = []
+    monkeypatch.setattr("stages.registry.runnable",
+                        lambda: {"base_model": lambda r, parent_run_id=None, progress=True: seen.append(r) or {}})
+    launch_stage("base_model", load_recipe("tiny"), {"seed": 7}, None, LaunchSpec())
+    assert seen[0].seed == 7
+
+
+# --- spec -----------------------------------------------------------------------------------------------------------
+
+
+def test_spec_from_cluster_and_validation():
+    from stages.recipe import load_recipe
+
+    spec = LaunchSpec.from_cluster(load_recipe("qwen2.5-7b").cluster, hostfile="/etc/hostfile")
+    assert (spec.target, spec.nodes, spec.nproc_per_node) == ("deepspeed", 4, 8)
+    assert LaunchSpec.from_cluster(load_recipe("tiny").cluster).nproc_per_node == 1
+    with pytest.raises(ValueError, match="nodes=2"):
+        LaunchSpec(target="torchrun", nodes=2)
+    with pytest.raises(ValueError, match="hostfile"):
+        LaunchSpec(target="deepspeed", nodes=2)
+
+
+def test_torchrun_command_fields():
+    cmd = launch.torchrun_command(LaunchSpec(target="torchrun", nproc_per_node=4, master_port=29999),
+                                  ["base_model", "--recipe", "tiny"], log_dir="/tmp/logs")
+    s = shlex.join(cmd)
+    assert "-m torch.distributed.run" in s and "--nproc-per-node 4" in s and "--master-port 29999" in s
+    assert "--log-dir /tmp/logs --tee 3" in s and s.endswith("-m stages.entry base_model --recipe tiny")
+
+
+# --- deepspeed: the command only (no GPUs here) ---------------------------------------------------------------------
+
+
+def test_deepspeed_command():
+    args = launch.entry_args("r1_zero", "qwen2.5-7b", {"seed": 1}, "pid", "/shared/result.json")
+    spec = LaunchSpec(target="deepspeed", nodes=4, nproc_per_node=8, hostfile="/shared/hostfile", master_port=29600)
+    cmd = launch.deepspeed_command(spec, args)
+    assert os.path.basename(cmd[0]) == "deepspeed"
+    opts = cmd[1:cmd.index("--module") + 2]
+    assert opts[opts.index("--hostfile") + 1] == "/shared/hostfile"
+    assert opts[opts.index("--num_nodes") + 1] == "4" and opts[opts.index("--num_gpus") + 1] == "8"
+    assert opts[opts.index("--master_port") + 1] == "29600" and "--no_local_rank" in opts
+    assert cmd[cmd.index("--module") + 1] == "stages.entry"
+    assert cmd[cmd.index("--module") + 2:] == args
+    assert json.loads(args[args.index("--overrides") + 1]) == {"seed": 1}
+    # the DeepSpeed launcher itself accepts the command line
+    from deepspeed.launcher.runner import parse_args
+
+    parsed = parse_args(cmd[1:])
+    assert parsed.module and parsed.no_local_rank and parsed.num_nodes == 4 and parsed.user_script == "stages.entry"
+    assert parsed.user_args == args and parsed.num_gpus == 8
+    single = launch.deepspeed_command(LaunchSpec(target="deepspeed", nproc_per_node=2), args)
+    assert "--hostfile" not in single and "--num_nodes" not in single
+
+
+# --- slurm: the script's fields, bash -n, and a run through stand-ins for sbatch/srun/scontrol -----------------------
+
+
+def test_slurm_script_fields(tmp_path):
+    cluster = SimpleNamespace(nodes=4, gpus_per_node=8)
+    spec = LaunchSpec(target="slurm", nodes=4, nproc_per_node=8, workdir=str(tmp_path), partition="gpu",
+                      time_limit="12:00:00", master_port=29700, env={"NCCL_DEBUG": "WARN"})
+    args = launch.entry_args("reasoning_rl", "my recipe.yaml", {"seed": 2}, "pid", tmp_path / "result.json")
+    script = launch.slurm_script(spec, cluster, args)
+    for line in ["#!/bin/bash", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --job-name=r1-reasoning_rl", f"#SBATCH --output={tmp_path}/slurm-%j.out",
+                 "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu", "export MASTER_PORT=29700",
+                 "export NCCL_DEBUG=WARN"]:
+        assert line in script.splitlines(), line
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
+    flat = script.replace("\\\n    ", "")
+    assert 'srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8' in flat
+    assert '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m stages.entry reasoning_rl' in flat
+    assert "'my recipe.yaml'" in flat  # arguments are shell-quoted
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+FAKE_SBATCH = """#!/bin/bash
+# stand-in for `sbatch --wait --parsable SCRIPT`: run SCRIPT on this host as a 1-node job 42, output where it asks
+script="${@: -1}"
+out=$(sed -n 's/^#SBATCH --output=//p' "$script" | sed 's/%j/42/')
+echo 42
+SLURM_JOB_ID=42 SLURM_NNODES=1 SLURM_JOB_NODELIST=localhost bash "$script" > "$out" 2>&1
+"""
+
+
+def test_slurm_launch_through_stand_ins(tmp_path, monkeypatch):
+    """The generated script runs as written (srun torchrun, c10d rendezvous) when sbatch/srun/scontrol are faked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": FAKE_SBATCH, "srun": '#!/bin/bash\nshift\nexec "$@"\n',
+                       "scontrol": "#!/bin/bash\necho 127.0.0.1\n"}.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cluster = SimpleNamespace(nodes=1, gpus_per_node=0)
+    spec = LaunchSpec(target="slurm", nproc_per_node=2, master_port=free_port(), module="tests.launch_targets",
+                      workdir=str(tmp_path / "launch"), timeout=180, env={"OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    out = launch_stage("ok", "tiny", None, None, spec, log=lines.append, cluster=cluster)
+    assert out["sum"] == 3.0 and out["world_size"] == 2
+    assert any("all_reduce sum 3.0" in ln for ln in lines)  # the job's output file was followed
+
+
+# --- kubernetes: the work-pool template and the deployment run ------------------------------------------------------
+
+
+def test_k8s_template_is_a_valid_prefect_base_job_template():
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import find_placeholders
+
+    template = json.loads(launch.K8S_TEMPLATE.read_text())
+    WorkPoolCreate(name="r1-k8s", type="kubernetes", base_job_template=template)  # Prefect's own validation
+    used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
+    props = template["variables"]["properties"]
+    assert used <= set(props), used - set(props)
+    assert {"image", "gpus", "cpu", "memory", "namespace", "env"} <= used
+    manifest = template["job_configuration"]["job_manifest"]
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert manifest["kind"] == "Job" and manifest["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_k8s_template_filled_with_job_variables():
+    spec = LaunchSpec(target="kubernetes", nproc_per_node=4, image="reg/r1:1", memory="200Gi", namespace="ml",
+                      env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    values = launch.k8s_job_variables(spec)
+    assert values == {"gpus": 4, "image": "reg/r1:1", "memory": "200Gi", "namespace": "ml",
+                      "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}
+    cfg = launch.fill_k8s_template(values)
+    pod = cfg["job_manifest"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "reg/r1:1" and c["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert c["resources"]["requests"]["memory"] == "200Gi" and c["resources"]["requests"]["cpu"] == "32"
+    assert c["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert cfg["namespace"] == "ml" and cfg["job_manifest"]["metadata"]["namespace"] == "ml"
+    assert "{{" not in json.dumps(cfg)
+
+
+def test_kubernetes_target_runs_the_stage_deployment(monkeypatch):
+    calls = {}
+
+    class Completed:
+        def is_completed(self):
+            return True
+
+        def result(self):
+            return {"run_id": "k8s-run"}
+
+    def fake_run_deployment(name, parameters, job_variables, timeout):
+        calls.update(name=name, parameters=parameters, job_variables=job_variables)
+        return SimpleNamespace(state=Completed(), name="fr", id="1")
+
+    monkeypatch.setattr("prefect.deployments.run_deployment", fake_run_deployment)
+    spec = LaunchSpec(target="kubernetes", nproc_per_node=8, image="reg/r1:1")
+    out = launch_stage("r1_zero", "qwen2.5-7b", {"seed": 3}, "pid", spec, log=lambda line: None)
+    assert out == {"run_id": "k8s-run"}
+    assert calls["name"] == "r1-stage/r1-stage-k8s" and calls["job_variables"] == {"gpus": 8, "image": "reg/r1:1"}
+    p = calls["parameters"]
+    assert (p["stage"], p["recipe"], p["overrides"], p["parent_run_id"]) == ("r1_zero", "qwen2.5-7b", {"seed": 3}, "pid")
+    inner = LaunchSpec.model_validate(p["launch"])  # inside the pod: torchrun over its 8 GPUs
+    assert inner.target == "torchrun" and inner.nproc_per_node == 8
+
+
+def test_stage_flow_parameters_accept_a_launch_spec():
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(launch.r1_stage.fn)
+    assert {"stage", "recipe", "overrides", "parent_run_id", "launch"} <= set(schema.properties)
+
