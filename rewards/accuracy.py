@@ -8,7 +8,7 @@ Order of checks for one row (the first that applies decides):
    exact numeric comparison, no math-verify (the fast path that keeps a 1,024-completion batch cheap);
 4. normalised strings equal -> 1.0;
 5. otherwise math-verify (LaTeX, fractions, expressions), in worker processes with a deadline: a hang scores 0 and logs
-   a warning instead of stalling the trainer.
+   a warning instead of stalling the trainer. Answers over MAX_MATH_CHARS characters score 0 without it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MAX_NUMBER_CHARS = 400  # longer digit strings are not "plain numbers" (int() refuses > 4300 digits anyway)
+MAX_MATH_CHARS = 2000  # an "answer" longer than this is not sent to math-verify: it scores 0 at once
 
 
 def normalize_answer(s: str) -> str:
@@ -123,7 +124,7 @@ def accuracy_reward(
             out[i] = float(pn == gn)
         elif p == g:
             out[i] = 1.0
-        elif math_verify and p:
+        elif math_verify and p and len(pred) <= MAX_MATH_CHARS:
             to_verify[i] = (pred, gold)
     if to_verify:
         verifier = shared_verifier(math_verify_workers, math_verify_timeout)

@@ -108,8 +108,12 @@ class MathVerifier:
             nonlocal pending
             if queue:
                 i = queue.pop()
-                w.send(i, *todo[i], time.monotonic() + self.timeout_s)
                 pending += 1
+                try:
+                    w.send(i, *todo[i], time.monotonic() + self.timeout_s)
+                except OSError:  # it died since we last looked (broken pipe)
+                    w.job = (i, 0.0)
+                    drop(w, "worker exited")
 
         def drop(w: _Worker, why: str) -> None:
             """Kill a worker that overran or died; its pair scores 0; a fresh one only if work is left."""

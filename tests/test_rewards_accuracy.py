@@ -57,6 +57,12 @@ def test_hostile_completions_score_zero(no_math_verify):
     assert time.process_time() - t < 1.0
 
 
+def test_huge_answer_is_not_sent_to_math_verify(no_math_verify):
+    t = time.process_time()
+    out = accuracy_reward([""], ["<think>x</think><answer>" + "x^{2}+" * 200_000 + "1</answer>"], ["1"])
+    assert out == [0.0] and time.process_time() - t < 1.0
+
+
 def test_normalisation():
     assert normalize_answer("  $\\boxed{ \\text{Yes} }$. ") == "yes"
     assert normalize_answer("A  B") == "a b"
@@ -108,3 +114,18 @@ def test_math_verify_hang_times_out_and_logs(caplog):
     assert out == [0.0, 1.0]  # the pair after the hang is still verified (by a fresh worker)
     assert elapsed < 8.0, elapsed  # 1 s deadline + one worker restart on a loaded 2-core machine
     assert any("9^{9^{9" in r.getMessage() and "scored 0" in r.getMessage() for r in caplog.records)
+
+
+def test_verifier_survives_a_dead_worker():
+    from rewards.math_verifier import MathVerifier
+
+    v = MathVerifier(workers=1, timeout_s=5.0)
+    try:
+        assert v.verify_many([("\\frac{2}{4}", "\\frac{1}{2}")]) == [True]
+        v._workers[0].proc.kill()
+        v._workers[0].proc.wait()
+        assert v.verify_many([("\\frac{3}{6}", "\\frac{1}{2}"), ("\\frac{1}{3}", "\\frac{1}{2}")]) == [True, False]
+    finally:
+        v.close()
+    with pytest.raises(ValueError, match="workers"):
+        MathVerifier(workers=0)
