@@ -107,6 +107,7 @@ def accuracy_reward(
     n = len(completions)
     task = task if task is not None else [None] * n
     metadata = metadata if metadata is not None else [None] * n
+    question = kwargs.get("question") or [""] * n  # the dataset row's question, handed to reasoning-gym's entry
     out = [0.0] * n
     to_verify: dict[int, tuple[str, str]] = {}
     for i, (completion, gold) in enumerate(zip(completions, answer)):
@@ -116,7 +117,7 @@ def accuracy_reward(
         gold = str(gold)
         t = task[i] or ""
         if t.startswith("rg:"):
-            out[i] = float(score_reasoning_gym(t[3:], pred, gold, metadata[i]) >= 1.0)
+            out[i] = float(score_reasoning_gym(t[3:], pred, gold, metadata[i], question[i]) >= 1.0)
             continue
         p, g = normalize_answer(pred), normalize_answer(gold)
         pn, gn = as_number(p), as_number(g)
