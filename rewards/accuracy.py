@@ -104,6 +104,11 @@ def accuracy_reward(
     **kwargs,
 ) -> list[float]:
     """1.0 where the completion's final answer matches the row's `answer`, else 0.0 (checks: module docstring)."""
+    if math_verify_timeout <= 0 or math_verify_workers < 1:
+        raise ValueError(
+            f"need math_verify_timeout > 0 and math_verify_workers >= 1 "
+            f"(got {math_verify_timeout}, {math_verify_workers})"
+        )
     n = len(completions)
     task = task if task is not None else [None] * n
     metadata = metadata if metadata is not None else [None] * n

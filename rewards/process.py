@@ -121,6 +121,10 @@ def score_steps(
     """Split every completion into steps, score all steps in one call of
     `step_reward([(prompt, completion, step_start, step_end), ...])`, and add the final answer step (module docstring).
     """
+    if not delimiters or any(not isinstance(d, str) or not d for d in delimiters):
+        raise ValueError(f"delimiters must be non-empty strings (got {delimiters!r})")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (got {max_steps})")
     steps = [completion_steps(c, delimiters, max_steps) for c in completions]
     flat = [(prompts[i], completions[i], a, e) for i, st in enumerate(steps) for a, e in st]
     flat_rewards = iter(step_reward(flat)) if flat else iter(())

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rewards.accuracy import accuracy_reward
 from rewards.format import format_reward, soft_format_reward
-from rewards.language import check_language, language_consistency_reward
+from rewards.language import language_consistency_reward
 from rewards.length import cosine_length_reward, overlong_reward, repetition_penalty_reward
 from rewards.parsing import shorten
 from rewards.process import process_arithmetic_reward
@@ -39,23 +40,31 @@ class RewardSpec(BaseModel):
 _CALL_ARGS = {"prompts", "completions", "answer", "task", "metadata"}
 
 
-def _bind(fn: Callable, process: bool = False) -> Callable[..., RewardFn]:
-    """A factory binding `params` to `fn` with functools.partial, refusing params `fn` does not declare."""
+def _bind(name: str, fn: Callable, process: bool = False) -> Callable[..., RewardFn]:
+    """A factory binding `params` to `fn` with functools.partial. Fails at build time, naming the param, on a param `fn`
+    does not declare, a value of the wrong type (checked against its annotation), or a value `fn` itself rejects (a dry
+    run on an empty batch)."""
     sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
     allowed = [
         p for p, v in sig.parameters.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL) and p not in _CALL_ARGS
     ]
 
     def factory(**params) -> RewardFn:
-        for p in params:
+        checked = {}
+        for p, value in params.items():
             if p not in allowed:
-                raise ValueError(f"unknown param {p!r} for reward {fn.__name__}; known params: {sorted(allowed)}")
-        if "target_language" in params:
-            check_language(params["target_language"])
-        if "languages" in params and params["languages"] is not None:
-            [check_language(c) for c in params["languages"]]
-        bound = functools.partial(fn, **params)
+                raise ValueError(f"unknown param {p!r} for reward {name!r}; known params: {sorted(allowed)}")
+            try:
+                checked[p] = TypeAdapter(hints[p]).validate_python(value) if p in hints else value
+            except ValidationError as e:
+                raise ValueError(f"reward {name!r}, param {p!r}: {e.errors()[0]['msg']} (got {value!r})") from None
+        bound = functools.partial(fn, **checked)
         bound.process = process
+        try:
+            bound([], [], **{c: [] for c in _CALL_ARGS - {"prompts", "completions"}})
+        except ValueError as e:
+            raise ValueError(f"reward {name!r}: {e}") from None
         return bound
 
     factory.allowed_params = allowed
@@ -75,15 +84,15 @@ def _reward_model(**params) -> RewardFn:
 
 
 REGISTRY: dict[str, Callable[..., RewardFn]] = {
-    "accuracy": _bind(accuracy_reward),
-    "format": _bind(format_reward),
-    "soft_format": _bind(soft_format_reward),
-    "language_consistency": _bind(language_consistency_reward),
-    "overlong": _bind(overlong_reward),
-    "cosine_length": _bind(cosine_length_reward),
-    "repetition": _bind(repetition_penalty_reward),
+    "accuracy": _bind("accuracy", accuracy_reward),
+    "format": _bind("format", format_reward),
+    "soft_format": _bind("soft_format", soft_format_reward),
+    "language_consistency": _bind("language_consistency", language_consistency_reward),
+    "overlong": _bind("overlong", overlong_reward),
+    "cosine_length": _bind("cosine_length", cosine_length_reward),
+    "repetition": _bind("repetition", repetition_penalty_reward),
     "reward_model": _reward_model,
-    "process_arithmetic": _bind(process_arithmetic_reward, process=True),
+    "process_arithmetic": _bind("process_arithmetic", process_arithmetic_reward, process=True),
 }
 
 

@@ -123,3 +123,19 @@ def test_process_output_validation_and_columns():
 def test_weight_must_be_finite():
     with pytest.raises(ValidationError, match="weight"):
         RewardSpec(name="format", weight=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"name": "overlong", "params": {"max_length": "abc"}}, "'overlong', param 'max_length'"),
+        ({"name": "overlong", "params": {"max_length": 10, "cache_length": 20}}, "'overlong'.*cache_length"),
+        ({"name": "accuracy", "params": {"answer_mode": "last"}}, "'answer_mode'.*'auto', 'tag' or 'boxed'"),
+        ({"name": "accuracy", "params": {"math_verify_timeout": 0}}, "'accuracy'.*math_verify_timeout"),
+        ({"name": "repetition", "params": {"max_penalty": 1}}, "'repetition'.*max_penalty"),
+        ({"name": "process_arithmetic", "params": {"delimiters": [".", ""]}}, "'process_arithmetic'.*delimiters"),
+    ],
+)
+def test_bad_values_fail_at_build_time_naming_the_param(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_rewards([spec])
