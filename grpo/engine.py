@@ -107,8 +107,8 @@ class DeepSpeedEngine:
         cfg.setdefault("train_micro_batch_size_per_gpu", 1)
         cfg["gradient_accumulation_steps"] = 1  # one backward per optimiser update (minibatching is ours)
         cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"] * world)
-        if max_grad_norm is not None:
-            cfg["gradient_clipping"] = max_grad_norm
+        # GRPOConfig.max_grad_norm rules; DeepSpeed would otherwise clip at its own default of 1.0
+        cfg["gradient_clipping"] = max_grad_norm if max_grad_norm is not None else 0.0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
         )
@@ -139,9 +139,9 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         ref = _fresh_like(self.module)
-        ref.load_state_dict(state, strict=False)
+        ref.load_state_dict(state)
         ref.requires_grad_(False)
-        return ref.eval()
+        return ref.to(self.engine.device).eval()
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="engine")
@@ -152,6 +152,5 @@ class DeepSpeedEngine:
 
 def _fresh_like(module):
     """An unpartitioned model of the same config (Hugging Face models)."""
-    cls = type(module)
-    with torch.device("cpu"):
-        return cls(module.config)
+    with torch.random.fork_rng(devices=[]):  # building it must not move the sampling RNG
+        return type(module)(module.config)

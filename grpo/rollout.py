@@ -155,3 +155,33 @@ class HFGenerateBackend:
             lengths=completion_mask.sum(dim=1),
             num_generations=num_generations,
         )
+
+
+def rollout_from_completions(
+    tokenizer, prompts: list[str], completions: list[str], num_generations: int, max_prompt_length: int | None = None
+) -> Rollout:
+    """A Rollout for given completion texts (each followed by EOS): for scoring fixed samples, tests, offline data.
+
+    `completions` holds num_generations texts per prompt, grouped consecutively like a generated rollout.
+    """
+    check_tokenizer(tokenizer)
+    if len(completions) != len(prompts) * num_generations:
+        raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
+    prompt_ids, prompt_mask = HFGenerateBackend(None, tokenizer, max_prompt_length).tokenize_prompts(prompts)
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    T = max(len(r) for r in rows)
+    completion_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        completion_ids[i, : len(r)] = torch.tensor(r)
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, tokenizer.eos_token_id)
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(num_generations)],
+        prompt_ids=prompt_ids.repeat_interleave(num_generations, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        truncated=truncated,
+        lengths=completion_mask.sum(dim=1),
+        num_generations=num_generations,
+    )

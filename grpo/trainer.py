@@ -95,8 +95,9 @@ class GRPOTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress = progress
 
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        # each rank samples its own completions; the weights are the same everywhere (DeepSpeed broadcasts rank 0's)
+        random.seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed + self.rank)
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=cfg.learning_rate,

@@ -1,0 +1,110 @@
+"""One code path for 1 or N ranks: 2 CPU ranks under DeepSpeed ZeRO-2/3 (gloo) train like 1 process on the whole batch.
+
+Completions come from a scripted backend (fixed texts per prompt) so that both runs see the same rollout; the prompts
+are sharded across ranks with each group kept whole. With sequence_mean aggregation, the mean over ranks of per-rank
+losses is the whole-batch loss, so the parameters after the run must match the single-process run.
+
+Run as a script (by torchrun) this file is the worker.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+G = 4
+TEXTS = ["<think>1+2=3</think><answer>3</answer>", "12", "abc def", "<answer>7</answer> so 9"]
+
+
+def setup():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo.config import GRPOConfig
+    from grpo.rollout import rollout_from_completions
+    from stages.tasks import clean_trace, make_problems
+    from stages.tokenizer import train_tokenizer
+
+    problems = make_problems("addition", 100, seed=0)
+    tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    ))
+    dataset = [{"prompt": f"User: {p.question}\nAssistant:", "k": i} for i, p in enumerate(problems[:12])]
+
+    class ScriptedBackend:
+        def generate(self, prompts, num_generations, sampling):
+            completions = [TEXTS[(len(p) + j) % len(TEXTS)] for p in prompts for j in range(num_generations)]
+            return rollout_from_completions(tok, prompts, completions, num_generations)
+
+    def digits(prompts, completions, k, **kw):
+        return [sum(ch.isdigit() for ch in c) + 0.1 * (ki % 3) * len(c) for c, ki in zip(completions, k)]
+
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=G, steps_per_iteration=3, mu=2, beta=0.1,
+                     learning_rate=1e-2, max_completion_length=16, max_prompt_length=32, max_grad_norm=0.5, seed=0)
+    return model, tok, cfg, dataset, [("digits", digits, 1.0)], ScriptedBackend()
+
+
+def full_params(module) -> dict:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def worker(stage: int, out: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from grpo.trainer import GRPOTrainer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model, tok, cfg, dataset, funcs, backend = setup()
+    ds_config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1}
+    trainer = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
+                          progress=False, output_dir=os.path.join(out, "ckpt"))
+    history = trainer.train()
+    params = full_params(trainer.engine.module) if stage == 3 else {
+        k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    trainer.save()  # collective checkpoint save (rank 0 renames)
+    if dist.get_rank() == 0:
+        torch.save(params, os.path.join(out, "params.pt"))
+        Path(out, "history.json").write_text(json.dumps(history))
+    dist.barrier()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(stage, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29600 + stage), __file__, str(stage),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "checkpoint-3" / "trainer_state.json").exists()
+
+    from grpo.trainer import GRPOTrainer
+
+    model, tok, cfg, dataset, funcs, backend = setup()
+    single = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, progress=False)
+    history = single.train()
+    ds_history = json.loads((tmp_path / "history.json").read_text())
+    for a, b in zip(history, ds_history):
+        for key in ("loss", "reward/mean", "kl", "clip_low", "clip_high", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    ds_params = torch.load(tmp_path / "params.pt")
+    for k, v in single.engine.module.state_dict().items():
+        assert torch.allclose(v, ds_params[k], atol=1e-5), k
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    worker(int(sys.argv[1]), sys.argv[2])
