@@ -117,15 +117,12 @@ def test_math_verify_hang_times_out_and_logs(caplog):
 
 
 def test_verifier_survives_a_dead_worker():
-    from rewards.math_verifier import MathVerifier
+    from rewards.math_verifier import MathVerifier, shared_verifier
 
-    v = MathVerifier(workers=1, timeout_s=5.0)
-    try:
-        assert v.verify_many([("\\frac{2}{4}", "\\frac{1}{2}")]) == [True]
-        v._workers[0].proc.kill()
-        v._workers[0].proc.wait()
-        assert v.verify_many([("\\frac{3}{6}", "\\frac{1}{2}"), ("\\frac{1}{3}", "\\frac{1}{2}")]) == [True, False]
-    finally:
-        v.close()
+    v = shared_verifier(1, 1.0)  # the hang test's verifier: one worker start saved
+    assert v.verify_many([("\\frac{4}{8}", "\\frac{1}{2}")]) == [True]
+    v._workers[0].proc.kill()
+    v._workers[0].proc.wait()
+    assert v.verify_many([("\\frac{5}{10}", "\\frac{1}{2}"), ("\\frac{1}{3}", "\\frac{1}{2}")]) == [True, False]
     with pytest.raises(ValueError, match="workers"):
         MathVerifier(workers=0)
