@@ -34,22 +34,19 @@ def split_steps(
     if not delimiters or any(not d for d in delimiters):
         raise ValueError(f"delimiters must be non-empty strings (got {delimiters!r})")
     end = len(text) if end is None else end
-    pattern = re.compile("|".join(re.escape(d) for d in sorted(delimiters, key=len, reverse=True)))
+    # a delimiter and the whitespace after it are one match, so a run of blank lines is one cut, not a million
+    pattern = re.compile("(?:" + "|".join(re.escape(d) for d in sorted(delimiters, key=len, reverse=True)) + r")\s*")
     cuts, pos = [], start
     for m in pattern.finditer(text, start, end):
         if len(cuts) >= max_steps - 1:
             break
-        cut = m.start() + len(m.group().rstrip())
-        if text[pos:cut].strip():  # blank pieces (e.g. empty lines) are not steps and do not count
-            cuts.append((pos, cut))
+        cuts.append((pos, m.start() + len(m.group().rstrip())))
         pos = m.end()
     cuts.append((pos, end))
     steps = []
     for a, b in cuts:
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
+        piece = text[a:b]
+        a, b = a + len(piece) - len(piece.lstrip()), b - (len(piece) - len(piece.rstrip()))
         if b > a:
             steps.append((a, b))
     return steps

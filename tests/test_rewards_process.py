@@ -70,6 +70,9 @@ def test_hostile_and_huge():
         "<think>" + "9" * 1_000_000 + "+1=1</think>",  # a huge number is not a claim
         "<think>" + ". " * 500_000 + "</think>",
         "<think>数字 1+1=2。写 ² 进位\u0000 .\n" * 30_000,
+        "<think>" + "\n" * 1_000_000 + "</think>",
+        "<think>a" + " " * 1_000_000 + "b</think>",
+        "<think>" + ".\n \n" * 250_000 + "</think>",
     ]
     for c in huge:
         t = time.process_time()  # CPU time: other jobs on the shared cores do not count
