@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 
-from rewards.parsing import shorten
-
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core machine can take a while
@@ -118,7 +116,7 @@ class MathVerifier:
         def drop(w: _Worker, why: str) -> None:
             """Kill a worker that overran or died; its pair scores 0; a fresh one only if work is left."""
             nonlocal pending
-            log.warning("math-verify %s on %r; scored 0", why, shorten(todo[w.job[0]][0], 120))
+            log.warning("math-verify %s on %r; scored 0", why, shorten(todo[w.job[0]][0]))
             sel.unregister(w.proc.stdout)
             w.kill()
             self._workers.remove(w)
@@ -143,9 +141,7 @@ class MathVerifier:
                     idx, verdict, secs = json.loads(line)
                     results[idx] = bool(verdict)
                     if verdict is None:
-                        log.warning(
-                            "math-verify timed out after %.1fs on %r; scored 0", secs, shorten(todo[idx][0], 120)
-                        )
+                        log.warning("math-verify timed out after %.1fs on %r; scored 0", secs, shorten(todo[idx][0]))
                     w.job = None
                     pending -= 1
                     dispatch(w)
@@ -158,6 +154,11 @@ class MathVerifier:
         finally:
             sel.close()
         return results
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    # not rewards.parsing.shorten: this file also runs as a bare script (the worker), without the package on the path
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
 
 
 def _readline(proc: subprocess.Popen, deadline: float) -> str | None:
