@@ -83,8 +83,17 @@ class LaunchSpec(BaseModel):
 
     @classmethod
     def from_cluster(cls, cluster: Any, **kw) -> LaunchSpec:
-        """From a recipe's ClusterConfig: launcher -> target, nodes, gpus_per_node -> nproc_per_node (CPU: 1)."""
-        base = dict(target=cluster.launcher, nodes=cluster.nodes, nproc_per_node=max(cluster.gpus_per_node, 1))
+        """From a recipe's ClusterConfig: launcher -> target, nodes, gpus_per_node -> nproc_per_node (CPU: 1).
+
+        Any other LaunchSpec field the cluster section has (hostfile, master_port, env, partition, image, ...) is taken
+        too, so new recipe fields need no change here; `kw` wins over both.
+        """
+        base: dict[str, Any] = {"target": cluster.launcher, "nodes": cluster.nodes,
+                                "nproc_per_node": max(cluster.gpus_per_node, 1)}
+        for name in cls.model_fields:
+            value = getattr(cluster, name, None)
+            if name not in base and value is not None:
+                base[name] = value
         return cls(**{**base, **kw})
 
 
@@ -205,12 +214,12 @@ def fill_k8s_template(values: dict | None = None, template: dict | None = None) 
 
 def default_log() -> Callable[[str], None]:
     """The Prefect run logger inside a flow or task, print otherwise."""
-    try:
-        from prefect import get_run_logger
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
-        logger = get_run_logger()
-        return logger.info
-    except Exception:  # MissingContextError outside a run, or Prefect absent
+    try:
+        return get_run_logger().info
+    except MissingContextError:
         return lambda line: print(line, flush=True)
 
 
@@ -369,8 +378,8 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:")
-_ROOT_CAUSE = re.compile(r"Root Cause.*?local_rank:\s*(\d+)\)", re.S)
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]: ?")
+_ROOT_CAUSE = re.compile(r"Root Cause.*?local_rank:\s*(\d+)\)", re.DOTALL)
 
 
 def _traceback_tail(lines: list[str], max_lines: int = 60) -> str:

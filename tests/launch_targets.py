@@ -5,7 +5,7 @@ tell them apart. Targets:
   ok             gloo all_reduce of (rank + 1) over all ranks; rank 0 writes the sum and its arguments as JSON
   fail           rank 1 raises an error with a distinctive message; rank 0 waits at a barrier (torchrun must end it)
   fail_recorded  like `fail`, under torch.distributed.elastic's @record (the error goes to the rank's error.json)
-  zero2          one DeepSpeed ZeRO-2 step of a 2-layer model on CPU (gloo), config from --overrides {"ds_config": path}
+  zero2          one DeepSpeed ZeRO-2 step of a 2-layer model on CPU (gloo), config from $R1_TEST_DS_CONFIG
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def zero2(args) -> None:
     rank, _ = _init()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    config = json.loads(Path(json.loads(args.overrides)["ds_config"]).read_text())
+    config = json.loads(Path(os.environ["R1_TEST_DS_CONFIG"]).read_text())
     config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
     config.pop("train_batch_size", None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # our loops pass their own optimizer (README there)

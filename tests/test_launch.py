@@ -114,6 +114,11 @@ def test_spec_from_cluster_and_validation():
     spec = LaunchSpec.from_cluster(load_recipe("qwen2.5-7b").cluster, hostfile="/etc/hostfile")
     assert (spec.target, spec.nodes, spec.nproc_per_node) == ("deepspeed", 4, 8)
     assert LaunchSpec.from_cluster(load_recipe("tiny").cluster).nproc_per_node == 1
+    # launcher fields a recipe's cluster section may grow are picked up by name
+    more = SimpleNamespace(launcher="slurm", nodes=2, gpus_per_node=8, partition="gpu", master_port=29123,
+                           hostfile=None, deepspeed_config="infra/deepspeed/zero3.json")
+    spec = LaunchSpec.from_cluster(more, time_limit="1:00:00")
+    assert (spec.partition, spec.master_port, spec.time_limit, spec.hostfile) == ("gpu", 29123, "1:00:00", None)
     with pytest.raises(ValueError, match="nodes=2"):
         LaunchSpec(target="torchrun", nodes=2)
     with pytest.raises(ValueError, match="hostfile"):
