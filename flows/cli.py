@@ -56,7 +56,8 @@ def _logging(verbose: bool) -> None:
 @app.command()
 def presets() -> None:
     """List the recipe presets shipped with the package."""
-    from stages.recipe import PRESET_DIR, presets as names
+    from stages.recipe import PRESET_DIR
+    from stages.recipe import presets as names
 
     for n in names():
         first = (PRESET_DIR / f"{n}.yaml").read_text().splitlines()[0].lstrip("# ")

@@ -54,7 +54,9 @@ class LaunchSpec(BaseModel):
     nodes: int = Field(1, ge=1)
     hostfile: str | None = Field(None, description="deepspeed: MPI-style hostfile (`worker-0 slots=8`), one line a node")
     master_addr: str | None = Field(None, description="deepspeed: address of the rank-0 node (default: first host)")
-    master_port: int = Field(29500, ge=1, le=65535)
+    master_port: int | None = Field(None, ge=1, le=65535,
+                                    description="rendezvous port; None: torchrun --standalone picks a free one, "
+                                                "deepspeed and slurm use 29500")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the launched processes")
     module: str = Field("stages.entry", description="module run with -m (tests launch their own)")
     timeout: float | None = Field(None, gt=0, description="seconds before the launch is killed; None = no limit")
@@ -116,8 +118,11 @@ def torchrun_command(spec: LaunchSpec, args: list[str], log_dir: str | Path | No
     With `log_dir`, every rank's stdout/stderr is teed to `<log_dir>/<run>/attempt_<k>/<local_rank>/std{out,err}.log`
     and TORCHELASTIC_ERROR_FILE points there, which is how a failing rank's traceback is found.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-           str(spec.nproc_per_node), "--master-addr", "127.0.0.1", "--master-port", str(spec.master_port)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(spec.nproc_per_node)]
+    if spec.master_port is None:
+        cmd += ["--standalone"]  # a c10d store on a free port: parallel launches on one machine do not collide
+    else:
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(spec.master_port)]
     if log_dir is not None:
         cmd += ["--log-dir", str(log_dir), "--tee", "3"]
     return cmd + ["-m", spec.module, *args]
@@ -128,13 +133,14 @@ def deepspeed_command(spec: LaunchSpec, args: list[str]) -> list[str]:
 
     `--no_local_rank`: the entry point reads LOCAL_RANK from the environment, it takes no `--local_rank` argument.
     """
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    venv_exe = Path(sys.executable).parent / "deepspeed"
+    exe = str(venv_exe) if venv_exe.exists() else (shutil.which("deepspeed") or "deepspeed")
     cmd = [exe]
     if spec.hostfile:
         cmd += ["--hostfile", spec.hostfile, "--num_nodes", str(spec.nodes)]
     if spec.master_addr:
         cmd += ["--master_addr", spec.master_addr]
-    cmd += ["--num_gpus", str(spec.nproc_per_node), "--master_port", str(spec.master_port), "--no_local_rank",
+    cmd += ["--num_gpus", str(spec.nproc_per_node), "--master_port", str(spec.master_port or 29500), "--no_local_rank",
             "--module", spec.module]
     return cmd + list(args)
 
@@ -164,7 +170,7 @@ def slurm_script(spec: LaunchSpec, recipe_cluster: Any, args: list[str]) -> str:
     lines += setup
     lines += [f"cd {q(os.getcwd())}",
               'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-              f"export MASTER_PORT={spec.master_port}",
+              f"export MASTER_PORT={spec.master_port or 29500}",
               f'export PYTHONPATH={q(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
               "export PYTHONUNBUFFERED=1"]
     lines += [f"export {k}={q(v)}" for k, v in spec.env.items()]
@@ -263,7 +269,7 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
         script = workdir / "job.sbatch"
         script.write_text(slurm_script(spec, cluster or cfg.cluster, args))
         code, tail = _stream(["sbatch", "--wait", "--parsable", str(script)], spec, log,
-                             follow=workdir, follow_glob="slurm-*.out")
+                             follow=workdir, follow_glob="slurm-*.out", on_abort=_scancel)
         if code != 0:
             raise LaunchError(f"stage {stage} failed under slurm (sbatch exit {code}):\n{_traceback_tail(tail)}")
     else:  # pragma: no cover - the Literal covers every target
@@ -318,10 +324,11 @@ def _child_env(spec: LaunchSpec) -> dict[str, str]:
 
 
 def _stream(cmd: list[str], spec: LaunchSpec, log: Callable[[str], None], follow: Path | None = None,
-            follow_glob: str = "") -> tuple[int, list[str]]:
+            follow_glob: str = "", on_abort: Callable[[list[str]], None] | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, passing each output line to `log` as it comes; returns (exit code, last lines).
 
     follow: also tail files matching `follow_glob` there (the Slurm job's output file) while waiting.
+    on_abort: called with the output so far when the launch is killed (timeout, interrupt), e.g. to scancel a job.
     """
     tail: collections.deque[str] = collections.deque(maxlen=400)
     log(f"$ {shlex.join(cmd)}")
@@ -338,19 +345,34 @@ def _stream(cmd: list[str], spec: LaunchSpec, log: Callable[[str], None], follow
     reader.start()
     deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
     offsets: dict[Path, int] = {}
-    while proc.poll() is None:
-        if follow is not None:
-            _follow_files(follow, follow_glob, offsets, tail, log)
-        if deadline is not None and time.monotonic() > deadline:
-            _kill(proc)
-            reader.join(timeout=5)
-            raise LaunchError(f"launch timed out after {spec.timeout:g} s: {shlex.join(cmd)}\n"
-                              + "\n".join(list(tail)[-20:]))
-        time.sleep(0.2 if follow is None else 2.0)
+    try:
+        while proc.poll() is None:
+            if follow is not None:
+                _follow_files(follow, follow_glob, offsets, tail, log)
+            if deadline is not None and time.monotonic() > deadline:
+                raise LaunchError(f"launch timed out after {spec.timeout:g} s: {shlex.join(cmd)}\n"
+                                  + "\n".join(list(tail)[-20:]))
+            time.sleep(0.2 if follow is None else 2.0)
+    except BaseException:  # timeout, Ctrl-C, a cancelled Prefect task: the ranks must not outlive the launch
+        _kill(proc)
+        if on_abort is not None:
+            on_abort(list(tail))
+        reader.join(timeout=5)
+        raise
     reader.join(timeout=10)
     if follow is not None:
         _follow_files(follow, follow_glob, offsets, tail, log)
     return proc.returncode, list(tail)
+
+
+def _scancel(output: list[str]) -> None:
+    """Cancel the Slurm job whose id `sbatch --parsable` printed first (killing `sbatch --wait` leaves it running)."""
+    job = next((ln.split(";")[0].strip() for ln in output if ln.split(";")[0].strip().isdigit()), None)
+    if job:
+        try:
+            subprocess.run(["scancel", job], check=False, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
 
 def _follow_files(folder: Path, pattern: str, offsets: dict, tail, log) -> None:
@@ -469,7 +491,12 @@ def _run_kubernetes(stage, recipe, overrides, parent_run_id, spec: LaunchSpec, l
     if state is None or not state.is_completed():
         raise LaunchError(f"stage {stage}: flow run {fr.name} ({fr.id}) ended "
                           f"{getattr(state, 'type', None)}: {getattr(state, 'message', '')}")
-    return state.result()
+    try:
+        return state.result()
+    except Exception as e:  # any storage error means the same thing here
+        raise LaunchError(f"stage {stage}: flow run {fr.name} completed but its result could not be read ({e}); "
+                          "the pods and this process need shared result storage (PREFECT_LOCAL_STORAGE_PATH on a "
+                          "shared volume, or PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: see docs/scaling.md)") from e
 
 
 @flow(name="r1-stage", persist_result=True, log_prints=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +93,19 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model: %d parameters, vocab %d, %d pretraining traces", n_params, len(tok), len(pairs))
 
-    examples = _tokenize_pairs(tok, pairs, arch.max_position_embeddings)
-    steps, loss, seconds, capped = _pretrain(model, examples, tok.pad_token_id, cfg, recipe.seed, on_step, progress)
+    from stages.sft import SFTConfig, SFTTrainer
+
+    sft_cfg = SFTConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                        warmup_steps=max(1, cfg.max_steps // 20), weight_decay=0.01, max_grad_norm=1.0,
+                        max_length=arch.max_position_embeddings, seed=recipe.seed + 1,
+                        time_limit_seconds=cfg.pretrain_seconds, log_every=10)
+    examples = [{"prompt": p, "completion": c} for p, c in pairs]
+    logger = _StepCallback(on_step) if on_step else None
+    res = SFTTrainer(model, tok, examples, sft_cfg, logger=logger, progress=progress).train()
+    if res.stopped_early:
+        log.warning("pretraining hit its %.0f s cap at step %d; the build is no longer seed-deterministic",
+                    cfg.pretrain_seconds, res.steps)
+    steps, loss, seconds, capped = res.steps, res.final_loss, res.seconds, res.stopped_early
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,82 +125,17 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     return BuildResult(out, n_params, steps, loss, seconds, capped)
 
 
-def _tokenize_pairs(tok, pairs, max_len: int) -> list[tuple[list[int], int]]:
-    """Token ids of prompt+completion+eos and where the completion starts (loss is on the completion only)."""
-    out = []
-    for prompt, completion in pairs:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = (p + c)[:max_len]
-        out.append((ids, len(p)))
-    return out
+class _StepCallback:
+    """Adapts the SFT loop's logger interface to an `on_step(step, metrics)` callback."""
 
+    def __init__(self, fn):
+        self.fn = fn
 
-def _pretrain(model, examples, pad_id: int, cfg: BaseModelConfig, seed: int, on_step, progress: bool):
-    import torch
-    from tqdm.auto import tqdm
+    def log_metrics(self, metrics, step):
+        self.fn(step, metrics)
 
-    rng = random.Random(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, cfg.max_steps // 20)
-
-    def lr_at(step):  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return cfg.learning_rate * (step + 1) / warmup
-        t = (step - warmup) / max(1, cfg.max_steps - warmup)
-        return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-    model.train()
-    order: list[int] = []
-    start = time.perf_counter()
-    ema = None
-    capped = False
-    bar = tqdm(total=cfg.max_steps, desc="pretrain base", disable=not progress, unit="step")
-    step = 0
-    for step in range(cfg.max_steps):
-        if time.perf_counter() - start > cfg.pretrain_seconds:
-            capped = True
-            log.warning("pretraining hit its %.0f s cap at step %d; the build is no longer seed-deterministic",
-                        cfg.pretrain_seconds, step)
-            break
-        if len(order) < cfg.batch_size:
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-        batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
-        input_ids, labels, attn = _collate(batch, pad_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}")
-        if on_step:
-            on_step(step, {"pretrain/loss": loss.item(), "pretrain/lr": lr_at(step)})
-    else:
-        step = cfg.max_steps
-    bar.close()
-    model.eval()
-    return step, float(ema or 0.0), time.perf_counter() - start, capped
-
-
-def _collate(batch, pad_id: int):
-    """Right-padded ids, labels with -100 on the prompt and on padding, attention mask."""
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, start) in enumerate(batch):
-        t = torch.tensor(ids)
-        input_ids[i, : len(ids)] = t
-        labels[i, start : len(ids)] = t[start:]
-        attn[i, : len(ids)] = 1
-    return input_ids, labels, attn
+    def log_params(self, params):
+        pass
 
 
 STAGE = "base_model"
@@ -202,10 +146,12 @@ def heldout_problems(recipe: Recipe, n: int | None = None) -> list[Problem]:
     return problems_for(recipe.base_model, "eval", n or recipe.eval.num_prompts, recipe.eval.seed)
 
 
-def run(recipe: Recipe, parent_run_id: str | None = None, progress: bool = True) -> dict[str, str]:
+def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
+        progress: bool = True) -> dict[str, str]:
     """The base-model stage: build (or adopt) the base model, evaluate it, log everything to one MLflow run.
 
-    Returns {"run_id", "model"}; `model` is the URI later stages take as input (runs:/<id>/model).
+    Returns {"run_id", "model"}; `model` is the URI later stages take as input (runs:/<id>/model). The base model
+    has no upstream, so `inputs` is unused.
     """
     import tempfile
 
@@ -225,8 +171,7 @@ def run(recipe: Recipe, parent_run_id: str | None = None, progress: bool = True)
         with tempfile.TemporaryDirectory(prefix="r1-base-") as tmp:
             if cfg.source == "build":
                 def on_step(step, metrics):
-                    if step % 10 == 0:
-                        mlflow.log_metrics(metrics, step=step)
+                    mlflow.log_metrics(metrics, step=step)
 
                 res = build_base_model(recipe, Path(tmp) / "model", on_step=on_step, progress=progress)
                 mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,

@@ -10,46 +10,26 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from stages.config_base import ModelArch, Strict
+from stages.stage_configs import (
+    ColdStartConfig,
+    DistillConfig,
+    GeneralSFTConfig,
+    PreferenceRLConfig,
+    R1ZeroConfig,
+    ReasoningRLConfig,
+    SynthesizeConfig,
+)
 
 PRESET_DIR = Path(__file__).parent / "recipes"
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file, http://host:port, ...)")
     experiment: str = Field("r1-pipeline", min_length=1, description="MLflow experiment name")
     artifact_location: str | None = Field(None, description="artifact root for a new experiment (default: ./mlartifacts)")
-
-
-class ModelArch(Strict):
-    """A small Qwen2-architecture model built from scratch (the `tiny` stand-in for a pretrained base)."""
-
-    hidden_size: int = Field(128, ge=8)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(384, ge=8)
-    max_position_embeddings: int = Field(256, ge=16)
-    vocab_size: int = Field(512, ge=300, description="BPE vocabulary size (byte alphabet of 256 + merges + specials)")
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        return self
 
 
 class NoiseConfig(Strict):
@@ -133,6 +113,13 @@ class Recipe(Strict):
     base_model: BaseModelConfig = BaseModelConfig()
     eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = ClusterConfig()
+    r1_zero: R1ZeroConfig = Field(default_factory=R1ZeroConfig)
+    cold_start_sft: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    general_sft: GeneralSFTConfig = Field(default_factory=GeneralSFTConfig)
+    preference_rl: PreferenceRLConfig = Field(default_factory=PreferenceRLConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class RecipeError(ValueError):
@@ -198,3 +185,4 @@ def _flatten_into(out: dict, key: str, v) -> None:
             _flatten_into(out, f"{key}.{k2}", v2)
     else:
         out[key] = str(v)
+

@@ -9,10 +9,10 @@ ORDER = ["base_model", "r1_zero", "cold_start_sft", "reasoning_rl", "synthesize"
 
 
 def runnable() -> dict[str, Callable]:
-    """name -> run(recipe, parent_run_id=None, progress=True) -> outputs dict (URIs)."""
-    from stages import base_model
+    """name -> run(recipe, inputs=None, parent_run_id=None, progress=True) -> outputs dict (URIs)."""
+    from stages import base_model, r1_zero, reasoning_rl
 
-    return {"base_model": base_model.run}
+    return {"base_model": base_model.run, "r1_zero": r1_zero.run, "reasoning_rl": reasoning_rl.run}
 
 
 def check_stages(names: list[str]) -> list[str]:

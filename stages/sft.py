@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.recipe import Strict
+from stages.config_base import Strict
 
 log = logging.getLogger(__name__)
 

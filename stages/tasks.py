@@ -56,6 +56,34 @@ def _addition_steps(a: int, b: int) -> list[str]:
     return steps
 
 
+NAMES = ["Alice", "Bob", "Chen", "Dana", "Emil", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
+WORDS = ["red", "blue", "cat", "dog", "sun", "tree", "milk", "road", "star", "fish", "book", "lamp"]
+
+
+def general(rng: random.Random, **_) -> Problem:
+    """A non-reasoning instruction with one good reply (stand-in for R1's general data, written by DeepSeek-V3 there).
+
+    The reply is plain text, no CoT: general samples teach the model to answer simple requests directly.
+    """
+    kind = rng.choice(["greet", "repeat", "upper", "count"])
+    if kind == "greet":
+        name = rng.choice(NAMES)
+        return Problem(f"Greet {name}.", f"Hello, {name}! Nice to meet you.", "general:greet")
+    words = rng.sample(WORDS, rng.randint(2, 3))
+    if kind == "repeat":
+        return Problem(f"Repeat: {' '.join(words)}", " ".join(words), "general:repeat")
+    if kind == "upper":
+        return Problem(f"Uppercase: {' '.join(words)}", " ".join(words).upper(), "general:upper")
+    return Problem(f"Count the words: {' '.join(words)}", f"There are {len(words)} words.", "general:count")
+
+
+def bad_reply(p: Problem, rng: random.Random, harmful: bool = False) -> str:
+    """A worse reply to a general problem: unhelpful (wrong or evasive) or, with `harmful`, rude."""
+    if harmful:
+        return rng.choice(["Go away, I will not help you.", "That is a stupid request.", "Figure it out yourself."])
+    return rng.choice([p.answer[::-1], "I do not know.", p.question, " ".join(p.answer.split()[:1])])
+
+
 def reasoning_gym_problems(name: str, size: int, seed: int) -> list[Problem]:
     """Problems from a reasoning-gym family; its entry's metadata travels with the row so its own scorer can check."""
     import reasoning_gym
@@ -74,7 +102,7 @@ def reasoning_gym_problems(name: str, size: int, seed: int) -> list[Problem]:
     return out
 
 
-GENERATORS = {"addition": addition}
+GENERATORS = {"addition": addition, "general": general}
 
 
 def make_problems(task: str, n: int, seed: int, **params) -> list[Problem]:

@@ -1,0 +1,127 @@
+"""What every stage does around its own work: resolve inputs, open its MLflow run, keep a work directory, and finish
+by saving, evaluating and logging its model.
+
+The work directory is keyed by a hash of (stage, config, inputs), not by run id: a rerun of the same stage on the same
+inputs finds the checkpoints or shards a killed run left, and resumes from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages import tracking
+from stages.recipe import Recipe, flatten
+
+log = logging.getLogger(__name__)
+
+
+class StageInputError(ValueError):
+    """A stage input that is missing or cannot be resolved."""
+
+
+def latest_finished_run(recipe: Recipe, stage: str):
+    """The newest FINISHED MLflow run of `stage` in the recipe's experiment, or None."""
+    import mlflow
+
+    tracking.setup(recipe.tracking)
+    exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = '{stage}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=1, output_format="list")
+    return runs[0] if runs else None
+
+
+def resolve_input(recipe: Recipe, inputs: dict | None, key: str, upstream: str, artifact: str | None = None) -> str:
+    """inputs[key] if given, else the `artifact` of the newest finished `upstream` run."""
+    if inputs and inputs.get(key):
+        return inputs[key]
+    run = latest_finished_run(recipe, upstream)
+    if run is None:
+        raise StageInputError(
+            f"no input {key!r}: give one (e.g. --input-{key} runs:/<id>/{artifact or key}) or run stage {upstream!r} "
+            f"first; experiment {recipe.tracking.experiment!r} at {recipe.tracking.uri} has no finished {upstream} run")
+    return f"runs:/{run.info.run_id}/{artifact or key}"
+
+
+def stage_key(name: str, cfg: BaseModel | dict, inputs: dict[str, str], recipe: Recipe) -> str:
+    """Identity of a stage's work: its config, its inputs, the prompt template and seed."""
+    body = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    blob = json.dumps({"stage": name, "cfg": body, "inputs": inputs, "template": recipe.prompt.template,
+                       "seed": recipe.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class StageContext:
+    name: str
+    recipe: Recipe
+    run_id: str
+    key: str
+    workdir: Path
+    inputs: dict[str, str]
+    progress: bool
+
+    @property
+    def logger(self):
+        from grpo.logging import MLflowLogger
+
+        return MLflowLogger(run_id=self.run_id)
+
+
+@contextlib.contextmanager
+def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, str], parent_run_id: str | None,
+                  progress: bool):
+    """Open the stage's MLflow run (nested under the pipeline's) and its keyed work directory."""
+    tracking.check_tracking(recipe.tracking)
+    key = stage_key(name, cfg, inputs, recipe)
+    workdir = Path(recipe.output_dir) / name / key[:16]
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
+    params |= {f"input.{k}": v for k, v in inputs.items()}
+    tags = {"r1.stage_key": key} | {f"r1.input.{k}": v for k, v in inputs.items()}
+    with tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
+        log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
+        yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
+
+
+def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = True,
+                      extra_outputs: dict[str, str] | None = None) -> dict[str, str]:
+    """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts."""
+    import mlflow
+
+    out = ctx.workdir / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    mlflow.log_artifacts(str(out), artifact_path="model")
+    if evaluate_it:
+        log_evaluation(ctx, model, tokenizer)
+    return {"run_id": ctx.run_id, "model": f"runs:/{ctx.run_id}/model", **(extra_outputs or {})}
+
+
+def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", table: str = "samples.json"):
+    import mlflow
+
+    from stages.base_model import heldout_problems
+    from stages.evaluate import evaluate
+
+    r = ctx.recipe
+    res = evaluate(model, tokenizer, heldout_problems(r), r.eval, r.prompt.template, r.prompt.target_language,
+                   progress=ctx.progress)
+    mlflow.log_metrics(res.metrics(prefix))
+    if table:
+        mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
+    log.info("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
+    return res
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    import mlflow
+
+    return dict(mlflow.get_run(run_id).data.metrics)

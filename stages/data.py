@@ -1,0 +1,110 @@
+"""Prompts and data sets: from a generated task family, a local dataset, or a hub id; templating; held-out splits.
+
+Every source goes through the same held-out rule (stages.base_model.split_of on the question text), so no stage ever
+trains on an evaluation question, whatever the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from stages.stage_configs import DataSource
+from stages.tasks import Problem, make_problems
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("question", "answer")
+
+
+class DataInputError(ValueError):
+    """A data set that cannot be used; the message names the file and the column."""
+
+
+def load_problems(src: DataSource, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+    """Up to n problems of one split ('train' or 'eval') from the source."""
+    from stages.base_model import split_of
+
+    n = n or src.num_prompts
+    if src.source == "generated":
+        out: list[Problem] = []
+        batch_seed = seed
+        while len(out) < n:
+            batch = make_problems(src.task, max(n, 256), batch_seed, max_digits=src.max_digits)
+            out.extend(p for p in batch if split_of(p.question) == split)
+            batch_seed += 7919
+            if batch_seed > seed + 7919 * 200:
+                raise DataInputError(f"task {src.task!r} cannot produce {n} {split} problems")
+        return out[:n]
+    rows = _read_rows(src)
+    probs = [_to_problem(r, src, i) for i, r in enumerate(rows)]
+    picked = [p for p in probs if split_of(p.question) == split][:n]
+    if not picked:
+        raise DataInputError(f"dataset {src.path}: no {split} rows (of {len(probs)})")
+    return picked
+
+
+def _read_rows(src: DataSource) -> list[dict]:
+    import datasets
+
+    path = src.path
+    if src.source == "hub":
+        ds = datasets.load_dataset(path, split=src.split)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise DataInputError(f"dataset path {path!r} does not exist")
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise DataInputError(f"dataset {path}: no split {src.split!r} (splits: {list(ds)})")
+                ds = ds[src.split]
+        elif p.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        elif p.suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(p), split="train")
+        else:
+            raise DataInputError(f"dataset {path!r}: expected a save_to_disk folder, .parquet, .jsonl or .json")
+    names = {ours: src.columns.get(ours, ours) for ours in ("question", "answer", "task", "metadata", "prompt_id")}
+    missing = [f"{names[c]!r} (for {c})" for c in REQUIRED if names[c] not in ds.column_names]
+    if missing:
+        raise DataInputError(f"dataset {path}: missing column(s) {', '.join(missing)}; it has {ds.column_names}. "
+                             "Map them with data.columns: {question: <col>, answer: <col>}")
+    return [{ours: row.get(theirs) for ours, theirs in names.items()} for row in ds]
+
+
+def _to_problem(row: dict, src: DataSource, i: int) -> Problem:
+    meta = row.get("metadata")
+    return Problem(question=str(row["question"]), answer=str(row["answer"]), task=str(row.get("task") or "math"),
+                   metadata=meta if isinstance(meta, str) else json.dumps(meta or {}, default=str))
+
+
+def prompt_rows(problems: list[Problem], template: str, prefix: str = "p") -> list[dict]:
+    """Rows for the GRPO engine: `prompt` (templated) plus the columns rewards read."""
+    return [{"prompt": template.format(question=p.question), "question": p.question, "answer": p.answer,
+             "task": p.task, "metadata": p.metadata, "prompt_id": f"{prefix}{i}"} for i, p in enumerate(problems)]
+
+
+def save_rows(rows: list[dict], path: str | Path) -> Path:
+    """A Hugging Face dataset on disk (written to a temporary name, then renamed)."""
+    import os
+    import shutil
+
+    import datasets
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    import datasets
+
+    return datasets.load_from_disk(str(path)).to_list()

@@ -1,0 +1,59 @@
+"""The one runner behind every GRPO stage (r1_zero, reasoning_rl, preference_rl): load the input model, build the
+prompts and rewards from the recipe, train with grpo.GRPOTrainer, resume from the work dir's checkpoints, finish."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from stages.common import StageContext, finish_with_model
+from stages.recipe import Recipe
+from stages.stage_configs import GRPOStageConfig
+
+log = logging.getLogger(__name__)
+
+
+def reward_functions(recipe: Recipe, cfg: GRPOStageConfig) -> list[tuple[str, Callable, float]]:
+    """(name, callable, weight) from the recipe's reward specs; the language reward targets the recipe's language."""
+    from rewards import build_rewards
+
+    specs = []
+    for spec in cfg.rewards:
+        if spec.name == "language_consistency" and "target_language" not in spec.params:
+            spec = spec.model_copy(update={"params": {**spec.params,
+                                                      "target_language": recipe.prompt.target_language}})
+        specs.append(spec)
+    return build_rewards(specs)
+
+
+def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: list[dict],
+               rewards: list[tuple[str, Callable, float]]) -> dict[str, str]:
+    """Train `model` on `rows` with GRPO inside an open stage context; resumes from the newest checkpoint."""
+    import json
+
+    import mlflow
+
+    from grpo import GRPOTrainer
+    from grpo.checkpoint import latest_checkpoint
+
+    ds_config = json.loads(open(cfg.deepspeed_config).read()) if cfg.deepspeed_config else None
+    ckpt_dir = ctx.workdir / "checkpoints"
+    grpo_cfg = cfg.grpo
+    if grpo_cfg.checkpoint_every is None:
+        grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
+    trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=ctx.logger, output_dir=ckpt_dir,
+                          deepspeed_config=ds_config, progress=ctx.progress)
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        log.info("stage %s: resuming from %s", ctx.name, resume)
+    history = trainer.train(resume_from=resume)
+    if history:
+        last = history[-min(len(history), 10):]
+        mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
+    return finish_with_model(ctx, trainer.engine.module, tokenizer)
+
+
+def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
+    from stages.data import load_problems, prompt_rows
+
+    return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt.template)

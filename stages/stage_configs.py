@@ -1,0 +1,141 @@
+"""Typed configuration of each R1 stage (a section of the recipe). Defaults are the `tiny` preset's scale."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from grpo.config import GRPOConfig
+from rewards.registry import RewardSpec
+from stages.config_base import ModelArch, Strict
+from stages.sft import SFTConfig
+
+
+class DataSource(Strict):
+    """Where prompts come from: generated here (a task family), a local dataset, or a hub id (where a network exists).
+
+    Local datasets: a `save_to_disk` folder, or a .parquet / .jsonl / .json file. `columns` maps our names (question,
+    answer, task, metadata) to the dataset's own column names.
+    """
+
+    source: Literal["generated", "path", "hub"] = "generated"
+    task: str = Field("addition", description="task family when source=generated (stages.tasks)")
+    max_digits: int = Field(2, ge=1, le=6)
+    path: str | None = Field(None, description="dataset folder/file (source=path) or hub id (source=hub)")
+    split: str = Field("train", description="split name for hub datasets")
+    columns: dict[str, str] = Field(default_factory=dict, description="our column name -> dataset column name")
+    num_prompts: int = Field(2000, ge=1, description="prompts drawn from the source")
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source != "generated" and not self.path:
+            raise ValueError(f"source={self.source} needs a path")
+        return self
+
+
+def _rewards(*names_weights) -> list[RewardSpec]:
+    return [RewardSpec(name=n, weight=w) for n, w in names_weights]
+
+
+class GRPOStageConfig(Strict):
+    """A GRPO stage: prompts, the engine's config, rewards by name and weight."""
+
+    data: DataSource = DataSource()
+    grpo: GRPOConfig = GRPOConfig(prompts_per_step=16, num_generations=8, steps_per_iteration=60,
+                                  max_completion_length=64, max_prompt_length=64, learning_rate=1e-3,
+                                  beta=0.04, log_every=5)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(("accuracy", 1.0), ("format", 0.5)))
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (infra/deepspeed/...) for world size > 1")
+    samples_to_log: int = Field(64, ge=0, description="completions logged as an MLflow table")
+
+
+class R1ZeroConfig(GRPOStageConfig):
+    """Pure RL from the base model: accuracy + format rewards, the R1-Zero template."""
+
+
+class ColdStartConfig(Strict):
+    """SFT of the base model on long, readable CoT: a given dataset, or R1-Zero samples filtered for readability."""
+
+    data: DataSource | None = Field(None, description="a CoT dataset (prompt/completion columns); None = build one")
+    num_prompts: int = Field(300, ge=1, description="prompts sampled from the R1-Zero model to build the set")
+    samples_per_prompt: int = Field(4, ge=1)
+    target_size: int = Field(400, ge=1, description="examples kept (thousands in the full recipe)")
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    sft: SFTConfig = SFTConfig(max_steps=60, batch_size=32, learning_rate=5e-4, warmup_steps=5)
+
+
+class ReasoningRLConfig(GRPOStageConfig):
+    """GRPO from the cold-start model with accuracy + format + language consistency."""
+
+    rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(
+        ("accuracy", 1.0), ("format", 0.5), ("language_consistency", 0.5)))
+
+
+class SynthesizeConfig(Strict):
+    """Rejection sampling from the reasoning-RL model plus general samples: the 800k set (600k + 200k in the paper)."""
+
+    reasoning_target: int = Field(600, ge=0, description="reasoning samples kept")
+    general_target: int = Field(200, ge=0, description="general (non-reasoning) samples kept")
+    samples_per_prompt: int = Field(4, ge=1, description="k completions sampled per reasoning prompt")
+    max_prompts: int = Field(2000, ge=1, description="reasoning prompts tried at most")
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    max_completion_tokens: int = Field(60, ge=1, description="length filter: longer kept samples are dropped")
+    require_correct: bool = True
+    require_format: bool = True
+    require_language: bool = Field(True, description="drop samples whose CoT mixes languages")
+    dedupe: bool = True
+    shard_size: int = Field(200, ge=1, description="rows per shard; synthesis resumes from the last finished shard")
+    batch_prompts: int = Field(32, ge=1, description="prompts per generation batch")
+    data: DataSource = DataSource(num_prompts=2000)
+    general_data: DataSource = DataSource(task="general", num_prompts=400)
+
+
+class GeneralSFTConfig(Strict):
+    """SFT of the base model on the synthesized set."""
+
+    sft: SFTConfig = SFTConfig(epochs=3, batch_size=32, learning_rate=1e-3, warmup_steps=5)
+
+
+class RewardModelTraining(Strict):
+    pairs: int = Field(400, ge=8, description="synthetic preference pairs per reward model")
+    epochs: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class PreferenceRLConfig(GRPOStageConfig):
+    """All-scenario RL: rule rewards on reasoning prompts, reward models on general prompts."""
+
+    general_data: DataSource = DataSource(task="general", num_prompts=400)
+    general_share: float = Field(0.25, ge=0, le=1, description="share of general prompts in the mix")
+    helpfulness_model: str | None = Field(None, description="reward model for the final answer; None = train one")
+    harmlessness_model: str | None = Field(None, description="reward model for the whole response; None = train one")
+    reward_model_training: RewardModelTraining = RewardModelTraining()
+    rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(
+        ("accuracy", 1.0), ("format", 0.5), ("language_consistency", 0.5)))
+    general_reward_weight: float = Field(1.0, ge=0, description="weight of each reward model's score")
+
+
+class StudentConfig(Strict):
+    name: str = Field(..., min_length=1)
+    path: str | None = Field(None, description="an existing small model; None = build `model` from scratch")
+    model: ModelArch | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.path is None) == (self.model is None):
+            raise ValueError("a student needs exactly one of path or model")
+        return self
+
+
+class DistillConfig(Strict):
+    """SFT of smaller students on the synthesized set, each compared with the same architecture trained without it."""
+
+    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig(
+        name="student-64", model=ModelArch(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=192))])
+    sft: SFTConfig = SFTConfig(epochs=3, batch_size=32, learning_rate=2e-3, warmup_steps=5)
+    baseline_steps: int | None = Field(None, description="steps of the undistilled baseline (None: same as student)")
