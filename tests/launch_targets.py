@@ -30,9 +30,9 @@ def _init():
 def _write(path: Path | None, data: dict) -> None:
     if path is None:
         return
-    from stages.entry import write_json_atomic
-
-    write_json_atomic(path, data)
+    tmp = path.with_name(path.name + ".tmp")  # atomic, like stages.entry
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def ok(args) -> None:

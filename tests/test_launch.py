@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 def torchrun_spec(tmp_path, **kw) -> LaunchSpec:
-    return LaunchSpec(target="torchrun", nproc_per_node=2, master_port=free_port(), module="tests.launch_targets",
+    kw.setdefault("master_port", free_port())
+    return LaunchSpec(target="torchrun", nproc_per_node=2, module="tests.launch_targets",
                       workdir=str(tmp_path / "launch"), timeout=180, env={"OMP_NUM_THREADS": "1"}, **kw)
 
 
@@ -36,7 +37,7 @@ def torchrun_spec(tmp_path, **kw) -> LaunchSpec:
 
 def test_torchrun_two_ranks_return_rank0_result(tmp_path):
     lines: list[str] = []
-    spec = torchrun_spec(tmp_path)
+    spec = torchrun_spec(tmp_path, master_port=None)  # --standalone: torchrun picks the port
     spec.env["R1_TEST_ENV"] = "from-spec"
     out = launch_stage("ok", "tiny", {"eval.num_prompts": 4}, "parent123", spec, log=lines.append)
     assert out["sum"] == 3.0 and out["world_size"] == 2  # (0 + 1) + (1 + 1): both ranks took part
@@ -44,7 +45,7 @@ def test_torchrun_two_ranks_return_rank0_result(tmp_path):
     assert out["overrides"] == {"eval.num_prompts": 4} and out["env"] == "from-spec"
     streamed = "\n".join(lines)
     assert "rank 0/2: all_reduce sum 3.0" in streamed and "rank 1/2: all_reduce sum 3.0" in streamed
-    assert lines[0].startswith("$ ") and "torch.distributed.run" in lines[0]
+    assert lines[0].startswith("$ ") and "torch.distributed.run" in lines[0] and "--standalone" in lines[0]
 
 
 def test_torchrun_rank1_failure_raises_with_its_error(tmp_path):
@@ -69,10 +70,16 @@ def test_error_json_written_by_record_is_read(tmp_path):
     assert f"ValueError: {FAIL_MESSAGE}" in msg and 'File "x.py"' in msg and "rank 1" in msg
 
 
-def test_timeout_kills_the_launch(tmp_path):
+def test_timeout_kills_the_launch_and_cancels_a_slurm_job(monkeypatch):
     spec = LaunchSpec(target="torchrun", timeout=1)
+    aborted = []
     with pytest.raises(LaunchError, match="timed out"):
-        launch._stream(["sleep", "30"], spec, log=lambda line: None)
+        launch._stream(["bash", "-c", "echo 4242; exec sleep 30"], spec, log=lambda line: None, on_abort=aborted.append)
+    assert aborted == [["4242"]]
+    ran = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    launch._scancel(["4242"])  # what a slurm launch does on abort: the first line of `sbatch --parsable` is the job id
+    assert ran == [["scancel", "4242"]]
 
 
 # --- local: in-process ----------------------------------------------------------------------------------------------
