@@ -85,6 +85,9 @@ class TorchEngine:
     def make_reference(self) -> torch.nn.Module:
         return frozen_copy(self.module)
 
+    def full_state_dict(self) -> dict:
+        return self.module.state_dict()
+
     def save(self, directory: str) -> None:
         torch.save(self.module.state_dict(), os.path.join(directory, "policy.pt"))
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
@@ -133,15 +136,20 @@ class DeepSpeedEngine:
         """
         if self.zero_stage < 3:
             return frozen_copy(self.module)
-        import deepspeed
-
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         ref = _fresh_like(self.module)
+        state = self.full_state_dict()
         ref.load_state_dict(state)
         ref.requires_grad_(False)
         return ref.to(self.engine.device).eval()
+
+    def full_state_dict(self) -> dict:
+        """Unpartitioned weights on every rank (ZeRO-3 gathers them; a collective call)."""
+        if self.zero_stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="engine")

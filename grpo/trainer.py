@@ -48,8 +48,8 @@ class PromptSampler:
     def take(self, k: int) -> list[int]:
         out, order = [], self._order()
         while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos, order = self.epoch + 1, 0, None
+            if self.pos == self.n:  # next epoch, new order
+                self.epoch, self.pos = self.epoch + 1, 0
                 order = self._order()
             take = min(k - len(out), self.n - self.pos)
             out += order[self.pos : self.pos + take]
@@ -148,6 +148,8 @@ class GRPOTrainer:
         if resume_from is not None:
             self.resume(resume_from)
         stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.global_step + max_steps)
+        if self.global_step == 0 and self.rank == 0:
+            self.logger.log_params({f"grpo.{k}": v for k, v in cfg.model_dump().items()})
         history = []
         bar = tqdm(total=cfg.total_steps, initial=self.global_step, disable=not self.progress or self.rank != 0)
         while self.global_step < stop:
@@ -300,6 +302,14 @@ class GRPOTrainer:
                     stats.setdefault(k, []).append(v)
         self.last_update_stats = stats  # every update's values (the returned dict holds means)
         return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    # ---- outputs
+    def save_model(self, directory: str | Path) -> None:
+        """The policy as a Hugging Face `save_pretrained` directory (safetensors) with its tokenizer; rank 0 writes."""
+        state = self.engine.full_state_dict()  # collective under ZeRO-3
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
 
     # ---- checkpoints
     def trainer_state(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from stages.common import StageContext, finish_with_model
 from stages.recipe import Recipe
@@ -36,7 +37,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     from grpo import GRPOTrainer
     from grpo.checkpoint import latest_checkpoint
 
-    ds_config = json.loads(open(cfg.deepspeed_config).read()) if cfg.deepspeed_config else None
+    ds_config = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else None
     ckpt_dir = ctx.workdir / "checkpoints"
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:

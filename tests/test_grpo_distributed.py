@@ -2,7 +2,8 @@
 
 Completions come from a scripted backend (fixed texts per prompt) so that both runs see the same rollout; the prompts
 are sharded across ranks with each group kept whole. With sequence_mean aggregation, the mean over ranks of per-rank
-losses is the whole-batch loss, so the parameters after the run must match the single-process run.
+losses is the whole-batch loss, so the parameters after the run must match the single-process run. The workers also
+check that resuming from a DeepSpeed checkpoint reproduces the uninterrupted run exactly, and export the model.
 
 Run as a script (by torchrun) this file is the worker.
 """
@@ -51,13 +52,6 @@ def setup():
     return model, tok, cfg, dataset, [("digits", digits, 1.0)], ScriptedBackend()
 
 
-def full_params(module) -> dict:
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def worker(stage: int, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -67,12 +61,22 @@ def worker(stage: int, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     model, tok, cfg, dataset, funcs, backend = setup()
     ds_config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1}
+    cfg.checkpoint_every = 2
     trainer = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
                           progress=False, output_dir=os.path.join(out, "ckpt"))
     history = trainer.train()
-    params = full_params(trainer.engine.module) if stage == 3 else {
-        k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    params = trainer.engine.full_state_dict()
     trainer.save()  # collective checkpoint save (rank 0 renames)
+    trainer.save_model(os.path.join(out, "model"))
+
+    # resume from step 2 (mid-iteration: the reference comes from the checkpoint) in a fresh engine
+    model2, *_ = setup()
+    resumed = GRPOTrainer(model2, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
+                          progress=False, output_dir=os.path.join(out, "ckpt"))
+    resumed_history = resumed.train(resume_from=os.path.join(out, "ckpt", "checkpoint-2"))
+    assert [m["loss"] for m in resumed_history] == [m["loss"] for m in history[2:]]
+    for k, v in resumed.engine.full_state_dict().items():
+        assert torch.equal(v, params[k]), k
     if dist.get_rank() == 0:
         torch.save(params, os.path.join(out, "params.pt"))
         Path(out, "history.json").write_text(json.dumps(history))
@@ -103,6 +107,12 @@ def test_two_ranks_match_one_process(stage, tmp_path):
     ds_params = torch.load(tmp_path / "params.pt")
     for k, v in single.engine.module.state_dict().items():
         assert torch.allclose(v, ds_params[k], atol=1e-5), k
+    # the exported model (gathered under ZeRO-3) reloads through the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, ds_params[k]), k
 
 
 if __name__ == "__main__":

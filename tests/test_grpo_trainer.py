@@ -279,3 +279,18 @@ def test_loggers(tmp_path):
     assert [(m.step, m.value) for m in hist] == [(1, 0.5), (2, 0.7)]
     assert mlflow.get_run(run.info.run_id).data.params["beta"] == "0.04"
     mlflow.set_tracking_uri(previous)
+
+
+def test_save_model_reloads_through_auto_classes(tok, dataset, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger = ConsoleLogger(printer=lambda s: None)
+    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)],
+                          logger=logger, progress=False)
+    trainer.train(max_steps=1)
+    trainer.save_model(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for k, v in trainer.engine.module.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    text = "<think>1+2=3</think><answer>3</answer>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").decode(tok(text)["input_ids"]) == text
