@@ -250,10 +250,13 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = spec.model_copy(update={"workdir": str(workdir)})
-    recipe_arg = recipe if isinstance(recipe, (str, Path)) else _dump_recipe(cfg, workdir / "recipe.yaml")
+    if isinstance(recipe, (str, Path)):  # a preset name, or a file: absolute, for ranks started elsewhere
+        recipe_arg, overrides_arg = (Path(recipe).resolve() if Path(recipe).is_file() else recipe), overrides
+    else:  # a Recipe object (overrides already applied): the ranks load the same values from a file
+        recipe_arg, overrides_arg = _dump_recipe(cfg, workdir / "recipe.yaml"), None
     result_file = workdir / RESULT_FILE
     result_file.unlink(missing_ok=True)
-    args = entry_args(stage, str(recipe_arg), overrides, parent_run_id, result_file)
+    args = entry_args(stage, str(recipe_arg), overrides_arg, parent_run_id, result_file)
 
     if spec.target == "torchrun":
         log_dir = workdir / "torchrun-logs"

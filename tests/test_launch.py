@@ -283,3 +283,24 @@ def test_stage_flow_parameters_accept_a_launch_spec():
     schema = parameter_schema(launch.r1_stage.fn)
     assert {"stage", "recipe", "overrides", "parent_run_id", "launch"} <= set(schema.properties)
 
+
+
+def test_deepspeed_launch_passes_a_recipe_object_as_a_file_and_reports_the_traceback(tmp_path, monkeypatch):
+    from stages.recipe import load_recipe
+
+    seen = {}
+
+    def fake_stream(cmd, spec, log, **kw):
+        seen["cmd"] = cmd
+        return 1, ["[INFO] spawned", "Traceback (most recent call last):", '  File "s.py", line 1', "ValueError: boom",
+                   "[INFO] Process 1 exits with return code = 1"]
+
+    monkeypatch.setattr(launch, "_stream", fake_stream)
+    spec = LaunchSpec(target="deepspeed", nproc_per_node=2, workdir=str(tmp_path))
+    with pytest.raises(LaunchError, match="ValueError: boom") as e:
+        launch_stage("base_model", load_recipe("tiny", {"seed": 5}), {"seed": 5}, "p", spec, log=lambda line: None)
+    assert "return code" not in str(e.value)
+    cmd = seen["cmd"]
+    recipe_file = cmd[cmd.index("--recipe") + 1]
+    assert recipe_file == str(tmp_path / "recipe.yaml") and load_recipe(recipe_file).seed == 5
+    assert json.loads(cmd[cmd.index("--overrides") + 1]) == {}
