@@ -81,11 +81,23 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None)
     return json.loads((path / STATE_FILE).read_text())
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete `checkpoint-<step>` with the highest step, or None."""
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete `checkpoint-<step>` directories, oldest first."""
     found = []
     for p in Path(output_dir).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
         if m and (p / STATE_FILE).exists():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete `checkpoint-<step>` with the highest step, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints."""
+    for p in complete_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

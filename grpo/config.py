@@ -58,7 +58,8 @@ class GRPOConfig(BaseModel):
 
     # --- bookkeeping
     seed: int = 0
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; None = only at the end")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; None = only at the end (the last step is always saved)")
+    keep_checkpoints: int | None = Field(2, ge=1, description="newest checkpoints kept in output_dir; None = all")
     log_every: int = Field(1, ge=1, description="steps between metric logs")
     logprob_chunk_size: int = Field(
         4096, ge=1, description="positions per chunk of the log-softmax (bounds peak memory of the vocab projection)"

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages, process_advantages
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig
 from grpo.engine import DeepSpeedEngine, TorchEngine, all_reduce_max, all_reduce_mean, lr_lambda, rank_and_world
 from grpo.logging import MetricLogger, NullLogger
@@ -163,11 +163,10 @@ class GRPOTrainer:
                     self.logger.log_metrics(metrics, step=self.global_step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
-            if self.output_dir is not None and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+            last = self.global_step == cfg.total_steps
+            if self.output_dir is not None and (last or cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0):
                 self.save()
         bar.close()
-        if self.output_dir is not None and self.global_step == cfg.total_steps and cfg.checkpoint_every is None:
-            self.save()
         return history
 
     def train_step(self) -> dict[str, float]:
@@ -320,7 +319,10 @@ class GRPOTrainer:
             if self.output_dir is None:
                 raise ValueError("save() needs a path or the trainer's output_dir")
             path = self.output_dir / f"checkpoint-{self.global_step}"
-        return save_checkpoint(path, self.engine, self.reference, self.trainer_state())
+        saved = save_checkpoint(path, self.engine, self.reference, self.trainer_state())
+        if self.rank == 0 and self.cfg.keep_checkpoints is not None:
+            prune_checkpoints(saved.parent, self.cfg.keep_checkpoints)
+        return saved
 
     def resume(self, path: str | Path) -> None:
         if str(path) == "latest":

@@ -62,6 +62,8 @@ def test_resume_equals_uninterrupted(tok, tmp_path):
     second = make_trainer(tok, tmp_path / "split", seed_model=1)
     losses_second = [m["loss"] for m in second.train(resume_from="latest")]
     assert second.global_step == 8 and len(losses_second) == 5
+    # checkpoints at 3, 6 and the last step 8; keep_checkpoints=2 leaves the newest two
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["checkpoint-6", "checkpoint-8"]
     assert losses_second == losses_full[3:]
     for k, v in second.engine.module.state_dict().items():
         assert torch.equal(v, params_full[k]), k
