@@ -174,6 +174,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         rows = self.next_rows()
         rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling)
+        rollout = rollout.to(next(self.engine.module.parameters()).device)
         gen_time = time.perf_counter() - t0
 
         rewards, reward_metrics = self.score(rollout, rows)
@@ -208,27 +209,38 @@ class GRPOTrainer:
         return [self.dataset[i] for i in mine]
 
     # ---- rewards
-    def score(self, rollout: Rollout, rows: list[dict]):
-        """Weighted sum of all reward functions. Outcome: (N,) tensor. Process: step rewards and step end tokens."""
-        cfg, G = self.cfg, self.cfg.num_generations
-        columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        prompts, completions = rollout.prompts, rollout.completions
-        metrics = {}
-        if cfg.advantage_mode == "outcome":
-            total = torch.zeros(len(completions))
-            for name, fn, weight in self.reward_funcs:
-                r = torch.tensor(call_reward(name, fn, prompts, completions, columns, "outcome"), dtype=torch.float32)
-                total += weight * r
-                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = r.mean().item(), r.std().item()
-                if name == "accuracy":
-                    metrics["accuracy"] = r.mean().item()
-            metrics["reward/mean"], metrics["reward/std"] = total.mean().item(), total.std().item()
-            return total, metrics
+    def reward_columns(self, rows: list[dict]) -> dict[str, list]:
+        """Every dataset column but the prompt, one entry per completion (each row repeated G times)."""
+        G = self.cfg.num_generations
+        return {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
 
-        merged: list[dict[int, float]] = [{} for _ in completions]  # char offset -> weighted step reward
+    def score(self, rollout: Rollout, rows: list[dict]):
+        return (self.score_outcome if self.cfg.advantage_mode == "outcome" else self.score_process)(rollout, rows)
+
+    def score_outcome(self, rollout: Rollout, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        """r_i = Σ_f weight_f · reward_f(completion_i), shape (N,), and per-function metrics."""
+        columns, metrics = self.reward_columns(rows), {}
+        total = torch.zeros(len(rollout.completions))
         for name, fn, weight in self.reward_funcs:
-            out = call_reward(name, fn, prompts, completions, columns, "process")
-            sums = torch.tensor([sum(r for _, r in steps) for steps in out])
+            values = call_reward(name, fn, rollout.prompts, rollout.completions, columns, "outcome")
+            r = torch.tensor(values, dtype=torch.float32)
+            total += weight * r
+            metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = r.mean().item(), r.std().item()
+            if name == "accuracy":
+                metrics["accuracy"] = r.mean().item()
+        metrics["reward/mean"], metrics["reward/std"] = total.mean().item(), total.std().item()
+        groups = total.view(-1, self.cfg.num_generations)
+        metrics["zero_std_groups"] = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean().item()
+        return total, metrics
+
+    def score_process(self, rollout: Rollout, rows: list[dict]) -> tuple[dict, dict[str, float]]:
+        """Per completion, the steps of all reward functions (weighted, summed where they end at the same character),
+        with each step's end mapped from a character offset to a token index."""
+        columns, metrics = self.reward_columns(rows), {}
+        merged: list[dict[int, float]] = [{} for _ in rollout.completions]  # char offset -> weighted step reward
+        for name, fn, weight in self.reward_funcs:
+            out = call_reward(name, fn, rollout.prompts, rollout.completions, columns, "process")
+            sums = torch.tensor([sum(r for _, r in steps) for steps in out], dtype=torch.float32)
             metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = sums.mean().item(), sums.std().item()
             for i, steps in enumerate(out):
                 for off, r in steps:
@@ -240,7 +252,7 @@ class GRPOTrainer:
             step_ends.append(
                 char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], int(rollout.lengths[i]), offsets)
             )
-        totals = torch.tensor([sum(s) for s in step_rewards])
+        totals = torch.tensor([sum(s) for s in step_rewards], dtype=torch.float32)
         metrics["reward/mean"], metrics["reward/std"] = totals.mean().item(), totals.std().item()
         return {"step_rewards": step_rewards, "step_ends": step_ends}, metrics
 

@@ -199,7 +199,7 @@ def test_metrics_and_reference_only_with_beta(tok, dataset):
     expected = {"reward/mean", "reward/std", "reward/accuracy/mean", "reward/accuracy/std", "reward/think/mean",
                 "reward/think/std", "accuracy", "kl", "clip_low", "clip_high", "completion_length/mean",
                 "completion_length/max", "truncated_share", "entropy", "loss", "lr", "grad_norm", "step_time",
-                "tokens_per_s"}
+                "tokens_per_s", "zero_std_groups"}
     assert expected <= set(m1), expected - set(m1)
     assert all(math.isfinite(v) for v in m1.values())
     assert m1["kl"] >= 0
