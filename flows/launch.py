@@ -405,6 +405,9 @@ def _kill(proc: subprocess.Popen) -> None:
 
 _RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]: ?")
 _ROOT_CAUSE = re.compile(r"Root Cause.*?local_rank:\s*(\d+)\)", re.DOTALL)
+_FAILURE = re.compile(r"local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+# errors a rank gets because another one died: never the cause when a rank with another error exists
+_SECONDARY = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer", "SIGTERM")
 
 
 def _traceback_tail(lines: list[str], max_lines: int = 60) -> str:
@@ -423,22 +426,31 @@ def _traceback_tail(lines: list[str], max_lines: int = 60) -> str:
     return "\n".join(block if len(block) <= max_lines else block[:3] + ["  ..."] + block[-(max_lines - 4):])
 
 
-def _torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path) -> str:
-    """Which rank failed first and its error: torchrun's root cause, then that rank's error.json or stderr.log."""
+def _torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, max_ranks: int = 3) -> str:
+    """The failing ranks' errors (error.json, else the traceback in stderr.log), the one that caused it first.
+
+    torchrun names a root cause, but when one rank's crash makes the others fail in a collective ("Connection closed
+    by peer") within one monitoring interval, it can name a victim; such secondary errors are put last.
+    """
     text = "\n".join(output)
-    m = _ROOT_CAUSE.search(text)
     ranks = _rank_dirs(log_dir)
-    failed = [int(m.group(1))] if m else []
-    if not failed:  # no summary: every rank whose stderr holds a traceback
-        failed = [r for r, d in ranks.items() if "Traceback" in _read(d / "stderr.log")]
-    parts = [f"stage {stage} failed under torchrun (exit {code})"]
-    for r in failed:
+    order: list[int] = []
+    if m := _ROOT_CAUSE.search(text):
+        order.append(int(m.group(1)))
+    order += [int(r) for r, rc in _FAILURE.findall(text) if rc not in ("-15", "-9")]  # not killed by torchrun
+    order += [r for r, d in sorted(ranks.items()) if "Traceback" in _read(d / "stderr.log")]
+    order = list(dict.fromkeys(order))
+    errors = []
+    for r in order:
         d = ranks.get(r)
         err = _error_json(d / "error.json") if d else None
-        if err is None and d is not None:
+        if err is None and d is not None and "Traceback" in _read(d / "stderr.log"):
             err = _traceback_tail(_read(d / "stderr.log").splitlines())
-        parts.append(f"rank {r} (local rank {r}) error:\n{err or '(no error output; see ' + str(log_dir) + ')'}")
-    if not failed:
+        errors.append((r, err))
+    errors.sort(key=lambda e: e[1] is None or any(w in e[1] for w in _SECONDARY))  # stable: root cause first
+    parts = [f"stage {stage} failed under torchrun (exit {code}); logs in {log_dir}"]
+    parts += [f"rank {r} error:\n{err or '(no traceback in its log)'}" for r, err in errors[:max_ranks]]
+    if not errors:
         parts.append(_traceback_tail(output))
     return "\n".join(parts)
 

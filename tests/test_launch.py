@@ -54,7 +54,24 @@ def test_torchrun_rank1_failure_raises_with_its_error(tmp_path):
     msg = str(e.value)
     assert FAIL_MESSAGE in msg and "rank 1" in msg and "RuntimeError" in msg
     assert "launch_targets.py" in msg  # the traceback tail, not only the last line
-    assert "Signal 15" not in msg  # rank 0 was only terminated; the root cause is rank 1
+    # rank 0, stuck in a barrier, is terminated or fails with "Connection closed by peer": never reported first
+    assert msg.index("rank 1 error") < msg.index(FAIL_MESSAGE)
+    assert "rank 0 error" not in msg or msg.index("rank 0 error") > msg.index(FAIL_MESSAGE)
+
+
+def test_a_victim_named_root_cause_is_reported_after_the_real_error(tmp_path):
+    """When both ranks exit within one monitoring interval torchrun may name the victim rank 0 as the root cause."""
+    attempt = tmp_path / "none_x" / "attempt_0"
+    for rank, err in ((0, "RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1"),
+                      (1, f"RuntimeError: {FAIL_MESSAGE}")):
+        (attempt / str(rank)).mkdir(parents=True)
+        (attempt / str(rank) / "stderr.log").write_text(
+            f"[rank{rank}]: Traceback (most recent call last):\n[rank{rank}]:   File \"s.py\", line 1\n[rank{rank}]: {err}\n")
+    summary = ("Failures:\n[1]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 2)\n"
+               "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 1)")
+    msg = launch._torchrun_failure("s", 1, summary.splitlines(), tmp_path)
+    assert msg.index(FAIL_MESSAGE) < msg.index("Connection closed by peer")
+    assert msg.splitlines()[1] == "rank 1 error:"
 
 
 def test_error_json_written_by_record_is_read(tmp_path):
