@@ -174,9 +174,11 @@ def slurm_script(spec: LaunchSpec, recipe_cluster: Any, args: list[str]) -> str:
               f'export PYTHONPATH={q(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
               "export PYTHONUNBUFFERED=1"]
     lines += [f"export {k}={q(v)}" for k, v in spec.env.items()]
+    # each node's torchrun tees its ranks' output into its own folder under torchrun-logs/ (found again on failure)
     torchrun = ["srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", '"$SLURM_NNODES"', "--nproc-per-node",
                 str(nproc), "--rdzv-id", '"$SLURM_JOB_ID"', "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                '"$MASTER_ADDR:$MASTER_PORT"', "-m", spec.module, *[q(a) for a in args]]
+                '"$MASTER_ADDR:$MASTER_PORT"', "--log-dir", q(str(workdir / "torchrun-logs")), "--tee", "3",
+                "-m", spec.module, *[q(a) for a in args]]
     lines += ["", " \\\n    ".join(torchrun), ""]
     return "\n".join(lines)
 
@@ -271,10 +273,11 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
     elif spec.target == "slurm":
         script = workdir / "job.sbatch"
         script.write_text(slurm_script(spec, cluster or cfg.cluster, args))
+        shutil.rmtree(workdir / "torchrun-logs", ignore_errors=True)
         code, tail = _stream(["sbatch", "--wait", "--parsable", str(script)], spec, log,
                              follow=workdir, follow_glob="slurm-*.out", on_abort=_scancel)
         if code != 0:
-            raise LaunchError(f"stage {stage} failed under slurm (sbatch exit {code}):\n{_traceback_tail(tail)}")
+            raise LaunchError(_torchrun_failure(stage, code, tail, workdir / "torchrun-logs", "slurm"))
     else:  # pragma: no cover - the Literal covers every target
         raise LaunchError(f"unknown target {spec.target}")
 
@@ -426,7 +429,8 @@ def _traceback_tail(lines: list[str], max_lines: int = 60) -> str:
     return "\n".join(block if len(block) <= max_lines else block[:3] + ["  ..."] + block[-(max_lines - 4):])
 
 
-def _torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, max_ranks: int = 3) -> str:
+def _torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, under: str = "torchrun",
+                      max_ranks: int = 3) -> str:
     """The failing ranks' errors (error.json, else the traceback in stderr.log), the one that caused it first.
 
     torchrun names a root cause, but when one rank's crash makes the others fail in a collective ("Connection closed
@@ -434,35 +438,37 @@ def _torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, m
     """
     text = "\n".join(output)
     ranks = _rank_dirs(log_dir)
-    order: list[int] = []
+    first: list[int] = []
     if m := _ROOT_CAUSE.search(text):
-        order.append(int(m.group(1)))
-    order += [int(r) for r, rc in _FAILURE.findall(text) if rc not in ("-15", "-9")]  # not killed by torchrun
-    order += [r for r, d in sorted(ranks.items()) if "Traceback" in _read(d / "stderr.log")]
-    order = list(dict.fromkeys(order))
+        first.append(int(m.group(1)))
+    first += [int(r) for r, rc in _FAILURE.findall(text) if rc not in ("-15", "-9")]  # not killed by torchrun
+    order = [k for lr in dict.fromkeys(first) for k in ranks if k[1] == lr]
+    order += [k for k, d in sorted(ranks.items()) if "Traceback" in _read(d / "stderr.log")]
+    several_nodes = len({run for run, _ in ranks}) > 1
     errors = []
-    for r in order:
-        d = ranks.get(r)
-        err = _error_json(d / "error.json") if d else None
-        if err is None and d is not None and "Traceback" in _read(d / "stderr.log"):
+    for key in dict.fromkeys(order):
+        d = ranks[key]
+        err = _error_json(d / "error.json")
+        if err is None and "Traceback" in _read(d / "stderr.log"):
             err = _traceback_tail(_read(d / "stderr.log").splitlines())
-        errors.append((r, err))
+        label = f"local rank {key[1]} of {key[0]}" if several_nodes else f"rank {key[1]}"
+        errors.append((label, err))
     errors.sort(key=lambda e: e[1] is None or any(w in e[1] for w in _SECONDARY))  # stable: root cause first
-    parts = [f"stage {stage} failed under torchrun (exit {code}); logs in {log_dir}"]
-    parts += [f"rank {r} error:\n{err or '(no traceback in its log)'}" for r, err in errors[:max_ranks]]
+    parts = [f"stage {stage} failed under {under} (exit {code}); logs in {log_dir}"]
+    parts += [f"{label} error:\n{err or '(no traceback in its log)'}" for label, err in errors[:max_ranks]]
     if not errors:
         parts.append(_traceback_tail(output))
     return "\n".join(parts)
 
 
-def _rank_dirs(log_dir: Path) -> dict[int, Path]:
-    """local rank -> its log folder in the last attempt."""
-    out: dict[int, Path] = {}
-    attempts = sorted(log_dir.glob("*/attempt_*"), key=lambda p: int(p.name.split("_")[1]))
-    for d in attempts[-1:]:
-        for r in d.iterdir():
+def _rank_dirs(log_dir: Path) -> dict[tuple[str, int], Path]:
+    """(torchrun run folder, local rank) -> the rank's log folder in that run's last attempt; one run per node."""
+    out: dict[tuple[str, int], Path] = {}
+    for run in sorted(p for p in log_dir.glob("*") if p.is_dir()):
+        attempts = sorted(run.glob("attempt_*"), key=lambda p: int(p.name.split("_")[1]))
+        for r in attempts[-1].iterdir() if attempts else []:
             if r.is_dir() and r.name.isdigit():
-                out[int(r.name)] = r
+                out[(run.name, int(r.name))] = r
     return out
 
 

@@ -199,11 +199,26 @@ def test_slurm_script_fields(tmp_path):
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     flat = script.replace("\\\n    ", "")
     assert 'srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8' in flat
-    assert '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m stages.entry reasoning_rl' in flat
+    assert '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --log-dir' in flat
+    assert "-m stages.entry reasoning_rl --recipe" in flat
     assert "'my recipe.yaml'" in flat  # arguments are shell-quoted
+    assert f"--log-dir {tmp_path}/torchrun-logs --tee 3 -m stages.entry" in flat
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_slurm_failure_names_the_node_and_rank(tmp_path):
+    """Every node's torchrun logs under <workdir>/torchrun-logs/<run>: the real error is found on whichever node."""
+    for run, rank, err in (("42_node0", 0, "RuntimeError: Connection closed by peer [10.0.0.2]:5"),
+                           ("42_node1", 1, f"RuntimeError: {FAIL_MESSAGE}")):
+        d = tmp_path / run / "attempt_0" / str(rank)
+        d.mkdir(parents=True)
+        (d / "stderr.log").write_text(f"Traceback (most recent call last):\n  File \"s.py\", line 1\n{err}\n")
+    msg = launch._torchrun_failure("s", 1, ["42", "srun: error: node1: task 1: Exited with exit code 1"], tmp_path,
+                                   "slurm")
+    assert msg.startswith("stage s failed under slurm (exit 1)")
+    assert msg.splitlines()[1] == "local rank 1 of 42_node1 error:" and FAIL_MESSAGE in msg
 
 
 FAKE_SBATCH = """#!/bin/bash
