@@ -30,7 +30,7 @@ def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> tor
         adv = centred
     else:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    constant = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    constant = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values
     return adv.masked_fill(constant, 0.0).view(-1)
 
 
@@ -62,7 +62,9 @@ def process_advantages(
         mean = R.mean().item()
         for i in rows:
             if len(step_rewards[i]) != len(step_token_ends[i]):
-                raise ValueError(f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_token_ends[i])} step ends")
+                raise ValueError(
+                    f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_token_ends[i])} step ends"
+                )
             for r, end in zip(step_rewards[i], step_token_ends[i]):
                 r_norm = (r - mean) if std is None else (r - mean) / (std + EPS)
                 adv[i, : min(end, completion_len - 1) + 1] += r_norm

@@ -53,9 +53,8 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     _barrier()
     engine.save(str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        if reference is not None:
-            torch.save(reference.state_dict(), tmp / "reference.pt")
+    if rank == 0 and reference is not None:
+        torch.save(reference.state_dict(), tmp / "reference.pt")
     _barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

@@ -38,7 +38,8 @@ class GRPOConfig(BaseModel):
         "outcome", description="outcome: one reward per completion; process: rewards per reasoning step"
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="divide centred rewards by the group's std, the whole batch's std, or not at all (Dr. GRPO)"
+        "group",
+        description="divide centred rewards by the group's std, the whole batch's std, or not at all (Dr. GRPO)",
     )
 
     # --- generation
@@ -58,7 +59,9 @@ class GRPOConfig(BaseModel):
 
     # --- bookkeeping
     seed: int = 0
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; None = only at the end (the last step is always saved)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints; None = only at the end (the last step is always saved)"
+    )
     keep_checkpoints: int | None = Field(2, ge=1, description="newest checkpoints kept in output_dir; None = all")
     log_every: int = Field(1, ge=1, description="steps between metric logs")
     logprob_chunk_size: int = Field(

@@ -75,7 +75,9 @@ def call_reward(name, fn, prompts: list[str], completions: list[str], columns: d
     return out
 
 
-def char_offsets_to_token_ends(tokenizer, completion_ids: torch.Tensor, length: int, offsets: Sequence[int]) -> list[int]:
+def char_offsets_to_token_ends(
+    tokenizer, completion_ids: torch.Tensor, length: int, offsets: Sequence[int]
+) -> list[int]:
     """Map step-end character offsets (exclusive) of a decoded completion to the index of the token holding the step's
     last character: the first token k whose decoded prefix ids[:k+1] reaches the offset.
 

@@ -56,7 +56,11 @@ class Rollout:
 
     def to(self, device) -> Rollout:
         moved = {
-            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            f.name: (
+                getattr(self, f.name).to(device)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+                else getattr(self, f.name)
+            )
             for f in fields(self)
         }
         return Rollout(**moved)
@@ -82,7 +86,9 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) ->
     is_eos = completion_ids == eos_token_id
     T = completion_ids.shape[1]
     positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    first_eos = torch.where(
+        is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T, dtype=torch.long)
+    )
     mask = (positions <= first_eos.unsqueeze(1)).long()
     return mask, ~is_eos.any(dim=1)
 
@@ -99,9 +105,7 @@ class HFGenerateBackend:
         self.synced_gpus = synced_gpus
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(
-            prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
-        )
+        enc = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
         if self.max_prompt_length is not None:
             lengths = enc["attention_mask"].sum(dim=1)
             too_long = (lengths > self.max_prompt_length).nonzero().flatten().tolist()
@@ -123,14 +127,14 @@ class HFGenerateBackend:
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0).to(device)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0).to(device)
 
-        gen_kwargs = dict(
-            do_sample=sampling.do_sample,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            use_cache=True,
-            synced_gpus=self.synced_gpus,
-        )
+        gen_kwargs = {
+            "do_sample": sampling.do_sample,
+            "max_new_tokens": sampling.max_new_tokens,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "use_cache": True,
+            "synced_gpus": self.synced_gpus,
+        }
         if sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         was_training = model.training

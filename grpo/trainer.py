@@ -84,10 +84,14 @@ class GRPOTrainer:
             raise ValueError("the dataset is empty")
         missing = [i for i, row in enumerate(dataset[:1000]) if "prompt" not in row]
         if missing:
-            raise ValueError(f"dataset row {missing[0]} has no 'prompt' column (columns: {sorted(dataset[missing[0]])})")
+            raise ValueError(
+                f"dataset row {missing[0]} has no 'prompt' column (columns: {sorted(dataset[missing[0]])})"
+            )
         self.rank, self.world = rank_and_world()
         if cfg.prompts_per_step % self.world:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}")
+            raise ValueError(
+                f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}"
+            )
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.reward_funcs = list(reward_funcs)
@@ -158,13 +162,14 @@ class GRPOTrainer:
             metrics = self.train_step()
             self.global_step += 1
             history.append(metrics)
-            if self.global_step % cfg.log_every == 0 or self.global_step == stop:
-                if self.rank == 0:
-                    self.logger.log_metrics(metrics, step=self.global_step)
+            if self.rank == 0 and (self.global_step % cfg.log_every == 0 or self.global_step == stop):
+                self.logger.log_metrics(metrics, step=self.global_step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
             last = self.global_step == cfg.total_steps
-            if self.output_dir is not None and (last or cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0):
+            if self.output_dir is not None and (
+                last or cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+            ):
                 self.save()
         bar.close()
         return history

@@ -22,9 +22,16 @@ def tok():
 def tiny_model(tok, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM(cfg)
 
@@ -33,16 +40,32 @@ def make_trainer(tok, out, seed_model=0):
     # 8 steps, iterations of 4: the resume at step 3 lands mid-iteration (the reference must come from the checkpoint)
     # and the run then crosses an iteration boundary (reference reset). μ=2 and minibatches exercise the optimiser
     # state; 8 prompts with B=3 cross epochs of the data.
-    cfg = GRPOConfig(prompts_per_step=3, num_generations=4, iterations=2, steps_per_iteration=4, mu=2, minibatch_size=6,
-                     beta=0.05, learning_rate=1e-2, warmup_steps=2, lr_schedule="cosine", max_completion_length=8,
-                     max_prompt_length=32, checkpoint_every=3, seed=7)
-    dataset = [{"prompt": f"User: {p.question}\nAssistant:", "answer": p.answer} for p in make_problems("addition", 8, 1)]
+    cfg = GRPOConfig(
+        prompts_per_step=3,
+        num_generations=4,
+        iterations=2,
+        steps_per_iteration=4,
+        mu=2,
+        minibatch_size=6,
+        beta=0.05,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        lr_schedule="cosine",
+        max_completion_length=8,
+        max_prompt_length=32,
+        checkpoint_every=3,
+        seed=7,
+    )
+    dataset = [
+        {"prompt": f"User: {p.question}\nAssistant:", "answer": p.answer} for p in make_problems("addition", 8, 1)
+    ]
 
     def digits(prompts, completions, answer, **kw):
         return [sum(ch.isdigit() for ch in c) / 8 + random.random() * 0.01 for c in completions]  # uses python RNG too
 
-    return GRPOTrainer(tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out,
-                       progress=False)
+    return GRPOTrainer(
+        tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False
+    )
 
 
 def test_resume_equals_uninterrupted(tok, tmp_path):

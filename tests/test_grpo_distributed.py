@@ -32,11 +32,20 @@ def setup():
     problems = make_problems("addition", 100, seed=0)
     tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    ))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
     dataset = [{"prompt": f"User: {p.question}\nAssistant:", "k": i} for i, p in enumerate(problems[:12])]
 
     class ScriptedBackend:
@@ -47,8 +56,18 @@ def setup():
     def digits(prompts, completions, k, **kw):
         return [sum(ch.isdigit() for ch in c) + 0.1 * (ki % 3) * len(c) for c, ki in zip(completions, k)]
 
-    cfg = GRPOConfig(prompts_per_step=4, num_generations=G, steps_per_iteration=3, mu=2, beta=0.1,
-                     learning_rate=1e-2, max_completion_length=16, max_prompt_length=32, max_grad_norm=0.5, seed=0)
+    cfg = GRPOConfig(
+        prompts_per_step=4,
+        num_generations=G,
+        steps_per_iteration=3,
+        mu=2,
+        beta=0.1,
+        learning_rate=1e-2,
+        max_completion_length=16,
+        max_prompt_length=32,
+        max_grad_norm=0.5,
+        seed=0,
+    )
     return model, tok, cfg, dataset, [("digits", digits, 1.0)], ScriptedBackend()
 
 
@@ -62,8 +81,17 @@ def worker(stage: int, out: str) -> None:
     model, tok, cfg, dataset, funcs, backend = setup()
     ds_config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1}
     cfg.checkpoint_every = 2
-    trainer = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
-                          progress=False, output_dir=os.path.join(out, "ckpt"))
+    trainer = GRPOTrainer(
+        model,
+        tok,
+        cfg,
+        dataset,
+        funcs,
+        backend=backend,
+        deepspeed_config=ds_config,
+        progress=False,
+        output_dir=os.path.join(out, "ckpt"),
+    )
     history = trainer.train()
     params = trainer.engine.full_state_dict()
     trainer.save()  # collective checkpoint save (rank 0 renames)
@@ -71,8 +99,17 @@ def worker(stage: int, out: str) -> None:
 
     # resume from step 2 (mid-iteration: the reference comes from the checkpoint) in a fresh engine
     model2, *_ = setup()
-    resumed = GRPOTrainer(model2, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
-                          progress=False, output_dir=os.path.join(out, "ckpt"))
+    resumed = GRPOTrainer(
+        model2,
+        tok,
+        cfg,
+        dataset,
+        funcs,
+        backend=backend,
+        deepspeed_config=ds_config,
+        progress=False,
+        output_dir=os.path.join(out, "ckpt"),
+    )
     resumed_history = resumed.train(resume_from=os.path.join(out, "ckpt", "checkpoint-2"))
     assert [m["loss"] for m in resumed_history] == [m["loss"] for m in history[2:]]
     for k, v in resumed.engine.full_state_dict().items():
@@ -86,12 +123,24 @@ def worker(stage: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_process(stage, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29600 + stage), __file__, str(stage),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29600 + stage),
+        __file__,
+        str(stage),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ckpt" / "checkpoint-3" / "trainer_state.json").exists()
 

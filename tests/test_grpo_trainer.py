@@ -31,9 +31,16 @@ def dataset():
 def tiny_model(tok, seed=0, hidden=32):
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM(cfg)
 
@@ -47,15 +54,30 @@ def think_fraction(tok):
 
 
 def small_config(**kw):
-    base = dict(prompts_per_step=2, num_generations=4, steps_per_iteration=2, beta=0.0, learning_rate=1e-2,
-                max_completion_length=8, max_prompt_length=32, seed=0)
+    base = {
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "steps_per_iteration": 2,
+        "beta": 0.0,
+        "learning_rate": 1e-2,
+        "max_completion_length": 8,
+        "max_prompt_length": 32,
+        "seed": 0,
+    }
     return GRPOConfig(**{**base, **kw})
 
 
 def test_chosen_token_logprobs_match_full_log_softmax():
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     m = Qwen2ForCausalLM(cfg)
     ids = torch.randint(0, 300, (3, 10))
     mask = torch.ones_like(ids)
@@ -76,8 +98,9 @@ def test_chosen_token_logprobs_match_full_log_softmax():
 def test_policy_learns_toy_reward(tok, dataset):
     cfg = small_config(prompts_per_step=4, steps_per_iteration=30, learning_rate=3e-2, max_completion_length=12)
     logger = ConsoleLogger(printer=lambda s: None)
-    trainer = GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("think", think_fraction(tok), 1.0)],
-                          logger=logger, progress=False)
+    trainer = GRPOTrainer(
+        tiny_model(tok), tok, cfg, dataset, [("think", think_fraction(tok), 1.0)], logger=logger, progress=False
+    )
     history = trainer.train()
     rewards = [m["reward/mean"] for m in history]
     assert len(logger.history) == 30
@@ -87,18 +110,25 @@ def test_policy_learns_toy_reward(tok, dataset):
 
 def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tok, dataset):
     model = tiny_model(tok)
-    ref_trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)],
-                              progress=False)
+    ref_trainer = GRPOTrainer(
+        copy.deepcopy(model), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)], progress=False
+    )
     torch.manual_seed(3)
     rollout = ref_trainer.backend.generate([r["prompt"] for r in dataset[:2]], 4, ref_trainer.sampling)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.0, -1.0])
     results = {}
     for mu in (1, 2):
-        trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(mu=mu, beta=0.04), dataset,
-                              [("think", think_fraction(tok), 1.0)], progress=False)
+        trainer = GRPOTrainer(
+            copy.deepcopy(model),
+            tok,
+            small_config(mu=mu, beta=0.04),
+            dataset,
+            [("think", think_fraction(tok), 1.0)],
+            progress=False,
+        )
         trainer.reference = trainer.engine.make_reference()
         calls = []
-        trainer.engine.module.base_model.register_forward_hook(lambda *a: calls.append(1))
+        trainer.engine.module.base_model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         trainer.policy_update(rollout, adv)
         params = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
         results[mu] = (trainer.last_update_stats, len(calls), params)
@@ -109,8 +139,14 @@ def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tok, dataset):
         assert math.isclose(s1[key][0], s2[key][0], rel_tol=1e-5, abs_tol=1e-7), key
     assert s2["clip_low"][0] == s2["clip_high"][0] == 0  # first update: ratio 1
     # the μ=1 update equals the μ=2 first update: same parameters as a μ=2 run cut after one update
-    trainer = GRPOTrainer(copy.deepcopy(model), tok, small_config(mu=2, beta=0.04), dataset,
-                          [("think", think_fraction(tok), 1.0)], progress=False)
+    trainer = GRPOTrainer(
+        copy.deepcopy(model),
+        tok,
+        small_config(mu=2, beta=0.04),
+        dataset,
+        [("think", think_fraction(tok), 1.0)],
+        progress=False,
+    )
     trainer.reference = trainer.engine.make_reference()
     original_step = trainer.engine.step
     snapshots = []
@@ -130,15 +166,28 @@ def loss_on(trainer, rollout, adv):
     """Loss and gradient with a ratio away from 1 and a KL term, so both depend on every unmasked log-prob."""
     model = trainer.engine.module
     logp, _ = trainer.logprobs(model, rollout, slice(None))
-    loss, _ = grpo_loss(logp, logp.detach() - 0.05, adv, rollout.completion_mask, logp_ref=torch.full_like(logp, -3.0),
-                        beta=0.1, aggregation="sequence_mean")
+    loss, _ = grpo_loss(
+        logp,
+        logp.detach() - 0.05,
+        adv,
+        rollout.completion_mask,
+        logp_ref=torch.full_like(logp, -3.0),
+        beta=0.1,
+        aggregation="sequence_mean",
+    )
     grad = torch.autograd.grad(loss, model.lm_head.weight)[0]
     return loss.detach(), grad
 
 
 def test_tokens_after_eos_do_not_change_the_loss(tok, dataset):
-    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(max_completion_length=16), dataset,
-                          [("think", think_fraction(tok), 1.0)], progress=False)
+    trainer = GRPOTrainer(
+        tiny_model(tok),
+        tok,
+        small_config(max_completion_length=16),
+        dataset,
+        [("think", think_fraction(tok), 1.0)],
+        progress=False,
+    )
     torch.manual_seed(0)
     rollout = trainer.backend.generate([dataset[0]["prompt"]], 4, trainer.sampling)
     # make rows end early: EOS at position 2 of rows 0 and 1
@@ -162,8 +211,10 @@ def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
     def nan_reward(prompts, completions, **kw):
         return [float("nan")] + [0.0] * (len(completions) - 1)
 
-    for name, fn, pattern in [("short", wrong_length, r"'short' returned 1 values for 8 completions; sample 0: prompt="),
-                              ("nanny", nan_reward, r"'nanny' returned nan .*sample 0: prompt='User: ")]:
+    for name, fn, pattern in [
+        ("short", wrong_length, r"'short' returned 1 values for 8 completions; sample 0: prompt="),
+        ("nanny", nan_reward, r"'nanny' returned nan .*sample 0: prompt='User: "),
+    ]:
         trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [(name, fn, 1.0)], progress=False)
         with pytest.raises(RewardError, match=pattern):
             trainer.train()
@@ -192,14 +243,33 @@ def test_metrics_and_reference_only_with_beta(tok, dataset):
     t0 = GRPOTrainer(tiny_model(tok), tok, small_config(beta=0.0), dataset, funcs, progress=False)
     m0 = t0.train(max_steps=1)[0]
     assert t0.reference is None and "kl" not in m0
-    t1 = GRPOTrainer(tiny_model(tok), tok, small_config(beta=0.1, mu=2, epsilon_high=0.28), dataset, funcs,
-                     progress=False)
+    t1 = GRPOTrainer(
+        tiny_model(tok), tok, small_config(beta=0.1, mu=2, epsilon_high=0.28), dataset, funcs, progress=False
+    )
     m1 = t1.train(max_steps=1)[0]
     assert t1.reference is not None and not any(p.requires_grad for p in t1.reference.parameters())
-    expected = {"reward/mean", "reward/std", "reward/accuracy/mean", "reward/accuracy/std", "reward/think/mean",
-                "reward/think/std", "accuracy", "kl", "clip_low", "clip_high", "completion_length/mean",
-                "completion_length/max", "truncated_share", "entropy", "loss", "lr", "grad_norm", "step_time",
-                "tokens_per_s", "zero_std_groups"}
+    expected = {
+        "reward/mean",
+        "reward/std",
+        "reward/accuracy/mean",
+        "reward/accuracy/std",
+        "reward/think/mean",
+        "reward/think/std",
+        "accuracy",
+        "kl",
+        "clip_low",
+        "clip_high",
+        "completion_length/mean",
+        "completion_length/max",
+        "truncated_share",
+        "entropy",
+        "loss",
+        "lr",
+        "grad_norm",
+        "step_time",
+        "tokens_per_s",
+        "zero_std_groups",
+    }
     assert expected <= set(m1), expected - set(m1)
     assert all(math.isfinite(v) for v in m1.values())
     assert m1["kl"] >= 0
@@ -246,16 +316,23 @@ def test_process_mode_trains(tok, dataset):
             out.append(steps)
         return out
 
-    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(advantage_mode="process"), dataset,
-                          [("digit_steps", per_step, 1.0)], progress=False)
+    trainer = GRPOTrainer(
+        tiny_model(tok),
+        tok,
+        small_config(advantage_mode="process"),
+        dataset,
+        [("digit_steps", per_step, 1.0)],
+        progress=False,
+    )
     history = trainer.train()
     assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
 
     def bad(prompts, completions, **kw):
         return [[(10_000, 1.0)]] * len(completions)
 
-    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(advantage_mode="process"), dataset,
-                          [("bad_steps", bad, 1.0)], progress=False)
+    trainer = GRPOTrainer(
+        tiny_model(tok), tok, small_config(advantage_mode="process"), dataset, [("bad_steps", bad, 1.0)], progress=False
+    )
     with pytest.raises(RewardError, match="'bad_steps' returned step"):
         trainer.train()
 
@@ -285,8 +362,15 @@ def test_save_model_reloads_through_auto_classes(tok, dataset, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger = ConsoleLogger(printer=lambda s: None)
-    trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)],
-                          logger=logger, progress=False)
+    trainer = GRPOTrainer(
+        tiny_model(tok),
+        tok,
+        small_config(),
+        dataset,
+        [("think", think_fraction(tok), 1.0)],
+        logger=logger,
+        progress=False,
+    )
     trainer.train(max_steps=1)
     trainer.save_model(tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
