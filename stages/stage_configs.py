@@ -63,6 +63,10 @@ class ColdStartConfig(Strict):
     target_size: int = Field(400, ge=1, description="examples kept (thousands in the full recipe)")
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(64, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="length filter (None: only cut-off samples)")
+    batch_prompts: int = Field(32, ge=1, description="prompts per generation batch")
+    prompt_data: DataSource | None = Field(None, description="prompts to sample from; None = the r1_zero stage's")
+    samples_to_log: int = Field(64, ge=0, description="training examples logged as an MLflow table")
     sft: SFTConfig = SFTConfig(max_steps=60, batch_size=32, learning_rate=5e-4, warmup_steps=5)
 
 
@@ -91,6 +95,7 @@ class SynthesizeConfig(Strict):
     batch_prompts: int = Field(32, ge=1, description="prompts per generation batch")
     data: DataSource = DataSource(num_prompts=2000)
     general_data: DataSource = DataSource(task="general", num_prompts=400)
+    samples_to_log: int = Field(64, ge=0, description="rows logged as an MLflow table")
 
 
 class GeneralSFTConfig(Strict):

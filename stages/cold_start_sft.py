@@ -1,0 +1,207 @@
+"""Cold-start SFT (R1 §2.3.1): fine-tune the BASE model on a small set of long, readable CoT examples before reasoning RL.
+
+The set is a given dataset (`cold_start_sft.data`), or is built here by rejection-sampling the R1-Zero model and
+keeping only readable samples: correct, well-formed (`<think>…</think><answer>…</answer>`), one language, not cut off,
+no duplicates (the paper also gathered few-shot and human-refined data; R1-Zero outputs filtered for readability are
+the part that runs offline).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from stages.common import resolve_input, stage_context
+from stages.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+STAGE = "cold_start_sft"
+UPSTREAM = {"model": ("base_model", "model"), "r1_zero_model": ("r1_zero", "model")}
+COLUMNS = ("prompt", "completion", "question", "answer")
+
+
+def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
+        progress: bool = True) -> dict[str, str]:
+    cfg = recipe.cold_start_sft
+    base_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])
+    examples, problems, r1_uri = None, None, None
+    if cfg.data is not None:
+        examples = load_cot_dataset(cfg.data, recipe.prompt.template, cfg.target_size)  # bad data fails here
+        stage_inputs = {"model": base_uri, "data": str(cfg.data.path)}
+    else:
+        from stages.data import load_problems
+
+        r1_uri = resolve_input(recipe, inputs, "r1_zero_model", *UPSTREAM["r1_zero_model"])
+        problems = load_problems(cfg.prompt_data or recipe.r1_zero.data, "train", n=cfg.num_prompts,
+                                 seed=recipe.seed + 1)
+        stage_inputs = {"model": base_uri, "r1_zero_model": r1_uri}
+    with stage_context(recipe, STAGE, cfg, stage_inputs, parent_run_id, progress) as ctx:
+        if examples is None:
+            examples = readable_samples(ctx, r1_uri, problems)
+        log_data(ctx, examples, cfg.samples_to_log)
+        from stages.models import load_model_and_tokenizer, pick_device
+
+        model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
+        return train_and_finish(ctx, cfg.sft, model, tok, examples,
+                                extra_outputs={"data": f"runs:/{ctx.run_id}/data"})
+
+
+def readable_samples(ctx, r1_uri: str, problems) -> list[dict]:
+    """Rejection-sample the R1-Zero model up to target_size readable samples; reuse the work dir's set on a rerun (so a
+    resumed SFT trains on the same examples)."""
+    import warnings
+
+    import mlflow
+
+    from stages.data import load_rows, save_rows
+    from stages.models import load_model_and_tokenizer, pick_device
+    from stages.rejection import Filters, RejectionSampler, rejection_sample
+
+    cfg, recipe = ctx.recipe.cold_start_sft, ctx.recipe
+    cached = ctx.workdir / "data"
+    if cached.exists():
+        log.info("cold_start_sft: reusing the sampled set in %s", cached)
+        return load_rows(cached)
+    model, tok = load_model_and_tokenizer(r1_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
+    sampler = RejectionSampler(model, tok, problems, source_run=r1_uri, template=recipe.prompt.template,
+                               target_language=recipe.prompt.target_language, samples_per_prompt=cfg.samples_per_prompt,
+                               temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                               filters=Filters(max_completion_tokens=cfg.max_completion_tokens),
+                               batch_prompts=cfg.batch_prompts, seed=recipe.seed)
+    res = rejection_sample(sampler, cfg.target_size, progress=ctx.progress)
+    mlflow.log_metrics(res.counts.metrics("cold_start/") | {"cold_start/examples": len(res.rows)})
+    if not res.rows:
+        raise RuntimeError(f"cold_start_sft: no readable sample from the R1-Zero model {r1_uri}: {res.counts.why()}. "
+                           "Raise num_prompts / samples_per_prompt, or give a dataset (cold_start_sft.data)")
+    if not res.reached:
+        msg = (f"cold_start_sft: kept {len(res.rows)} of target_size={cfg.target_size} readable samples from "
+               f"{len(problems)} prompts: {res.counts.why()}")
+        mlflow.set_tag("r1.cold_start_sft.target_not_reached", msg[:5000])
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    del model
+    save_rows(res.rows, cached)
+    return res.rows
+
+
+def log_data(ctx, examples: list[dict], samples_to_log: int) -> None:
+    """The training set as the run's `data/` artifact, and a sample table."""
+    import mlflow
+
+    from stages.data import save_rows
+
+    folder = ctx.workdir / "data"
+    if not folder.exists():
+        save_rows(examples, folder)
+    mlflow.log_artifacts(str(folder), artifact_path="data")
+    mlflow.log_metric("data/examples", len(examples))
+    shown = examples[:samples_to_log]
+    if shown:
+        mlflow.log_table({c: [str(r.get(c, "")) for r in shown] for c in shown[0]}, "data_samples.json")
+
+
+def train_and_finish(ctx, sft_cfg, model, tok, examples: list[dict], extra_outputs: dict | None = None):
+    """The SFT stages' common end: SFTTrainer on prompt/completion examples (resuming from the work dir's newest
+    checkpoint), then save, log and evaluate the model."""
+    import mlflow
+
+    from stages.common import finish_with_model
+    from stages.sft import SFTTrainer
+
+    examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=ctx.workdir / "checkpoints", logger=ctx.logger,
+                         progress=ctx.progress)
+    if sft_cfg.checkpoint_every is None:  # a few checkpoints, so a killed run resumes
+        trainer.cfg = sft_cfg.model_copy(update={"checkpoint_every": max(1, trainer.total_steps // 4)})
+    res = trainer.train(resume_from="latest")
+    mlflow.log_metrics({"sft_final/loss": res.final_loss, "sft_final/steps": res.steps,
+                        "sft_final/seconds": res.seconds, "sft_final/examples": len(examples)})
+    if res.stopped_early:
+        mlflow.set_tag("r1.sft.stopped_early", f"time limit at step {res.steps}")
+    return finish_with_model(ctx, trainer.engine.module, tok, extra_outputs=extra_outputs)
+
+
+def load_cot_dataset(src, template: str, limit: int | None = None) -> list[dict]:
+    """Prompt/completion examples from a CoT dataset: columns `prompt` + `completion`, or `question` + `answer` +
+    `completion` (the prompt is then the recipe template around the question). `src.columns` maps these names to the
+    dataset's. Rows whose question is held out for evaluation are dropped (the prompt is matched against the template
+    when there is no question column). The completion follows the prompt as is."""
+    from stages.base_model import split_of
+    from stages.data import DataInputError
+
+    ds, where = _read_dataset(src)
+    names = {ours: src.columns.get(ours, ours) for ours in COLUMNS}
+    have = set(ds.column_names)
+
+    def missing(*ours):
+        return [f"{names[c]!r}" + (f" (for {c})" if names[c] != c else "") for c in ours if names[c] not in have]
+
+    if missing("completion"):
+        raise DataInputError(f"CoT dataset {where}: missing column {missing('completion')[0]}; it has "
+                             f"{ds.column_names}. Map it with data.columns: {{completion: <col>}}")
+    if names["prompt"] not in have and missing("question", "answer"):
+        raise DataInputError(f"CoT dataset {where}: missing column(s) {', '.join(missing('question', 'answer'))} "
+                             f"(needed without a {names['prompt']!r} column); it has {ds.column_names}")
+    pattern = _template_pattern(template)
+    out, held_out = [], 0
+    for i, row in enumerate(ds):
+        completion = row[names["completion"]]
+        question = row.get(names["question"])
+        if names["prompt"] in have:
+            prompt = row[names["prompt"]]
+            if question is None and (m := pattern.fullmatch(str(prompt))):
+                question = m.group(1)
+        else:
+            prompt = template.format(question=question)
+        if prompt is None or completion is None or not str(completion).strip():
+            raise DataInputError(f"CoT dataset {where}: row {i} has an empty prompt or completion")
+        if question is not None and split_of(str(question)) == "eval":
+            held_out += 1
+            continue
+        answer = row.get(names["answer"])
+        out.append({"prompt": str(prompt), "completion": str(completion),
+                    "question": "" if question is None else str(question),
+                    "answer": "" if answer is None else str(answer), "kind": "reasoning", "source_run": where,
+                    "prompt_id": f"d{i}"})
+        if limit and len(out) >= limit:
+            break
+    if held_out:
+        log.info("CoT dataset %s: %d rows with held-out (eval) questions dropped", where, held_out)
+    if not out:
+        raise DataInputError(f"CoT dataset {where}: no usable rows ({held_out} held out for evaluation)")
+    return out
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    head, _, tail = template.partition("{question}")
+    return re.compile(re.escape(head) + "(.*)" + re.escape(tail), re.DOTALL)
+
+
+def _read_dataset(src):
+    """(dataset, its name for messages) from a DataSource with source path/hub."""
+    import datasets
+
+    from stages.data import DataInputError
+
+    if src.source == "generated":
+        raise DataInputError("cold_start_sft.data must be a CoT dataset (source: path or hub), not a generated task")
+    if src.source == "hub":
+        return datasets.load_dataset(src.path, split=src.split), src.path
+    p = Path(src.path)
+    if not p.exists():
+        raise DataInputError(f"CoT dataset path {src.path!r} does not exist")
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataInputError(f"CoT dataset {p}: no split {src.split!r} (splits: {list(ds)})")
+            ds = ds[src.split]
+    elif p.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    elif p.suffix in (".jsonl", ".json"):
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+    else:
+        raise DataInputError(f"CoT dataset {p}: expected a save_to_disk folder, .parquet, .jsonl or .json")
+    return ds, str(p)

@@ -1,0 +1,221 @@
+"""Rejection sampling (R1 §2.3.3): sample k completions per prompt from a model, keep only the clean ones.
+
+Shared by `synthesize` (reasoning data from the RL checkpoint) and `cold_start_sft` (readable CoT from R1-Zero).
+A sample is kept only if it passes every enabled filter:
+
+- `incorrect`: the final answer is wrong (accuracy reward < 1);
+- `mixed_language`: the CoT is not all in the target language (language consistency < 1; no CoT at all scores 0);
+- `bad_format`: not exactly `<think>…</think><answer>…</answer>` (strict format reward < 1);
+- `too_long`: over `max_completion_tokens` tokens, or cut off at `max_new_tokens` (no EOS);
+- `duplicate`: the same normalised completion as one already kept for the same prompt.
+
+Rejection counts are per filter and overlap (a sample can fail several), so a caller can say why a target was missed.
+Generation batch `b` is seeded from (seed, b), so a batch's samples do not depend on which batches ran before it:
+a resumed run regenerates exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from stages.tasks import Problem
+
+log = logging.getLogger(__name__)
+
+FILTERS = ("incorrect", "mixed_language", "bad_format", "too_long", "duplicate")
+
+
+@dataclass(frozen=True)
+class Filters:
+    require_correct: bool = True
+    require_language: bool = True
+    require_format: bool = True
+    max_completion_tokens: int | None = None  # None: only truncated samples are too long
+    dedupe: bool = True
+
+
+@dataclass
+class Counts:
+    """What happened to the samples so far: generated, kept, rejected per filter (overlapping)."""
+
+    prompts: int = 0
+    generated: int = 0
+    passed: int = 0  # passed every filter (some may be beyond the target and not kept)
+    rejected: int = 0  # failed at least one filter
+    by_filter: Counter = field(default_factory=Counter)
+
+    def add(self, other: Counts) -> None:
+        self.prompts += other.prompts
+        self.generated += other.generated
+        self.passed += other.passed
+        self.rejected += other.rejected
+        self.by_filter.update(other.by_filter)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.passed / self.generated if self.generated else 0.0
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}prompts": self.prompts, f"{prefix}generated": self.generated, f"{prefix}passed": self.passed,
+               f"{prefix}rejected": self.rejected, f"{prefix}acceptance_rate": self.acceptance_rate}
+        out |= {f"{prefix}rejected_{name}": self.by_filter.get(name, 0) for name in FILTERS}
+        return {k: float(v) for k, v in out.items()}
+
+    def why(self) -> str:
+        """One line: the numbers behind a missed target."""
+        parts = ", ".join(f"{name}={self.by_filter.get(name, 0)}" for name in FILTERS)
+        return (f"{self.generated} samples from {self.prompts} prompts, {self.passed} passed "
+                f"({self.acceptance_rate:.1%}); rejected per filter (overlapping): {parts}")
+
+    def to_json(self) -> dict:
+        return {"prompts": self.prompts, "generated": self.generated, "passed": self.passed,
+                "rejected": self.rejected, "by_filter": dict(self.by_filter)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Counts:
+        return cls(d["prompts"], d["generated"], d["passed"], d["rejected"], Counter(d["by_filter"]))
+
+
+def normalize_completion(text: str) -> str:
+    """What counts as the same completion: case and whitespace do not."""
+    return " ".join(text.split()).lower()
+
+
+def score(candidates: Sequence[dict], target_language: str) -> list[dict]:
+    """Add `accuracy`, `format` and `language` scores to candidate rows (prompt, completion, answer, task, metadata,
+    question)."""
+    from rewards import accuracy_reward, format_reward, language_consistency_reward
+
+    prompts = [c["prompt"] for c in candidates]
+    texts = [c["completion"] for c in candidates]
+    cols = {k: [c.get(k) for c in candidates] for k in ("answer", "task", "metadata", "question")}
+    acc = accuracy_reward(prompts, texts, **cols)
+    fmt = format_reward(prompts, texts, **cols)
+    lang = language_consistency_reward(prompts, texts, target_language=target_language, **cols)
+    return [{**c, "accuracy": a, "format": f, "language": g} for c, a, f, g in zip(candidates, acc, fmt, lang)]
+
+
+def apply_filters(scored: Sequence[dict], filters: Filters, seen: set | None = None) -> tuple[list[dict], Counts]:
+    """The candidates that pass every enabled filter, in order, and the counts. `seen` holds (prompt_id, normalised
+    completion) pairs already kept (updated in place), for duplicates across calls."""
+    seen = set() if seen is None else seen
+    counts = Counts(generated=len(scored))
+    kept = []
+    for c in scored:
+        failed = []
+        if filters.require_correct and c["accuracy"] < 1.0:
+            failed.append("incorrect")
+        if filters.require_language and c["language"] < 1.0:
+            failed.append("mixed_language")
+        if filters.require_format and c["format"] < 1.0:
+            failed.append("bad_format")
+        limit = filters.max_completion_tokens
+        if c["truncated"] or (limit is not None and c["length"] > limit):
+            failed.append("too_long")
+        key = (c["prompt_id"], normalize_completion(c["completion"]))
+        if not failed and filters.dedupe and key in seen:
+            failed.append("duplicate")
+        if failed:
+            counts.rejected += 1
+            counts.by_filter.update(failed)
+            continue
+        seen.add(key)
+        counts.passed += 1
+        kept.append(c)
+    return kept, counts
+
+
+def to_row(c: dict, source_run: str) -> dict:
+    """The kept sample as a data row, with its provenance."""
+    return {"prompt": c["prompt"], "completion": c["completion"], "question": c["question"], "answer": c["answer"],
+            "task": c.get("task") or "", "metadata": c.get("metadata") or "{}", "kind": "reasoning",
+            "source_run": source_run, "prompt_id": c["prompt_id"], "sample_index": int(c["sample_index"]),
+            "reward": float(c["accuracy"]), "length": int(c["length"])}
+
+
+class RejectionSampler:
+    """k samples per prompt from `model`, in batches of `batch_prompts` prompts, scored and filtered.
+
+    `sample_batch(b)` is a pure function of (model, problems, b, seed): the unit a resumable caller works in.
+    """
+
+    def __init__(self, model, tokenizer, problems: Sequence[Problem], *, source_run: str, template: str,
+                 target_language: str, samples_per_prompt: int, temperature: float, max_new_tokens: int,
+                 filters: Filters, batch_prompts: int, seed: int = 0, prompt_prefix: str = "r"):
+        from grpo.rollout import HFGenerateBackend, SamplingParams
+
+        self.backend = HFGenerateBackend(model, tokenizer) if model is not None else None
+        self.problems = list(problems)
+        self.source_run, self.template, self.target_language = source_run, template, target_language
+        self.k, self.filters, self.batch_prompts, self.seed = samples_per_prompt, filters, batch_prompts, seed
+        self.sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, do_sample=True)
+        self.prefix = prompt_prefix
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.problems) // self.batch_prompts)
+
+    def candidates(self, b: int) -> list[dict]:
+        """The raw samples of batch b (seeded from (seed, b)), with lengths and truncation."""
+        import torch
+
+        lo = b * self.batch_prompts
+        probs = self.problems[lo : lo + self.batch_prompts]
+        prompts = [self.template.format(question=p.question) for p in probs]
+        torch.manual_seed(self.seed * 1_000_003 + b)
+        r = self.backend.generate(prompts, self.k, self.sampling)
+        out = []
+        for j, text in enumerate(r.completions):
+            i, s = divmod(j, self.k)
+            p = probs[i]
+            truncated = bool(r.truncated[j])
+            out.append({"prompt": prompts[i], "completion": text, "question": p.question, "answer": p.answer,
+                        "task": p.task, "metadata": p.metadata, "prompt_id": f"{self.prefix}{lo + i}",
+                        "sample_index": s, "truncated": truncated,
+                        "length": int(r.lengths[j]) - (0 if truncated else 1)})  # tokens of text, EOS not counted
+        return out
+
+    def sample_batch(self, b: int) -> tuple[list[dict], Counts]:
+        """Rows kept from batch b and its counts. Prompts never span batches, so duplicates are found per batch."""
+        kept, counts = apply_filters(score(self.candidates(b), self.target_language), self.filters)
+        counts.prompts = len(self.problems[b * self.batch_prompts : (b + 1) * self.batch_prompts])
+        return [to_row(c, self.source_run) for c in kept], counts
+
+    def batches(self, start: int = 0) -> Iterator[tuple[int, list[dict], Counts]]:
+        for b in range(start, self.num_batches):
+            rows, counts = self.sample_batch(b)
+            yield b, rows, counts
+
+
+@dataclass
+class RejectionResult:
+    rows: list[dict]
+    counts: Counts
+    target: int
+
+    @property
+    def reached(self) -> bool:
+        return len(self.rows) >= self.target
+
+
+def rejection_sample(sampler: RejectionSampler, target: int, progress: bool = True) -> RejectionResult:
+    """Batches until `target` rows are kept or the prompts run out."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    total = Counts()
+    bar = tqdm(total=target, desc="rejection sampling", unit="sample", disable=not progress)
+    if target > 0:
+        for _, kept, counts in sampler.batches():
+            take = kept[: target - len(rows)]
+            rows.extend(take)
+            total.add(counts)
+            bar.update(len(take))
+            bar.set_postfix(prompts=total.prompts, accept=f"{total.acceptance_rate:.0%}")
+            if len(rows) >= target:
+                break
+    bar.close()
+    return RejectionResult(rows, total, target)
