@@ -105,15 +105,26 @@ class GeneralSFTConfig(Strict):
 
 
 class RewardModelTraining(Strict):
+    """A reward model trained here when none is given: a small Qwen2ForSequenceClassification on the policy's
+    tokenizer, Bradley-Terry loss on synthetic preference pairs from the `general` task family."""
+
     pairs: int = Field(400, ge=8, description="synthetic preference pairs per reward model")
+    eval_pairs: int = Field(64, ge=1, description="held-out pairs (eval split) for the logged pairwise accuracy")
     epochs: int = Field(2, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=8, description="tokens of prompt + response read by the reward model")
+    model: ModelArch = Field(default_factory=lambda: ModelArch(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+        max_position_embeddings=256), description="architecture of a reward model built here (vocab: the policy's)")
 
 
 class PreferenceRLConfig(GRPOStageConfig):
     """All-scenario RL: rule rewards on reasoning prompts, reward models on general prompts."""
 
+    grpo: GRPOConfig = GRPOConfig(prompts_per_step=16, num_generations=8, steps_per_iteration=40,
+                                  max_completion_length=64, max_prompt_length=64, learning_rate=5e-4,
+                                  beta=0.04, log_every=5)
     general_data: DataSource = DataSource(task="general", num_prompts=400)
     general_share: float = Field(0.25, ge=0, le=1, description="share of general prompts in the mix")
     helpfulness_model: str | None = Field(None, description="reward model for the final answer; None = train one")
@@ -122,10 +133,19 @@ class PreferenceRLConfig(GRPOStageConfig):
     rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(
         ("accuracy", 1.0), ("format", 0.5), ("language_consistency", 0.5)))
     general_reward_weight: float = Field(1.0, ge=0, description="weight of each reward model's score")
+    general_eval_prompts: int = Field(32, ge=1, description="held-out general prompts scored before and after RL")
+
+    @model_validator(mode="after")
+    def _outcome_only(self):
+        if self.grpo.advantage_mode != "outcome":
+            raise ValueError("preference_rl routes one reward per completion by prompt kind: "
+                             f"grpo.advantage_mode must be 'outcome' (got {self.grpo.advantage_mode!r})")
+        return self
 
 
 class StudentConfig(Strict):
-    name: str = Field(..., min_length=1)
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="names its artifacts (students/<name>/) and metrics (eval/<name>/...)")
     path: str | None = Field(None, description="an existing small model; None = build `model` from scratch")
     model: ModelArch | None = None
 
@@ -141,6 +161,16 @@ class DistillConfig(Strict):
 
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig(
         name="student-64", model=ModelArch(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           num_key_value_heads=2, intermediate_size=192))])
+                                           num_key_value_heads=2, intermediate_size=192))], min_length=1)
     sft: SFTConfig = SFTConfig(epochs=3, batch_size=32, learning_rate=2e-3, warmup_steps=5)
-    baseline_steps: int | None = Field(None, description="steps of the undistilled baseline (None: same as student)")
+    baseline_steps: int | None = Field(None, ge=1, description="steps of the undistilled baseline (None: same as student)")
+    baseline: bool = Field(True, description="train and evaluate the undistilled baseline of each student")
+    evaluate_teacher: bool = Field(True, description="evaluate the teacher on the held-out prompts too")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.students]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"student names must be unique; repeated: {dup}")
+        return self
