@@ -1,0 +1,119 @@
+"""cold_start_sft (given dataset; errors naming the column and file) and general_sft (from a synthesize run's data URI),
+run through their stage `run` functions with MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from stages.data import DataInputError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A mini base model (seconds): plumbing, not quality."""
+    from stages.base_model import build_base_model
+    from stages.recipe import load_recipe
+    from tests.conftest import MINI
+
+    out = tmp_path_factory.mktemp("sft_base") / "model"
+    build_base_model(load_recipe("tiny", MINI), out, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module's stage runs (creating a sqlite store costs seconds)."""
+    from stages.recipe import load_recipe
+    from tests.conftest import MINI
+
+    root = tmp_path_factory.mktemp("sft_store")
+    sft = {"max_steps": 30, "batch_size": 16, "learning_rate": 5e-3, "warmup_steps": 2, "log_every": 1}
+
+    def recipe(**over):
+        base_over = {**MINI, "tracking.uri": f"sqlite:///{root}/mlflow.db", "output_dir": str(root / "runs"),
+                     "cold_start_sft.sft": sft, "general_sft.sft": sft | {"max_steps": 10}}
+        return load_recipe("tiny", base_over | over)
+
+    return recipe
+
+
+def _cot_file(path, n=80, drop=()):
+    from stages.tasks import clean_trace, make_problems
+
+    with open(path, "w") as f:
+        for p in make_problems("addition", n, seed=5):
+            row = {"question": p.question, "answer": p.answer, "completion": " " + clean_trace(p),
+                   "prompt": f"User: {p.question}\nAssistant:"}
+            f.write(json.dumps({k: v for k, v in row.items() if k not in drop}) + "\n")
+    return str(path)
+
+
+def test_cold_start_on_a_given_dataset(store, base, tmp_path):
+    from stages import cold_start_sft
+
+    data = _cot_file(tmp_path / "cot.jsonl", drop=("prompt",))  # question/answer + completion
+    recipe = store(**{"cold_start_sft.data": {"source": "path", "path": data}})
+    out = cold_start_sft.run(recipe, {"model": base}, progress=False)
+    rid = out["run_id"]
+    assert out["model"] == f"runs:/{rid}/model" and out["data"] == f"runs:/{rid}/data"
+    run = mlflow.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["r1.stage"] == "cold_start_sft"
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(rid)}
+    assert {"model", "data", "samples.json", "data_samples.json"} <= arts
+
+    from stages.data import load_rows
+    from stages.models import check_model_dir, resolve_model_uri
+
+    check_model_dir(resolve_model_uri(out["model"]))
+    rows = load_rows(mlflow.artifacts.download_artifacts(artifact_uri=out["data"]))
+    assert 0 < len(rows) <= 80 and rows[0]["prompt"] == f"User: {rows[0]['question']}\nAssistant:"
+    from stages.base_model import split_of
+
+    assert all(split_of(r["question"]) == "train" for r in rows)  # held-out questions never trained on
+
+    losses = [m.value for m in mlflow.MlflowClient().get_metric_history(rid, "sft/loss")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert "eval/pass_at_1" in run.data.metrics and run.data.metrics["sft_final/steps"] == 30
+
+
+def test_cold_start_dataset_missing_column_names_it_and_the_file(store, base, tmp_path):
+    from stages import cold_start_sft
+
+    no_completion = _cot_file(tmp_path / "a.jsonl", n=8, drop=("completion",))
+    recipe = store(**{"cold_start_sft.data": {"source": "path", "path": no_completion}})
+    with pytest.raises(DataInputError, match=r"a\.jsonl: missing column 'completion'"):
+        cold_start_sft.run(recipe, {"model": base}, progress=False)
+
+    no_question = _cot_file(tmp_path / "b.jsonl", n=8, drop=("prompt", "question"))
+    recipe = store(**{"cold_start_sft.data": {"source": "path", "path": no_question}})
+    with pytest.raises(DataInputError, match=r"b\.jsonl: missing column\(s\) 'question'"):
+        cold_start_sft.run(recipe, {"model": base}, progress=False)
+
+    mapped = _cot_file(tmp_path / "c.jsonl", n=8, drop=("prompt",))
+    recipe = store(**{"cold_start_sft.data": {"source": "path", "path": mapped, "columns": {"completion": "cot"}}})
+    with pytest.raises(DataInputError, match=r"missing column 'cot' \(for completion\)"):
+        cold_start_sft.run(recipe, {"model": base}, progress=False)
+
+
+def test_general_sft_from_a_synthesize_run(store, base, tmp_path):
+    from stages import general_sft, synthesize
+
+    recipe = store(**{"synthesize.reasoning_target": 0, "synthesize.general_target": 24})
+    synth = synthesize.run(recipe, {"model": base}, progress=False)
+    out = general_sft.run(recipe, {"model": base, "data": synth["data"]}, progress=False)
+    run = mlflow.get_run(out["run_id"])
+    assert set(out) == {"run_id", "model"} and out["model"] == f"runs:/{out['run_id']}/model"
+    assert run.info.status == "FINISHED" and run.data.params["input.data"] == synth["data"]
+    assert run.data.metrics["data/examples"] == 24 and run.data.metrics["data/general_examples"] == 24
+    assert run.data.metrics["sft_final/steps"] == 10
+    assert "model" in {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])}
+
+    from stages.data import save_rows
+
+    bad = save_rows([{"prompt": "User: hi\nAssistant:"}], tmp_path / "bad")
+    with pytest.raises(DataInputError, match=r"missing column\(s\) \['completion'\]"):
+        general_sft.run(recipe, {"model": base, "data": str(bad)}, progress=False)
