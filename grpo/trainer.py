@@ -284,6 +284,11 @@ class GRPOTrainer:
         return n // self.minibatches_per_rollout
 
     def policy_update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """μ passes over the rollout, one optimiser update per minibatch; returns the mean of each diagnostic.
+
+        π_old is the policy that sampled the rollout: frozen log-probs when several updates reuse the rollout,
+        otherwise the detached current ones (the same numbers, without a second forward pass).
+        """
         cfg = self.cfg
         policy = self.engine.module
         n, mb = rollout.completion_ids.shape[0], self.local_minibatch
