@@ -117,3 +117,16 @@ def test_general_sft_from_a_synthesize_run(store, base, tmp_path):
     bad = save_rows([{"prompt": "User: hi\nAssistant:"}], tmp_path / "bad")
     with pytest.raises(DataInputError, match=r"missing column\(s\) \['completion'\]"):
         general_sft.run(recipe, {"model": base, "data": str(bad)}, progress=False)
+
+
+def test_cold_start_built_from_r1_zero_names_the_filters_when_nothing_is_readable(store, base):
+    """Without a dataset the set is rejection-sampled from the R1-Zero model; an 8-step model writes nothing readable,
+    and the error says why (per-filter counts) instead of training on nothing."""
+    from stages import cold_start_sft
+
+    recipe = store(**{"cold_start_sft.num_prompts": 8, "cold_start_sft.samples_per_prompt": 2,
+                      "cold_start_sft.max_new_tokens": 16})
+    with pytest.raises(RuntimeError, match=r"no readable sample .* 16 samples from 8 prompts.*too_long="):
+        cold_start_sft.run(recipe, {"model": base, "r1_zero_model": base}, progress=False)
+    with pytest.raises(Exception, match="r1_zero"):  # no explicit R1-Zero model and no finished r1_zero run
+        cold_start_sft.run(recipe, {"model": base}, progress=False)
