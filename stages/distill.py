@@ -28,6 +28,18 @@ class StudentSizeError(ValueError):
     """A student that is not smaller than its teacher."""
 
 
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
+
+
+def use_tracking_for(recipe: Recipe, *uris: str | None) -> None:
+    """Point MLflow at the recipe's store when an input is an MLflow URI read before the stage's run opens."""
+    if any(u and u.startswith(MLFLOW_SCHEMES) for u in uris):
+        from stages import tracking
+
+        tracking.check_tracking(recipe.tracking)
+        tracking.setup(recipe.tracking)
+
+
 # ---- sizes from configs, no weights
 
 def read_model_config(uri: str) -> dict:
@@ -209,6 +221,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     cfg = recipe.distill
     data_uri = resolve_input(recipe, inputs, "data", *UPSTREAM["data"])
     teacher_uri = resolve_input(recipe, inputs, "teacher", *UPSTREAM["teacher"])
+    use_tracking_for(recipe, data_uri, teacher_uri, *(s.path for s in cfg.students))
     teacher_config = read_model_config(teacher_uri)
     sizes = check_students(cfg, teacher_config)  # before any weights load or anything trains
     examples = load_sft_examples(data_uri, recipe.prompt.template)

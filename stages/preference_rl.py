@@ -184,12 +184,14 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
 
     from rewards.reward_model import RewardModelScorer, pairwise_accuracy
     from stages.data import load_problems
+    from stages.distill import use_tracking_for
     from stages.grpo_stage import reward_functions, train_grpo
     from stages.models import load_model, load_model_and_tokenizer, pick_device, resolve_model_uri
 
     cfg = recipe.preference_rl
     model_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])
     rule_rewards = reward_functions(recipe, cfg)  # a bad reward spec fails before any model loads
+    use_tracking_for(recipe, cfg.helpfulness_model, cfg.harmlessness_model)
     given = check_reward_model_inputs(cfg)
     rows = mixed_rows(recipe, cfg)
     use_general = any(r["kind"] == GENERAL for r in rows)

@@ -71,9 +71,19 @@ def test_student_not_smaller_than_teacher_is_refused_before_anything_trains(mini
     recipe = _recipe(mini_recipe, [{"name": "same", "path": str(teacher)}])
     with pytest.raises(distill.StudentSizeError, match="'same'"):
         distill.run(recipe, inputs={"data": str(synthesized), "teacher": str(teacher)}, progress=False)
-    mlflow.set_tracking_uri(mini_recipe.tracking.uri)
-    exp = mlflow.get_experiment_by_name(mini_recipe.tracking.experiment)
-    assert exp is None or not mlflow.search_runs([exp.experiment_id], output_format="list")  # no run was opened
+    # the teacher as a runs:/ URI: only its config.json is read, from the recipe's store whatever MLflow pointed at
+    from stages import tracking
+
+    with tracking.stage_run(recipe.tracking, "preference_rl", {}, recipe.name) as prev:
+        mlflow.log_artifacts(str(teacher), "model")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    recipe = _recipe(mini_recipe, [{"name": "too-big", "model": big}])
+    with pytest.raises(distill.StudentSizeError, match="'too-big'"):
+        distill.run(recipe, inputs={"data": str(synthesized), "teacher": f"runs:/{prev.info.run_id}/model"},
+                    progress=False)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(recipe.tracking.experiment).experiment_id],
+                              output_format="list")
+    assert [r.data.tags["r1.stage"] for r in runs] == ["preference_rl"]  # no distill run was opened
 
 
 def test_student_names_and_configs_are_checked():
