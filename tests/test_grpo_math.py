@@ -126,3 +126,12 @@ def test_masked_tokens_do_not_affect_loss():
         new2[0, 3:] = 100.0  # garbage after EOS
         b, _ = grpo_loss(new2, old, adv, m, logp_ref=ref, beta=0.04, aggregation=mode, max_len=5)
         assert torch.equal(a, b)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from grpo.engine import lr_lambda
+
+    f = lr_lambda(warmup_steps=3, total_updates=13, schedule="cosine")
+    assert [round(f(u), 4) for u in range(3)] == [0.25, 0.5, 0.75]
+    assert f(3) == 1.0 and abs(f(8) - 0.5) < 1e-9 and f(13) == 0.0
+    assert lr_lambda(0, 10, "constant")(7) == 1.0

@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, completion_mask_from_eos
+from grpo.rollout import (
+    HFGenerateBackend,
+    Rollout,
+    RolloutBackend,
+    SamplingParams,
+    completion_mask_from_eos,
+    rollout_from_completions,
+)
 from stages.tasks import clean_trace, make_problems
 from stages.tokenizer import train_tokenizer
 
@@ -118,3 +125,14 @@ def test_bad_sampling_params():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_rollout_from_completions(tok):
+    r = rollout_from_completions(tok, ["User: 1+2\nAssistant:"], ["<think>3</think>", "<answer>3</answer> x"], 2)
+    assert r.completions == ["<think>3</think>", "<answer>3</answer> x"]
+    assert not r.truncated.any()
+    for i in range(2):
+        L = int(r.lengths[i])
+        assert r.completion_ids[i, L - 1] == tok.eos_token_id and r.completion_mask[i, :L].all()
+    with pytest.raises(ValueError, match="need 1 x 2 completions"):
+        rollout_from_completions(tok, ["p"], ["only one"], 2)
