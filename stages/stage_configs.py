@@ -57,14 +57,15 @@ class R1ZeroConfig(GRPOStageConfig):
 class ColdStartConfig(Strict):
     """SFT of the base model on long, readable CoT: a given dataset, or R1-Zero samples filtered for readability."""
 
-    data: DataSource | None = Field(None, description="a CoT dataset (prompt/completion columns); None = build one")
+    data: DataSource | None = Field(None, description="a CoT dataset (source path/hub; columns prompt + completion, or "
+                                    "question + answer + completion; map others with data.columns); None = build one")
     num_prompts: int = Field(300, ge=1, description="prompts sampled from the R1-Zero model to build the set")
     samples_per_prompt: int = Field(4, ge=1)
-    target_size: int = Field(400, ge=1, description="examples kept (thousands in the full recipe)")
+    target_size: int = Field(400, ge=1, description="examples kept, built or read (thousands in the full recipe)")
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="length filter (None: only cut-off samples)")
-    batch_prompts: int = Field(32, ge=1, description="prompts per generation batch")
+    batch_prompts: int = Field(64, ge=1, description="prompts per generation batch")
     prompt_data: DataSource | None = Field(None, description="prompts to sample from; None = the r1_zero stage's")
     samples_to_log: int = Field(64, ge=0, description="training examples logged as an MLflow table")
     sft: SFTConfig = SFTConfig(max_steps=60, batch_size=32, learning_rate=5e-4, warmup_steps=5)
@@ -83,7 +84,7 @@ class SynthesizeConfig(Strict):
     reasoning_target: int = Field(600, ge=0, description="reasoning samples kept")
     general_target: int = Field(200, ge=0, description="general (non-reasoning) samples kept")
     samples_per_prompt: int = Field(4, ge=1, description="k completions sampled per reasoning prompt")
-    max_prompts: int = Field(2000, ge=1, description="reasoning prompts tried at most")
+    max_prompts: int = Field(1000, ge=1, description="reasoning prompts tried at most (bounds the time of a weak model)")
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     max_completion_tokens: int = Field(60, ge=1, description="length filter: longer kept samples are dropped")
@@ -92,7 +93,7 @@ class SynthesizeConfig(Strict):
     require_language: bool = Field(True, description="drop samples whose CoT mixes languages")
     dedupe: bool = True
     shard_size: int = Field(200, ge=1, description="rows per shard; synthesis resumes from the last finished shard")
-    batch_prompts: int = Field(32, ge=1, description="prompts per generation batch")
+    batch_prompts: int = Field(64, ge=1, description="prompts per generation batch")
     data: DataSource = DataSource(num_prompts=2000)
     general_data: DataSource = DataSource(task="general", num_prompts=400)
     samples_to_log: int = Field(64, ge=0, description="rows logged as an MLflow table")
