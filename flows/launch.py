@@ -104,9 +104,11 @@ class LaunchSpec(BaseModel):
 
 
 def entry_args(stage: str, recipe: str, overrides: dict | None, parent_run_id: str | None,
-               result_file: str | Path) -> list[str]:
+               result_file: str | Path, inputs: dict | None = None) -> list[str]:
     """The arguments of `python -m stages.entry` (after the module name)."""
     args = [stage, "--recipe", str(recipe), "--overrides", json.dumps(overrides or {})]
+    if inputs:
+        args += ["--inputs", json.dumps(inputs)]
     if parent_run_id:
         args += ["--parent-run-id", parent_run_id]
     return args + ["--result-file", str(result_file)]
@@ -233,16 +235,17 @@ def default_log() -> Callable[[str], None]:
 
 def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_run_id: str | None = None,
                  spec: LaunchSpec | None = None, log: Callable[[str], None] | None = None,
-                 cluster: Any = None) -> dict:
+                 cluster: Any = None, inputs: dict | None = None) -> dict:
     """Run `stage` on `spec.target` and return its outputs dict (what rank 0 wrote).
 
+    inputs: the stage's input URIs by name ({"model": "runs:/<id>/model"}); missing ones resolve in MLflow.
     recipe: a preset name, a YAML path, or a validated Recipe (written to the workdir as YAML for subprocesses).
     cluster: the recipe's ClusterConfig for the slurm script (default: the recipe's own).
     """
     spec = spec or LaunchSpec()
     log = log or default_log()
     if spec.target == "local":
-        return _run_local(stage, recipe, overrides, parent_run_id)
+        return _run_local(stage, recipe, overrides, parent_run_id, inputs)
     if spec.target == "kubernetes":
         return _run_kubernetes(stage, recipe, overrides, parent_run_id, spec, log)
 
@@ -258,7 +261,7 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
         recipe_arg, overrides_arg = _dump_recipe(cfg, workdir / "recipe.yaml"), None
     result_file = workdir / RESULT_FILE
     result_file.unlink(missing_ok=True)
-    args = entry_args(stage, str(recipe_arg), overrides_arg, parent_run_id, result_file)
+    args = entry_args(stage, str(recipe_arg), overrides_arg, parent_run_id, result_file, inputs)
 
     if spec.target == "torchrun":
         log_dir = workdir / "torchrun-logs"
@@ -312,13 +315,13 @@ def _dump_recipe(cfg, path: Path) -> Path:
     return path
 
 
-def _run_local(stage, recipe, overrides, parent_run_id) -> dict:
+def _run_local(stage, recipe, overrides, parent_run_id, inputs=None) -> dict:
     from stages.registry import runnable
 
     fns = runnable()
     if stage not in fns:
         raise LaunchError(f"stage {stage!r} is not runnable; runnable stages: {list(fns)}")
-    return fns[stage](_recipe_obj(recipe, overrides), parent_run_id=parent_run_id, progress=False)
+    return fns[stage](_recipe_obj(recipe, overrides), inputs=inputs, parent_run_id=parent_run_id, progress=False)
 
 
 def _child_env(spec: LaunchSpec) -> dict[str, str]:

@@ -98,7 +98,8 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     sft_cfg = SFTConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                         warmup_steps=max(1, cfg.max_steps // 20), weight_decay=0.01, max_grad_norm=1.0,
                         max_length=arch.max_position_embeddings, seed=recipe.seed + 1,
-                        time_limit_seconds=cfg.pretrain_seconds, log_every=10)
+                        time_limit_seconds=cfg.pretrain_seconds, log_every=10,
+                        group_by_length=False)  # length tracks the flaw type here: keep batches mixed
     examples = [{"prompt": p, "completion": c} for p, c in pairs]
     logger = _StepCallback(on_step) if on_step else None
     res = SFTTrainer(model, tok, examples, sft_cfg, logger=logger, progress=progress).train()

@@ -21,11 +21,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _record(fn):
+    """torchrun's error recording: a failing rank writes error.json, which the launcher reports."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.entry", description=__doc__)
     parser.add_argument("stage", help="stage name")
     parser.add_argument("--recipe", default="tiny", help="preset name or YAML path")
     parser.add_argument("--overrides", default="{}", help="JSON object of dotted-key overrides")
+    parser.add_argument("--inputs", default="{}", help='JSON object of input URIs, e.g. {"model": "runs:/<id>/model"}')
     parser.add_argument("--parent-run-id", default=None, help="MLflow run id of the pipeline run")
     parser.add_argument("--result-file", type=Path, default=None, help="where rank 0 writes the outputs as JSON")
     args = parser.parse_args(argv)
@@ -36,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     check_stages([args.stage])
     recipe = load_recipe(args.recipe, json.loads(args.overrides))
-    out = runnable()[args.stage](recipe, parent_run_id=args.parent_run_id, progress=sys.stderr.isatty())
+    out = runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
+                                 progress=sys.stderr.isatty())
     if args.result_file and int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(args.result_file, out)
     return 0

@@ -51,7 +51,7 @@ class BaseModelConfig(Strict):
     max_digits: int = Field(2, ge=1, le=6)
     noise: NoiseConfig = NoiseConfig()
     train_problems: int = Field(20000, ge=100)
-    pretrain_seconds: float = Field(900.0, gt=0, description="safety cap on wall-clock time; max_steps is the real bound")
+    pretrain_seconds: float = Field(3600.0, gt=0, description="safety cap on wall-clock time; max_steps is the real bound")
     max_steps: int = Field(450, ge=1, description="optimiser steps of pretraining (the build is deterministic for a seed)")
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
@@ -95,11 +95,29 @@ class ClusterConfig(Strict):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0, description="0 = CPU")
     deepspeed_config: str | None = Field(None, description="path of a DeepSpeed JSON config (infra/deepspeed/...)")
+    hostfile: str | None = Field(None, description="deepspeed launcher: hostfile (`worker-0 slots=8`, one line a node)")
+    master_port: int | None = Field(None, ge=1, le=65535, description="rendezvous port (default: a free one)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for launched processes")
+    timeout: float | None = Field(None, gt=0, description="seconds before a launched stage is killed")
+    # slurm
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = Field(None, description="slurm --time, e.g. 24:00:00")
+    cpus_per_task: int | None = Field(None, ge=1)
+    setup: list[str] | None = Field(None, description="slurm: shell lines run before srun")
+    # kubernetes (a Prefect work pool; see infra/prefect and docs/scaling.md)
+    image: str | None = None
+    cpu: str | None = None
+    memory: str | None = None
+    namespace: str | None = None
+    deployment: str | None = Field(None, description="flow/deployment on the Kubernetes work pool")
 
     @model_validator(mode="after")
     def _multi_node_needs_launcher(self):
-        if self.nodes > 1 and self.launcher in ("local", "torchrun"):
-            raise ValueError(f"nodes={self.nodes} needs launcher deepspeed, slurm or kubernetes (got {self.launcher})")
+        if self.nodes > 1 and self.launcher in ("local", "torchrun", "kubernetes"):
+            raise ValueError(f"nodes={self.nodes} needs launcher deepspeed or slurm (got {self.launcher})")
+        if self.launcher == "deepspeed" and self.nodes > 1 and not self.hostfile:
+            raise ValueError("launcher deepspeed on several nodes needs cluster.hostfile")
         return self
 
 

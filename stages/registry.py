@@ -8,11 +8,31 @@ ORDER = ["base_model", "r1_zero", "cold_start_sft", "reasoning_rl", "synthesize"
          "distill"]
 
 
+# Each stage's inputs: name -> (upstream stage, the upstream output it takes). A pipeline run passes the upstream's
+# output from this run; a single-stage rerun resolves it to the newest finished upstream run in MLflow.
+INPUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "base_model": {},
+    "r1_zero": {"model": ("base_model", "model")},
+    "cold_start_sft": {"model": ("base_model", "model"), "r1_zero_model": ("r1_zero", "model")},
+    "reasoning_rl": {"model": ("cold_start_sft", "model")},
+    "synthesize": {"model": ("reasoning_rl", "model")},
+    "general_sft": {"model": ("base_model", "model"), "data": ("synthesize", "data")},
+    "preference_rl": {"model": ("general_sft", "model")},
+    "distill": {"data": ("synthesize", "data"), "teacher": ("preference_rl", "model")},
+}
+
+
+def pipeline_inputs(stage: str, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The inputs of `stage` that upstream stages of this pipeline run produced."""
+    return {key: outputs[up][art] for key, (up, art) in INPUTS[stage].items() if up in outputs and art in outputs[up]}
+
+
 def runnable() -> dict[str, Callable]:
     """name -> run(recipe, inputs=None, parent_run_id=None, progress=True) -> outputs dict (URIs)."""
-    from stages import base_model, r1_zero, reasoning_rl
+    from stages import base_model, cold_start_sft, general_sft, r1_zero, reasoning_rl, synthesize
 
-    return {"base_model": base_model.run, "r1_zero": r1_zero.run, "reasoning_rl": reasoning_rl.run}
+    return {"base_model": base_model.run, "r1_zero": r1_zero.run, "cold_start_sft": cold_start_sft.run,
+            "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run}
 
 
 def check_stages(names: list[str]) -> list[str]:

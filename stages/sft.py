@@ -35,6 +35,7 @@ class SFTConfig(Strict):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_length: int = Field(256, ge=8, description="tokens of prompt + completion; longer completions are cut")
+    group_by_length: bool = Field(True, description="batch similar lengths together (less padding); off = random")
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
     log_every: int = Field(10, ge=1)
@@ -85,12 +86,13 @@ def _prompt_completion(tokenizer, ex: dict, i: int) -> tuple[str, str]:
     return ex["prompt"], ex["completion"]
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of indices with similar lengths: shuffle, sort within mega-batches of 32 batches, shuffle the batches."""
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, group: bool = True) -> list[list[int]]:
+    """Batches of indices with similar lengths: shuffle, sort within mega-batches of 32 batches, shuffle the batches.
+    With group=False the batches are plain random ones (better when length correlates with content)."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
-    mega = batch_size * 32
+    mega = batch_size * 32 if group else batch_size
     batches = []
     for s in range(0, len(idx), mega):
         chunk = sorted(idx[s : s + mega], key=lambda i: lengths[i])
@@ -147,11 +149,16 @@ class SFTTrainer:
         else:
             self.engine = TorchEngine(model, opt, sched, cfg.max_grad_norm)
         self.step = 0
+        self._order_epoch, self._order = None, []
 
     def _batch(self, step: int) -> list[tuple[list[int], int]]:
         """The examples of global step `step` for this rank: a pure function of the step (exact resume)."""
         epoch, pos = divmod(step, self.batches_per_epoch)
-        order = length_grouped_order([len(ids) for ids, _ in self.data], self.batch_size, self.cfg.seed + epoch)
+        if self._order_epoch != epoch:  # one order per epoch, a pure function of (seed, epoch)
+            lengths = [len(ids) for ids, _ in self.data]
+            self._order = length_grouped_order(lengths, self.batch_size, self.cfg.seed + epoch, self.cfg.group_by_length)
+            self._order_epoch = epoch
+        order = self._order
         idx = order[pos % len(order)]
         share = len(idx) // self.world
         return [self.data[i] for i in idx[self.rank * share : (self.rank + 1) * share]]

@@ -105,15 +105,17 @@ def test_timeout_kills_the_launch_and_cancels_a_slurm_job(monkeypatch):
 def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
     calls = []
 
-    def fake_stage(recipe, parent_run_id=None, progress=True):
-        calls.append((recipe, parent_run_id, progress, os.getpid()))
+    def fake_stage(recipe, inputs=None, parent_run_id=None, progress=True):
+        calls.append((recipe, inputs, parent_run_id, progress, os.getpid()))
         return {"run_id": "r1", "model": "runs:/r1/model"}
 
     monkeypatch.setattr("stages.registry.runnable", lambda: {"base_model": fake_stage})
-    out = launch_stage("base_model", "tiny", {"eval.num_prompts": 3}, "p1", LaunchSpec(target="local"))
+    out = launch_stage("base_model", "tiny", {"eval.num_prompts": 3}, "p1", LaunchSpec(target="local"),
+                       inputs={"model": "runs:/up/model"})
     assert out == {"run_id": "r1", "model": "runs:/r1/model"}
-    recipe, parent, progress, pid = calls[0]
+    recipe, inputs, parent, progress, pid = calls[0]
     assert recipe.eval.num_prompts == 3 and recipe.name == "tiny" and parent == "p1" and not progress
+    assert inputs == {"model": "runs:/up/model"}
     assert pid == os.getpid()
     with pytest.raises(LaunchError, match="not runnable"):
         launch_stage("r1_zero", "tiny", None, None, LaunchSpec(target="local"))
@@ -124,7 +126,7 @@ def test_local_accepts_a_validated_recipe(monkeypatch):
 
     seen = []
     monkeypatch.setattr("stages.registry.runnable",
-                        lambda: {"base_model": lambda r, parent_run_id=None, progress=True: seen.append(r) or {}})
+                        lambda: {"base_model": lambda r, inputs=None, parent_run_id=None, progress=True: seen.append(r) or {}})
     launch_stage("base_model", load_recipe("tiny"), {"seed": 7}, None, LaunchSpec())
     assert seen[0].seed == 7
 
