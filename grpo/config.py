@@ -32,7 +32,7 @@ class GRPOConfig(BaseModel):
     loss_aggregation: Literal["token_mean", "sequence_mean", "dr_grpo"] = Field(
         "sequence_mean",
         description="sequence_mean: mean over a sequence's tokens, then over sequences (GRPO paper); token_mean: over "
-        "all tokens of the batch (DAPO); dr_grpo: sum over tokens / (sequences * max_completion_length) (Dr. GRPO)",
+        "all tokens of the batch, across ranks too (DAPO); dr_grpo: sum over tokens / (sequences * max_completion_length) (Dr. GRPO)",
     )
     advantage_mode: Literal["outcome", "process"] = Field(
         "outcome", description="outcome: one reward per completion; process: rewards per reasoning step"

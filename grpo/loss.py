@@ -49,19 +49,27 @@ def clipped_surrogate(
     return per_token, clipped_low, clipped_high
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    max_len: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reduce (N, T) per-token values to a scalar over the masked tokens.
 
     sequence_mean: mean over each sequence's tokens, then over sequences (GRPO paper);
     token_mean:    sum over all tokens / number of tokens (DAPO);
     dr_grpo:       sum over all tokens / (N · max_len), a constant normaliser (Dr. GRPO).
+    num_tokens overrides token_mean's denominator: on N ranks whose gradients are averaged, pass the mean token
+    count per rank, so that the result is the token mean of the whole batch, not a mean of per-rank means.
     """
     total = torch.where(mask.bool(), per_token, 0.0)  # not a product: inf * 0 after EOS would be NaN
     mask = mask.to(per_token.dtype)
     if mode == "sequence_mean":
         return (total.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     if mode == "token_mean":
-        return total.sum() / mask.sum().clamp(min=1)
+        return total.sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
     if mode == "dr_grpo":
         if max_len is None:
             raise ValueError("dr_grpo aggregation needs max_len (max_completion_length)")
@@ -87,6 +95,7 @@ def grpo_loss(
     kl_estimator: str = "k3",
     aggregation: str = "sequence_mean",
     max_len: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss (scalar) and its diagnostics (KL, clip fractions) as floats."""
     per_token, clipped_low, clipped_high = clipped_surrogate(logp_new, logp_old, adv, eps_low, eps_high)
@@ -97,7 +106,7 @@ def grpo_loss(
         kl = KL_ESTIMATORS[kl_estimator](logp_new, logp_ref)
         per_token = per_token + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask).item()
-    loss = aggregate(per_token, mask, aggregation, max_len)
+    loss = aggregate(per_token, mask, aggregation, max_len, num_tokens)
     stats["clip_low"] = masked_mean(clipped_low, mask).item()
     stats["clip_high"] = masked_mean(clipped_high, mask).item()
     return loss, stats

@@ -25,12 +25,23 @@ from tqdm.auto import tqdm
 from grpo.advantages import group_advantages, process_advantages
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig
-from grpo.engine import DeepSpeedEngine, TorchEngine, all_reduce_max, all_reduce_mean, lr_lambda, rank_and_world
+from grpo.engine import (
+    DeepSpeedEngine,
+    TorchEngine,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_weighted_mean,
+    lr_lambda,
+    mean_over_ranks,
+    rank_and_world,
+)
 from grpo.logging import MetricLogger, NullLogger
 from grpo.logprobs import completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
 from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
 from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams
+
+TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
 
 
 class PromptSampler:
@@ -199,7 +210,10 @@ class GRPOTrainer:
             "completion_length/mean": lengths.mean().item(),
             "truncated_share": rollout.truncated.float().mean().item(),
         }
+        # per-token diagnostics are token means over the whole batch: weight each rank by its token count
+        per_token = {k: metrics.pop(k) for k in TOKEN_METRICS if k in metrics}
         metrics = all_reduce_mean(metrics)
+        metrics.update(all_reduce_weighted_mean(per_token, rollout.completion_mask.sum().item()))
         metrics["completion_length/max"] = all_reduce_max(lengths.max().item())
         step_time = time.perf_counter() - t0
         metrics["lr"] = self.engine.lr()
@@ -314,6 +328,7 @@ class GRPOTrainer:
                     kl_estimator=cfg.kl_estimator,
                     aggregation=cfg.loss_aggregation,
                     max_len=cfg.max_completion_length,
+                    num_tokens=mean_over_ranks(mask.sum().float()) if cfg.loss_aggregation == "token_mean" else None,
                 )
                 self.engine.backward(loss)
                 s["grad_norm"] = self.engine.step()

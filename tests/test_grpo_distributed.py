@@ -1,8 +1,9 @@
 """One code path for 1 or N ranks: 2 CPU ranks under DeepSpeed ZeRO-2/3 (gloo) train like 1 process on the whole batch.
 
 Completions come from a scripted backend (fixed texts per prompt) so that both runs see the same rollout; the prompts
-are sharded across ranks with each group kept whole. With sequence_mean aggregation, the mean over ranks of per-rank
-losses is the whole-batch loss, so the parameters after the run must match the single-process run. The workers also
+are sharded across ranks with each group kept whole. The mean over ranks of per-rank losses is the whole-batch loss
+(sequence_mean: equal shards; token_mean: the token count is averaged over ranks), so the parameters after the run must
+match the single-process run. The workers also
 check that resuming from a DeepSpeed checkpoint reproduces the uninterrupted run exactly, and export the model.
 
 Run as a script (by torchrun) this file is the worker.
@@ -21,7 +22,7 @@ G = 4
 TEXTS = ["<think>1+2=3</think><answer>3</answer>", "12", "abc def", "<answer>7</answer> so 9"]
 
 
-def setup():
+def setup(aggregation: str = "sequence_mean"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo.config import GRPOConfig
@@ -50,7 +51,10 @@ def setup():
 
     class ScriptedBackend:
         def generate(self, prompts, num_generations, sampling):
-            completions = [TEXTS[(len(p) + j) % len(TEXTS)] for p in prompts for j in range(num_generations)]
+            # groups of different total lengths, so per-rank token counts differ
+            completions = [
+                TEXTS[(len(p) + j) % len(TEXTS)] * (1 + len(p) % 3) for p in prompts for j in range(num_generations)
+            ]
             return rollout_from_completions(tok, prompts, completions, num_generations)
 
     def digits(prompts, completions, k, **kw):
@@ -66,19 +70,20 @@ def setup():
         max_completion_length=16,
         max_prompt_length=32,
         max_grad_norm=0.5,
+        loss_aggregation=aggregation,
         seed=0,
     )
     return model, tok, cfg, dataset, [("digits", digits, 1.0)], ScriptedBackend()
 
 
-def worker(stage: int, out: str) -> None:
+def worker(stage: int, out: str, aggregation: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
     from grpo.trainer import GRPOTrainer
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model, tok, cfg, dataset, funcs, backend = setup()
+    model, tok, cfg, dataset, funcs, backend = setup(aggregation)
     ds_config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1}
     cfg.checkpoint_every = 2
     trainer = GRPOTrainer(
@@ -98,7 +103,7 @@ def worker(stage: int, out: str) -> None:
     trainer.save_model(os.path.join(out, "model"))
 
     # resume from step 2 (mid-iteration: the reference comes from the checkpoint) in a fresh engine
-    model2, *_ = setup()
+    model2, *_ = setup(aggregation)
     resumed = GRPOTrainer(
         model2,
         tok,
@@ -121,8 +126,8 @@ def worker(stage: int, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one_process(stage, tmp_path):
+@pytest.mark.parametrize("stage, aggregation", [(2, "token_mean"), (3, "sequence_mean")])
+def test_two_ranks_match_one_process(stage, aggregation, tmp_path):
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -139,6 +144,7 @@ def test_two_ranks_match_one_process(stage, tmp_path):
         __file__,
         str(stage),
         str(tmp_path),
+        aggregation,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -146,7 +152,7 @@ def test_two_ranks_match_one_process(stage, tmp_path):
 
     from grpo.trainer import GRPOTrainer
 
-    model, tok, cfg, dataset, funcs, backend = setup()
+    model, tok, cfg, dataset, funcs, backend = setup(aggregation)
     single = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, progress=False)
     history = single.train()
     ds_history = json.loads((tmp_path / "history.json").read_text())
@@ -166,4 +172,4 @@ def test_two_ranks_match_one_process(stage, tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    worker(int(sys.argv[1]), sys.argv[2])
+    worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
