@@ -123,7 +123,7 @@ class RewardModelTraining(Strict):
 class PreferenceRLConfig(GRPOStageConfig):
     """All-scenario RL: rule rewards on reasoning prompts, reward models on general prompts."""
 
-    grpo: GRPOConfig = GRPOConfig(prompts_per_step=16, num_generations=8, steps_per_iteration=40,
+    grpo: GRPOConfig = GRPOConfig(prompts_per_step=16, num_generations=8, steps_per_iteration=30,
                                   max_completion_length=64, max_prompt_length=64, learning_rate=5e-4,
                                   beta=0.04, log_every=5)
     general_data: DataSource = DataSource(task="general", num_prompts=400)
