@@ -121,11 +121,16 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="stage name, e.g. base_model"),
+def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see README for the chain)"),
           recipe: str = typer.Option("tiny", "--config", "--recipe", help=RECIPE_HELP),
+          input_model: str = typer.Option(None, "--input-model", help="model URI (runs:/<id>/model, a path, ...)"),
+          input_data: str = typer.Option(None, "--input-data", help="data URI (runs:/<id>/data, a path, ...)"),
+          inputs: list[str] = typer.Option(None, "--input", help="other inputs as KEY=URI (repeatable), e.g. "
+                                           "teacher=runs:/<id>/model"),
           set: list[str] = typer.Option(None, "--set", help=SET_HELP),
           verbose: bool = False) -> None:
-    """Run one stage alone as its own MLflow run (no Prefect)."""
+    """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
+    the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose)
     from stages.registry import check_stages, runnable
 
@@ -135,7 +140,19 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. base_model"),
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     cfg = _recipe(recipe, set)
-    out = runnable()[name](cfg)
+    given = {"model": input_model, "data": input_data}
+    for item in inputs or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--input {item!r}: expected KEY=URI")
+        key, uri = item.split("=", 1)
+        given[key.strip()] = uri.strip()
+    from stages.common import StageInputError
+
+    try:
+        out = runnable()[name](cfg, inputs={k: v for k, v in given.items() if v})
+    except StageInputError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     console.print_json(json.dumps(out))
 
 
@@ -143,9 +160,12 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. base_model"),
 def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
              stages: list[str] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
+             force: list[str] = typer.Option(None, "--force", help="rerun this stage even if unchanged (repeatable)"),
              verbose: bool = False) -> None:
     """Run the pipeline as a Prefect flow (a temporary local Prefect server if none is configured) with one MLflow
-    parent run and a nested run per stage. Results: `mlflow ui --backend-store-uri sqlite:///mlflow.db`."""
+    parent run and a nested run per stage. Stages whose config and inputs are unchanged since a finished run are
+    skipped and their outputs reused (--force NAME reruns one). Results: `mlflow ui --backend-store-uri
+    sqlite:///mlflow.db`."""
     _logging(verbose)
     cfg = _recipe(recipe, set)  # validate before Prefect starts
     from flows.pipeline import configure_local_prefect
@@ -153,13 +173,14 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
     try:
         check_stages(stages or ["base_model"])
+        check_stages(force or [])
     except ValueError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     configure_local_prefect()
     from flows.pipeline import r1_pipeline
 
-    result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set))
+    result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
     console.print_json(json.dumps(result))
     console.print(f"MLflow: `mlflow ui --backend-store-uri {cfg.tracking.uri}` then open experiment "
                   f"{cfg.tracking.experiment!r}")

@@ -30,21 +30,61 @@ def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, s
     return out
 
 
-@flow(name="r1-pipeline", log_prints=True)
-def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Run the R1 chain (or a sub-chain) from a recipe preset name or YAML path."""
+def plan_inputs(cfg: Recipe, chain: list[str]) -> dict[str, dict[str, str]]:
+    """Inputs of every stage whose upstream is not in `chain`, resolved in MLflow now: a sub-chain with a missing
+    upstream fails before any stage starts."""
+    from stages.common import resolve_input
+    from stages.registry import INPUTS
+
+    planned = {}
+    for name in chain:
+        planned[name] = {key: resolve_input(cfg, None, key, up, art)
+                         for key, (up, art) in INPUTS[name].items() if up not in chain}
+    return planned
+
+
+def reusable_outputs(cfg: Recipe, name: str, inputs: dict[str, str]) -> dict[str, str] | None:
+    """Outputs of a finished run of this stage with the same config and inputs (its stage key), or None."""
+    import json
+
+    from stages.common import OUTPUTS_TAG, finished_run_with_key, stage_key
+
+    run = finished_run_with_key(cfg, stage_key(name, getattr(cfg, name), inputs, cfg))
+    return json.loads(run.data.tags[OUTPUTS_TAG]) if run else None
+
+
+@flow(name="r1-pipeline", log_prints=True, persist_result=True)
+def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides: dict | None = None,
+                force: list[str] | None = None) -> dict:
+    """Run the R1 chain (or a sub-chain) from a recipe preset name or YAML path.
+
+    A stage whose config and inputs equal those of a finished run is skipped and that run's outputs are reused;
+    `force` names stages to rerun anyway. A changed stage gets new outputs, so everything downstream reruns too.
+    """
     cfg = load_recipe(recipe, overrides)
     chain = check_stages(stages or list(runnable()))
+    forced = set(check_stages(force or []))
     tracking.check_tracking(cfg.tracking)
     import mlflow
 
+    planned = plan_inputs(cfg, chain)
+    logger = get_run_logger()
     exp_id = tracking.setup(cfg.tracking)
     outputs: dict[str, dict] = {}
+    skipped: list[str] = []
     with mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline-{cfg.name}",
                           tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
         for name in chain:
-            outputs[name] = run_stage(name, cfg, parent.info.run_id, pipeline_inputs(name, outputs))
-    return {"pipeline_run_id": parent.info.run_id, "stages": outputs}
+            inputs = {**planned[name], **pipeline_inputs(name, outputs)}
+            reuse = None if name in forced else reusable_outputs(cfg, name, inputs)
+            if reuse is not None:
+                logger.info("stage %s: unchanged since run %s, reusing its outputs", name, reuse["run_id"])
+                outputs[name] = reuse
+                skipped.append(name)
+                continue
+            outputs[name] = run_stage(name, cfg, parent.info.run_id, inputs)
+        mlflow.set_tag("r1.skipped", ",".join(skipped))
+    return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped}
 
 
 def configure_local_prefect() -> None:

@@ -154,38 +154,27 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     Returns {"run_id", "model"}; `model` is the URI later stages take as input (runs:/<id>/model). The base model
     has no upstream, so `inputs` is unused.
     """
-    import tempfile
-
     import mlflow
 
     from stages import tracking
-    from stages.evaluate import evaluate
+    from stages.common import finish_with_model, stage_context
     from stages.models import check_model_dir, load_model, load_tokenizer, resolve_model_uri
-    from stages.recipe import flatten
 
     cfg = recipe.base_model
     tracking.check_tracking(recipe.tracking)
     if cfg.source == "pretrained":
         check_model_dir(resolve_model_uri(cfg.path))  # fail before opening a run
-    params = flatten(cfg, "base_model.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
-    with tracking.stage_run(recipe.tracking, STAGE, params, recipe.name, parent_run_id) as mrun:
-        with tempfile.TemporaryDirectory(prefix="r1-base-") as tmp:
-            if cfg.source == "build":
-                def on_step(step, metrics):
-                    mlflow.log_metrics(metrics, step=step)
+    with stage_context(recipe, STAGE, cfg, {}, parent_run_id, progress) as ctx:
+        if cfg.source == "build":
+            def on_step(step, metrics):
+                mlflow.log_metrics(metrics, step=step)
 
-                res = build_base_model(recipe, Path(tmp) / "model", on_step=on_step, progress=progress)
-                mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,
-                                    "base/final_loss": res.final_loss, "base/build_seconds": res.seconds})
-                model_dir = res.path
-            else:
-                model_dir = check_model_dir(resolve_model_uri(cfg.path))
-            model = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
-            tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-            result = evaluate(model, tok, heldout_problems(recipe), recipe.eval, recipe.prompt.template,
-                              recipe.prompt.target_language, progress=progress)
-            mlflow.log_metrics(result.metrics())
-            mlflow.log_table({k: [s[k] for s in result.samples] for k in result.samples[0]}, "samples.json")
-            mlflow.log_artifacts(str(model_dir), artifact_path="model")
-        log.info("base model evaluation: %s", {k: round(v, 3) for k, v in result.metrics().items()})
-        return {"run_id": mrun.info.run_id, "model": f"runs:/{mrun.info.run_id}/model"}
+            res = build_base_model(recipe, ctx.workdir / "build", on_step=on_step, progress=progress)
+            mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,
+                                "base/final_loss": res.final_loss, "base/build_seconds": res.seconds})
+            model_dir = res.path
+        else:
+            model_dir = check_model_dir(resolve_model_uri(cfg.path))
+        model = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+        return finish_with_model(ctx, model, tok)

@@ -22,6 +22,10 @@ from stages.recipe import Recipe, flatten
 log = logging.getLogger(__name__)
 
 
+OUTPUTS_TAG = "r1.outputs"
+KEY_TAG = "r1.stage_key"
+
+
 class StageInputError(ValueError):
     """A stage input that is missing or cannot be resolved."""
 
@@ -54,6 +58,7 @@ def stage_key(name: str, cfg: BaseModel | dict, inputs: dict[str, str], recipe: 
     """Identity of a stage's work: its config, its inputs, the prompt template and seed."""
     body = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
     blob = json.dumps({"stage": name, "cfg": body, "inputs": inputs, "template": recipe.prompt.template,
+                       "language": recipe.prompt.target_language, "eval": recipe.eval.model_dump(mode="json"),
                        "seed": recipe.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -85,20 +90,54 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     workdir.mkdir(parents=True, exist_ok=True)
     params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
     params |= {f"input.{k}": v for k, v in inputs.items()}
-    tags = {"r1.stage_key": key} | {f"r1.input.{k}": v for k, v in inputs.items()}
+    tags = {KEY_TAG: key} | {f"r1.input.{k}": v for k, v in inputs.items()}
     with tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
         log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
+        record_outputs(run.info.run_id)
+
+
+def record_outputs(run_id: str) -> dict[str, str]:
+    """Tag the run with its outputs (run id and the URIs of its top-level artifacts such as model/ and data/), so a
+    later pipeline run with the same stage key can reuse them instead of recomputing."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    outputs = {"run_id": run_id}
+    for a in client.list_artifacts(run_id):
+        if a.is_dir:
+            outputs[a.path] = f"runs:/{run_id}/{a.path}"
+    client.set_tag(run_id, OUTPUTS_TAG, json.dumps(outputs))
+    return outputs
+
+
+def finished_run_with_key(recipe: Recipe, key: str):
+    """A FINISHED run of this experiment whose stage key is `key` and whose outputs were recorded, or None."""
+    import mlflow
+
+    tracking.setup(recipe.tracking)
+    exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=5, output_format="list")
+    return next((r for r in runs if OUTPUTS_TAG in r.data.tags), None)
 
 
 def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = True,
-                      extra_outputs: dict[str, str] | None = None) -> dict[str, str]:
-    """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts."""
+                      extra_outputs: dict[str, str] | None = None, save=None) -> dict[str, str]:
+    """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts.
+
+    save: a callable(dir) that writes the model (e.g. a trainer's, which gathers ZeRO-3 shards); default
+    save_pretrained of `model` and `tokenizer`.
+    """
     import mlflow
 
     out = ctx.workdir / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if save is not None:
+        save(out)
+    else:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     mlflow.log_artifacts(str(out), artifact_path="model")
     if evaluate_it:
         log_evaluation(ctx, model, tokenizer)

@@ -51,7 +51,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     if history:
         last = history[-min(len(history), 10):]
         mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
-    return finish_with_model(ctx, trainer.engine.module, tokenizer)
+    return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:

@@ -45,7 +45,7 @@ def test_pipeline_flow_nests_stage_runs_under_one_parent(mini_recipe, tmp_path):
     from tests.conftest import MINI
 
     overrides = {**MINI, "tracking.uri": mini_recipe.tracking.uri}
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # slow machines
         result = r1_pipeline(recipe="tiny", overrides=overrides)
     runs = {r.info.run_id: r for r in _runs(mini_recipe)}
     parent = runs[result["pipeline_run_id"]]

@@ -1,0 +1,85 @@
+"""The pipeline flow: no repeated work, downstream-only reruns, input resolution before anything starts."""
+
+import mlflow
+import pytest
+
+from stages.common import StageInputError
+from tests.conftest import MINI
+
+# r1_zero small enough for seconds
+SMALL_RL = {
+    "r1_zero.grpo.prompts_per_step": 4, "r1_zero.grpo.num_generations": 2, "r1_zero.grpo.steps_per_iteration": 2,
+    "r1_zero.grpo.max_completion_length": 12, "r1_zero.data.num_prompts": 16, "r1_zero.samples_to_log": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):  # slow machines
+        yield
+
+
+def _stage_runs(uri, experiment="r1-tiny"):
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    return [r for r in runs if r.data.tags.get("r1.stage") not in (None, "pipeline")]
+
+
+def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(harness, tmp_path):
+    from flows.pipeline import r1_pipeline
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = {**MINI, **SMALL_RL, "tracking.uri": uri, "output_dir": str(tmp_path / "runs")}
+    stages = ["base_model", "r1_zero"]
+
+    first = r1_pipeline(recipe="tiny", stages=stages, overrides=base)
+    assert first["skipped"] == [] and len(_stage_runs(uri)) == 2
+    assert first["stages"]["r1_zero"]["model"].startswith("runs:/")
+
+    again = r1_pipeline(recipe="tiny", stages=stages, overrides=base)
+    assert again["skipped"] == stages and len(_stage_runs(uri)) == 2
+    assert again["stages"] == first["stages"]
+
+    changed = r1_pipeline(recipe="tiny", stages=stages, overrides={**base, "r1_zero.grpo.learning_rate": 5e-4})
+    assert changed["skipped"] == ["base_model"] and len(_stage_runs(uri)) == 3
+    assert changed["stages"]["base_model"] == first["stages"]["base_model"]
+    assert changed["stages"]["r1_zero"]["run_id"] != first["stages"]["r1_zero"]["run_id"]
+
+    forced = r1_pipeline(recipe="tiny", stages=["r1_zero"], overrides=base, force=["r1_zero"])
+    assert forced["skipped"] == [] and len(_stage_runs(uri)) == 4
+    # the sub-chain's upstream was resolved in MLflow: the newest finished base_model run
+    new_run = mlflow.get_run(forced["stages"]["r1_zero"]["run_id"])
+    assert new_run.data.tags["r1.input.model"] == first["stages"]["base_model"]["model"]
+
+
+def test_sub_chain_without_resolvable_upstream_fails_before_any_stage(harness, tmp_path):
+    from flows.pipeline import r1_pipeline
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(StageInputError, match="no finished base_model run"):
+        r1_pipeline(recipe="tiny", stages=["r1_zero"], overrides={**MINI, "tracking.uri": uri})
+    exp = mlflow.get_experiment_by_name("r1-tiny")
+    assert exp is None or not _stage_runs(uri)
+
+
+def test_cli_stage_resolves_upstream_and_reports_missing_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [x for k, v in {**MINI, **SMALL_RL, "tracking.uri": uri, "output_dir": str(tmp_path / "runs")}.items()
+            for x in ("--set", f"{k}={v}")]
+    runner = CliRunner()
+    missing = runner.invoke(app, ["stage", "r1_zero", *sets])
+    assert missing.exit_code == 2 and "no finished base_model run" in missing.output
+    assert runner.invoke(app, ["stage", "base_model", *sets]).exit_code == 0
+    ok = runner.invoke(app, ["stage", "r1_zero", *sets])
+    assert ok.exit_code == 0, ok.output
+    (base_run,) = [r for r in _stage_runs(uri) if r.data.tags["r1.stage"] == "base_model"]
+    (rl_run,) = [r for r in _stage_runs(uri) if r.data.tags["r1.stage"] == "r1_zero"]
+    assert rl_run.data.tags["r1.input.model"] == f"runs:/{base_run.info.run_id}/model"
+    assert runner.invoke(app, ["stage", "r2_zero"]).exit_code == 2
