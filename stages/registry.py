@@ -29,10 +29,20 @@ def pipeline_inputs(stage: str, outputs: dict[str, dict[str, str]]) -> dict[str,
 
 def runnable() -> dict[str, Callable]:
     """name -> run(recipe, inputs=None, parent_run_id=None, progress=True) -> outputs dict (URIs)."""
-    from stages import base_model, cold_start_sft, general_sft, r1_zero, reasoning_rl, synthesize
+    from stages import (
+        base_model,
+        cold_start_sft,
+        distill,
+        general_sft,
+        preference_rl,
+        r1_zero,
+        reasoning_rl,
+        synthesize,
+    )
 
     return {"base_model": base_model.run, "r1_zero": r1_zero.run, "cold_start_sft": cold_start_sft.run,
-            "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run}
+            "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run,
+            "preference_rl": preference_rl.run, "distill": distill.run}
 
 
 def check_stages(names: list[str]) -> list[str]:
