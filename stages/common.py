@@ -94,21 +94,14 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     with tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
         log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
-        record_outputs(run.info.run_id)
 
 
-def record_outputs(run_id: str) -> dict[str, str]:
-    """Tag the run with its outputs (run id and the URIs of its top-level artifacts such as model/ and data/), so a
-    later pipeline run with the same stage key can reuse them instead of recomputing."""
+def record_outputs(recipe: Recipe, outputs: dict[str, str]) -> None:
+    """Tag the stage's run with what it returned, so a later pipeline run with the same stage key can reuse it."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    outputs = {"run_id": run_id}
-    for a in client.list_artifacts(run_id):
-        if a.is_dir:
-            outputs[a.path] = f"runs:/{run_id}/{a.path}"
-    client.set_tag(run_id, OUTPUTS_TAG, json.dumps(outputs))
-    return outputs
+    tracking.setup(recipe.tracking)
+    mlflow.MlflowClient().set_tag(outputs["run_id"], OUTPUTS_TAG, json.dumps(outputs))
 
 
 def finished_run_with_key(recipe: Recipe, key: str):

@@ -40,9 +40,23 @@ def runnable() -> dict[str, Callable]:
         synthesize,
     )
 
-    return {"base_model": base_model.run, "r1_zero": r1_zero.run, "cold_start_sft": cold_start_sft.run,
-            "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run,
-            "preference_rl": preference_rl.run, "distill": distill.run}
+    stages = {"base_model": base_model.run, "r1_zero": r1_zero.run, "cold_start_sft": cold_start_sft.run,
+              "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run,
+              "preference_rl": preference_rl.run, "distill": distill.run}
+    return {name: _recording(fn) for name, fn in stages.items()}
+
+
+def _recording(run: Callable) -> Callable:
+    """A stage's run that tags its MLflow run with the outputs it returned (what a later pipeline run reuses)."""
+
+    def recorded(recipe, inputs=None, parent_run_id=None, progress=True):
+        from stages.common import record_outputs
+
+        out = run(recipe, inputs=inputs, parent_run_id=parent_run_id, progress=progress)
+        record_outputs(recipe, out)
+        return out
+
+    return recorded
 
 
 def check_stages(names: list[str]) -> list[str]:
