@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from stages.common import resolve_input, stage_context
 from stages.recipe import Recipe
@@ -181,27 +180,6 @@ def _template_pattern(template: str) -> re.Pattern:
 
 def _read_dataset(src):
     """(dataset, its name for messages) from a DataSource with source path/hub."""
-    import datasets
+    from stages.data import read_dataset
 
-    from stages.data import DataInputError
-
-    if src.source == "generated":
-        raise DataInputError("cold_start_sft.data must be a CoT dataset (source: path or hub), not a generated task")
-    if src.source == "hub":
-        return datasets.load_dataset(src.path, split=src.split), src.path
-    p = Path(src.path)
-    if not p.exists():
-        raise DataInputError(f"CoT dataset path {src.path!r} does not exist")
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if src.split not in ds:
-                raise DataInputError(f"CoT dataset {p}: no split {src.split!r} (splits: {list(ds)})")
-            ds = ds[src.split]
-    elif p.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    elif p.suffix in (".jsonl", ".json"):
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-    else:
-        raise DataInputError(f"CoT dataset {p}: expected a save_to_disk folder, .parquet, .jsonl or .json")
-    return ds, str(p)
+    return read_dataset(src, "CoT dataset"), src.path

@@ -45,28 +45,36 @@ def load_problems(src: DataSource, split: str, n: int | None = None, seed: int =
     return picked
 
 
-def _read_rows(src: DataSource) -> list[dict]:
+def read_dataset(src: DataSource, what: str = "dataset"):
+    """A Hugging Face Dataset from a DataSource with source `path` (save_to_disk folder, .parquet, .jsonl, .json) or
+    `hub`; errors name the file (`what` says which data set it is, for the message)."""
     import datasets
 
     path = src.path
     if src.source == "hub":
-        ds = datasets.load_dataset(path, split=src.split)
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataInputError(f"dataset path {path!r} does not exist")
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                if src.split not in ds:
-                    raise DataInputError(f"dataset {path}: no split {src.split!r} (splits: {list(ds)})")
-                ds = ds[src.split]
-        elif p.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        elif p.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(p), split="train")
-        else:
-            raise DataInputError(f"dataset {path!r}: expected a save_to_disk folder, .parquet, .jsonl or .json")
+        return datasets.load_dataset(path, split=src.split)
+    if src.source != "path":
+        raise DataInputError(f"{what} must be a data set (source: path or hub), not source={src.source}")
+    p = Path(path)
+    if not p.exists():
+        raise DataInputError(f"{what} path {path!r} does not exist")
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataInputError(f"{what} {path}: no split {src.split!r} (splits: {list(ds)})")
+            ds = ds[src.split]
+        return ds
+    if p.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(p), split="train")
+    if p.suffix in (".jsonl", ".json"):
+        return datasets.load_dataset("json", data_files=str(p), split="train")
+    raise DataInputError(f"{what} {path!r}: expected a save_to_disk folder, .parquet, .jsonl or .json")
+
+
+def _read_rows(src: DataSource) -> list[dict]:
+    path = src.path
+    ds = read_dataset(src)
     names = {ours: src.columns.get(ours, ours) for ours in ("question", "answer", "task", "metadata", "prompt_id")}
     missing = [f"{names[c]!r} (for {c})" for c in REQUIRED if names[c] not in ds.column_names]
     if missing:

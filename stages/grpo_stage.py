@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.common import StageContext, finish_with_model
+from stages.common import StageContext, finish_with_model, resolve_input, stage_context
 from stages.recipe import Recipe
 from stages.stage_configs import GRPOStageConfig
 
@@ -58,3 +58,18 @@ def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
     from stages.data import load_problems, prompt_rows
 
     return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt.template)
+
+
+def run_stage(stage: str, cfg: GRPOStageConfig, upstream: str, recipe: Recipe, inputs: dict | None,
+              parent_run_id: str | None, progress: bool) -> dict[str, str]:
+    """A reasoning GRPO stage from end to end: resolve the input model, build rewards and prompts (cheap checks
+    first), then load and train inside the stage's MLflow run."""
+    from stages.models import load_model_and_tokenizer, pick_device
+
+    model_uri = resolve_input(recipe, inputs, "model", upstream, "model")
+    rewards = reward_functions(recipe, cfg)  # a bad reward spec fails before any model loads
+    rows = train_rows(recipe, cfg)
+    with stage_context(recipe, stage, cfg, {"model": model_uri}, parent_run_id, progress) as ctx:
+        model, tok = load_model_and_tokenizer(model_uri, pick_device(recipe.device),
+                                              recipe.base_model.trust_remote_code)
+        return train_grpo(ctx, cfg, model, tok, rows, rewards)
