@@ -186,5 +186,27 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
                   f"{cfg.tracking.experiment!r}")
 
 
+@app.command()
+def compare(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
+            stage: str = typer.Option(None, help="only runs of this stage"),
+            pipeline_run: str = typer.Option(None, "--pipeline-run", help="only the stages of this pipeline run"),
+            limit: int = typer.Option(20, help="newest N runs"),
+            set: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Compare stage runs: held-out pass@1, greedy accuracy, format rate, language consistency, completion length
+    (from the recipe's MLflow store). For plots, select the runs in the MLflow UI and press Compare."""
+    cfg = _recipe(recipe, set)
+    from flows.compare import KEY_METRICS, compare_rows
+
+    rows = compare_rows(cfg, stage, pipeline_run, limit)
+    if not rows:
+        console.print(f"no stage runs in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
+        raise typer.Exit(1)
+    table = Table("run", "stage", "started", "status", *[m.split("/", 1)[1] for m in KEY_METRICS])
+    for r in rows:
+        table.add_row(r["run"], r["stage"], r["started"], r["status"],
+                      *["" if r[m] is None else f"{r[m]:.3f}" for m in KEY_METRICS])
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

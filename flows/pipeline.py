@@ -84,7 +84,45 @@ def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides
                 continue
             outputs[name] = run_stage(name, cfg, parent.info.run_id, inputs)
         mlflow.set_tag("r1.skipped", ",".join(skipped))
+    publish_summary(cfg, parent.info.run_id, outputs, skipped)
     return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped}
+
+
+SUMMARY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency")
+
+
+def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str]) -> str:
+    """Markdown: each stage's MLflow run (a link when the store is a server) and its held-out evaluation."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    server = cfg.tracking.uri.startswith("http")
+
+    def link(run_id: str) -> str:
+        return f"[{run_id[:8]}]({cfg.tracking.uri}/#/experiments/{exp.experiment_id}/runs/{run_id})" if server \
+            else f"`{run_id[:8]}`"
+
+    head = "| stage | MLflow run | reused | " + " | ".join(m.split("/")[1] for m in SUMMARY_METRICS) + " |"
+    lines = [f"# R1 pipeline `{cfg.name}`", "",
+             f"Pipeline run {link(pipeline_run_id)} in experiment `{cfg.tracking.experiment}` at `{cfg.tracking.uri}`"
+             + ("" if server else f" (browse: `mlflow ui --backend-store-uri {cfg.tracking.uri}`)"), "",
+             head, "|" + " --- |" * (3 + len(SUMMARY_METRICS))]
+    for name, out in outputs.items():
+        metrics = mlflow.get_run(out["run_id"]).data.metrics
+        values = " | ".join(f"{metrics[m]:.3f}" if m in metrics else "–" for m in SUMMARY_METRICS)
+        lines.append(f"| {name} | {link(out['run_id'])} | {'yes' if name in skipped else 'no'} | {values} |")
+    return "\n".join(lines)
+
+
+def publish_summary(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str]) -> None:
+    """The summary as a Prefect artifact of the flow run (Artifacts tab in the Prefect UI) and an MLflow text file."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    md = summary_markdown(cfg, pipeline_run_id, outputs, skipped)
+    create_markdown_artifact(markdown=md, key=f"r1-{cfg.name}-summary".replace("_", "-").lower(),
+                             description="stages, MLflow runs and held-out evaluation of this pipeline run")
+    mlflow.MlflowClient().log_text(pipeline_run_id, md, "summary.md")
 
 
 def configure_local_prefect() -> None:

@@ -132,9 +132,34 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     mlflow.log_artifacts(str(out), artifact_path="model")
+    register_model(ctx)
     if evaluate_it:
         log_evaluation(ctx, model, tokenizer)
     return {"run_id": ctx.run_id, "model": f"runs:/{ctx.run_id}/model", **(extra_outputs or {})}
+
+
+MODEL_ALIAS = "current"
+
+
+def registered_model_name(recipe: Recipe, stage: str) -> str:
+    return f"r1-{recipe.name}-{stage}"
+
+
+def register_model(ctx: StageContext) -> str:
+    """Register the run's `model/` as a new version of `r1-<recipe>-<stage>` and point the alias `current` at it, so
+    users and reruns can say `models:/r1-tiny-r1_zero@current`. Returns the version's URI."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = registered_model_name(ctx.recipe, ctx.name)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description=f"{ctx.name} models of recipe {ctx.recipe.name}")
+    source = client.get_run(ctx.run_id).info.artifact_uri + "/model"
+    version = client.create_model_version(name, source=source, run_id=ctx.run_id, tags={KEY_TAG: ctx.key})
+    client.set_registered_model_alias(name, MODEL_ALIAS, version.version)
+    uri = f"models:/{name}/{version.version}"
+    client.set_tag(ctx.run_id, "r1.registered_model", uri)
+    return uri
 
 
 def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", table: str = "samples.json"):

@@ -38,6 +38,18 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(harness,
     first = r1_pipeline(recipe="tiny", stages=stages, overrides=base)
     assert first["skipped"] == [] and len(_stage_runs(uri)) == 2
     assert first["stages"]["r1_zero"]["model"].startswith("runs:/")
+    # each stage's model is registered, and the alias resolves to a loadable model
+    from stages.models import check_model_dir, resolve_model_uri
+
+    check_model_dir(resolve_model_uri("models:/r1-tiny-r1_zero@current"), need_chat_template=True)
+    # the pipeline's summary names every stage with its evaluation; compare sees both runs
+    summary = mlflow.artifacts.load_text(f"runs:/{first['pipeline_run_id']}/summary.md")
+    assert "| base_model |" in summary and "| r1_zero |" in summary and "pass_at_1" in summary
+    from flows.compare import compare_rows
+    from stages.recipe import load_recipe
+
+    rows = compare_rows(load_recipe("tiny", base), pipeline_run_id=first["pipeline_run_id"])
+    assert sorted(r["stage"] for r in rows) == stages and all(0 <= r["eval/pass_at_1"] <= 1 for r in rows)
 
     again = r1_pipeline(recipe="tiny", stages=stages, overrides=base)
     assert again["skipped"] == stages and len(_stage_runs(uri)) == 2
@@ -45,6 +57,9 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(harness,
 
     changed = r1_pipeline(recipe="tiny", stages=stages, overrides={**base, "r1_zero.grpo.learning_rate": 5e-4})
     assert changed["skipped"] == ["base_model"] and len(_stage_runs(uri)) == 3
+    versions = mlflow.MlflowClient().search_model_versions("name = 'r1-tiny-r1_zero'")
+    current = mlflow.MlflowClient().get_model_version_by_alias("r1-tiny-r1_zero", "current")
+    assert len(versions) == 2 and current.run_id == changed["stages"]["r1_zero"]["run_id"]
     assert changed["stages"]["base_model"] == first["stages"]["base_model"]
     assert changed["stages"]["r1_zero"]["run_id"] != first["stages"]["r1_zero"]["run_id"]
 
