@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.recipe import BaseModelConfig, Recipe
-from stages.tasks import Problem, TraceNoise, make_problems, noisy_trace
+from stages.tasks import Problem, TraceNoise, noisy_trace
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,10 @@ def split_of(question: str) -> str:
 
 def problems_for(cfg: BaseModelConfig, split: str, n: int, seed: int) -> list[Problem]:
     """n problems of the recipe's task family from one split (the other split's questions are never returned)."""
-    out: list[Problem] = []
-    batch_seed = seed
-    while len(out) < n:
-        batch = make_problems(cfg.task, max(n, 256), batch_seed, max_digits=cfg.max_digits)
-        out.extend(p for p in batch if split_of(p.question) == split)
-        batch_seed += 7919
-    return out[:n]
+    from stages.data import load_problems
+    from stages.stage_configs import DataSource
+
+    return load_problems(DataSource(task=cfg.task, max_digits=cfg.max_digits), split, n, seed)
 
 
 def pretraining_texts(recipe: Recipe) -> list[tuple[str, str]]:

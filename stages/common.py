@@ -30,15 +30,20 @@ class StageInputError(ValueError):
     """A stage input that is missing or cannot be resolved."""
 
 
-def latest_finished_run(recipe: Recipe, stage: str):
-    """The newest FINISHED MLflow run of `stage` in the recipe's experiment, or None."""
+def finished_runs(recipe: Recipe, tag: str, value: str, max_results: int = 5) -> list:
+    """FINISHED runs of the recipe's experiment whose tag `tag` equals `value`, newest first."""
     import mlflow
 
     tracking.setup(recipe.tracking)
     exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = '{stage}' and "
+    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}' and "
                               "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                              max_results=1, output_format="list")
+                              max_results=max_results, output_format="list")
+
+
+def latest_finished_run(recipe: Recipe, stage: str):
+    """The newest FINISHED MLflow run of `stage` in the recipe's experiment, or None."""
+    runs = finished_runs(recipe, tracking.STAGE_TAG, stage, max_results=1)
     return runs[0] if runs else None
 
 
@@ -106,14 +111,7 @@ def record_outputs(recipe: Recipe, outputs: dict[str, str]) -> None:
 
 def finished_run_with_key(recipe: Recipe, key: str):
     """A FINISHED run of this experiment whose stage key is `key` and whose outputs were recorded, or None."""
-    import mlflow
-
-    tracking.setup(recipe.tracking)
-    exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                              max_results=5, output_format="list")
-    return next((r for r in runs if OUTPUTS_TAG in r.data.tags), None)
+    return next((r for r in finished_runs(recipe, KEY_TAG, key) if OUTPUTS_TAG in r.data.tags), None)
 
 
 def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = True,
