@@ -187,6 +187,79 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
 
 @app.command()
+def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
+       set: list[str] = typer.Option(None, "--set", help=SET_HELP),
+       host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes both servers "
+                                "without authentication"),
+       prefect_port: int = typer.Option(4200, help="Prefect server port"),
+       mlflow_port: int = typer.Option(5000, help="MLflow UI port"),
+       log_dir: Path = typer.Option(Path(".r1/logs"), help="where the servers' logs go")) -> None:
+    """Start a local Prefect server (UI, API, scheduler) and the MLflow UI over the recipe's tracking store, both on
+    127.0.0.1, until Ctrl-C. Then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `r1 serve` or
+    `r1 pipeline` in another terminal."""
+    cfg = _recipe(recipe, set)
+    from flows.servers import ServerError, local_servers, start, stop, wait_ready, watch
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]binding to {host}: anyone who can reach it can use both servers (no "
+                      "authentication)[/yellow]")
+    servers = local_servers(cfg.tracking.uri, host, prefect_port, mlflow_port,
+                            cfg.tracking.artifact_location or "./mlartifacts")
+    procs = start(servers, log_dir)
+    code = 0
+    try:
+        wait_ready(servers, procs, log_dir)
+        table = Table("server", "open", "log", title="r1 up: servers ready (Ctrl-C stops them)")
+        for srv in servers:
+            table.add_row(srv.name, srv.url, str(log_dir / srv.log_name))
+        console.print(table)
+        console.print(f"In another terminal:\n  export PREFECT_API_URL=http://{host}:{prefect_port}/api\n"
+                      f"  r1 serve --recipe {recipe}     # deployments for the Prefect UI\n"
+                      f"  r1 pipeline --recipe {recipe}  # or run the chain now", highlight=False)
+        if not cfg.tracking.uri.startswith("http"):
+            console.print(f"MLflow UI reads {cfg.tracking.uri}: experiment {cfg.tracking.experiment!r}",
+                          highlight=False)
+        name = watch(servers, procs)
+        console.print(f"[red]{name} stopped (see its log); stopping the others[/red]")
+        code = 1
+    except ServerError as e:
+        console.print(f"[red]{e}[/red]")
+        code = 1
+    except KeyboardInterrupt:
+        console.print("stopping the servers")
+    finally:
+        stop(procs)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
+          set: list[str] = typer.Option(None, "--set", help=SET_HELP),
+          limit: int = typer.Option(None, help="at most this many flow runs at once (default: no limit)")) -> None:
+    """Register the pipeline and every stage as deployments named after the recipe (r1-pipeline/tiny,
+    r1-reasoning-rl/tiny, ...) with the recipe's cron schedules, on the Prefect server at PREFECT_API_URL (see
+    `r1 up`), and run what the UI, the API or a schedule triggers until Ctrl-C. Flow runs start in this folder."""
+    cfg = _recipe(recipe, set)
+    from flows.deployments import ServeError, build_deployments, check_server
+    from stages.recipe import RecipeError
+
+    try:
+        url = check_server()
+        deployments = build_deployments(cfg, recipe, _overrides(set))
+    except (ServeError, RecipeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    for s in cfg.schedules:
+        console.print(f"schedule: {s.flow} at '{s.cron}' ({s.timezone}){'' if s.active else ', paused'}",
+                      highlight=False)
+    console.print(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
+                  f"r1-pipeline/{cfg.name} -> Run", highlight=False)
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments, limit=limit)
+
+
+@app.command()
 def compare(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
             stage: str = typer.Option(None, help="only runs of this stage"),
             pipeline_run: str = typer.Option(None, "--pipeline-run", help="only the stages of this pipeline run"),

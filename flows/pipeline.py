@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 
@@ -30,15 +31,15 @@ def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, s
     return out
 
 
-def plan_inputs(cfg: Recipe, chain: list[str]) -> dict[str, dict[str, str]]:
-    """Inputs of every stage whose upstream is not in `chain`, resolved in MLflow now: a sub-chain with a missing
-    upstream fails before any stage starts."""
+def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Inputs of every stage whose upstream is not in `chain`: a `given` URI or run id, else the newest finished upstream
+    run in MLflow, resolved now, so a sub-chain with a missing upstream fails before any stage starts."""
     from stages.common import resolve_input
     from stages.registry import INPUTS
 
     planned = {}
     for name in chain:
-        planned[name] = {key: resolve_input(cfg, None, key, up, art)
+        planned[name] = {key: resolve_input(cfg, given, key, up, art)
                          for key, (up, art) in INPUTS[name].items() if up not in chain}
     return planned
 
@@ -53,39 +54,47 @@ def reusable_outputs(cfg: Recipe, name: str, inputs: dict[str, str]) -> dict[str
     return json.loads(run.data.tags[OUTPUTS_TAG]) if run else None
 
 
-@flow(name="r1-pipeline", log_prints=True, persist_result=True)
-def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides: dict | None = None,
-                force: list[str] | None = None) -> dict:
-    """Run the R1 chain (or a sub-chain) from a recipe preset name or YAML path.
-
-    A stage whose config and inputs equal those of a finished run is skipped and that run's outputs are reused;
-    `force` names stages to rerun anyway. A changed stage gets new outputs, so everything downstream reruns too.
-    """
+def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, force: list[str] | None,
+              inputs: dict[str, str] | None, run_name: str) -> dict:
+    """What the pipeline flow and every single-stage flow do: validate, resolve inputs, open the parent MLflow run,
+    then reuse or run each stage in order, and publish a summary."""
     cfg = load_recipe(recipe, overrides)
     chain = check_stages(stages or list(runnable()))
     forced = set(check_stages(force or []))
     tracking.check_tracking(cfg.tracking)
     import mlflow
 
-    planned = plan_inputs(cfg, chain)
+    planned = plan_inputs(cfg, chain, inputs)
     logger = get_run_logger()
     exp_id = tracking.setup(cfg.tracking)
     outputs: dict[str, dict] = {}
     skipped: list[str] = []
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline-{cfg.name}",
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{run_name}-{cfg.name}",
                           tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
         for name in chain:
-            inputs = {**planned[name], **pipeline_inputs(name, outputs)}
-            reuse = None if name in forced else reusable_outputs(cfg, name, inputs)
+            stage_inputs = {**planned[name], **pipeline_inputs(name, outputs)}
+            reuse = None if name in forced else reusable_outputs(cfg, name, stage_inputs)
             if reuse is not None:
                 logger.info("stage %s: unchanged since run %s, reusing its outputs", name, reuse["run_id"])
                 outputs[name] = reuse
                 skipped.append(name)
                 continue
-            outputs[name] = run_stage(name, cfg, parent.info.run_id, inputs)
+            outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
         mlflow.set_tag("r1.skipped", ",".join(skipped))
     publish_summary(cfg, parent.info.run_id, outputs, skipped)
     return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped}
+
+
+@flow(name="r1-pipeline", log_prints=True, persist_result=True)
+def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
+                force: list[str] | None = None, inputs: dict[str, str] | None = None) -> dict:
+    """Run the R1 chain (or a sub-chain) from a recipe preset name or YAML path.
+
+    A stage whose config and inputs equal those of a finished run is skipped and that run's outputs are reused;
+    `force` names stages to rerun anyway. A changed stage gets new outputs, so everything downstream reruns too.
+    `inputs` (key -> URI or run id) feeds a sub-chain's first stage instead of the newest finished upstream run.
+    """
+    return run_chain(recipe, stages, overrides, force, inputs, run_name="pipeline")
 
 
 SUMMARY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency")
@@ -96,16 +105,17 @@ def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict]
     import mlflow
 
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    server = cfg.tracking.uri.startswith("http")
+    ui = cfg.tracking.uri if cfg.tracking.uri.startswith("http") else cfg.tracking.ui
 
     def link(run_id: str) -> str:
-        return f"[{run_id[:8]}]({cfg.tracking.uri}/#/experiments/{exp.experiment_id}/runs/{run_id})" if server \
+        return f"[{run_id[:8]}]({ui.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id})" if ui \
             else f"`{run_id[:8]}`"
 
     head = "| stage | MLflow run | reused | " + " | ".join(m.split("/")[1] for m in SUMMARY_METRICS) + " |"
     lines = [f"# R1 pipeline `{cfg.name}`", "",
              f"Pipeline run {link(pipeline_run_id)} in experiment `{cfg.tracking.experiment}` at `{cfg.tracking.uri}`"
-             + ("" if server else f" (browse: `mlflow ui --backend-store-uri {cfg.tracking.uri}`)"), "",
+             + ("" if cfg.tracking.uri.startswith("http") else
+                f" (browse: `r1 up`, or `mlflow ui --backend-store-uri {cfg.tracking.uri}`)"), "",
              head, "|" + " --- |" * (3 + len(SUMMARY_METRICS))]
     for name, out in outputs.items():
         metrics = mlflow.get_run(out["run_id"]).data.metrics

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +49,45 @@ def latest_finished_run(recipe: Recipe, stage: str):
 
 
 def resolve_input(recipe: Recipe, inputs: dict | None, key: str, upstream: str, artifact: str | None = None) -> str:
-    """inputs[key] if given, else the `artifact` of the newest finished `upstream` run."""
+    """inputs[key] if given (see `normalize_input`), else the `artifact` of the newest finished `upstream` run."""
     if inputs and inputs.get(key):
-        return inputs[key]
+        return normalize_input(recipe, inputs[key], artifact or key)
     run = latest_finished_run(recipe, upstream)
     if run is None:
         raise StageInputError(
             f"no input {key!r}: give one (e.g. --input-{key} runs:/<id>/{artifact or key}) or run stage {upstream!r} "
             f"first; experiment {recipe.tracking.experiment!r} at {recipe.tracking.uri} has no finished {upstream} run")
     return f"runs:/{run.info.run_id}/{artifact or key}"
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def normalize_input(recipe: Recipe, value: str, artifact: str) -> str:
+    """An input as given by a user: a bare MLflow run id means that run's `artifact`; `models:/name@alias` (or
+    `/version`) means the run behind that model version, so the stage key names the concrete model and a moved alias
+    is a changed input. Anything else (runs:/ URIs, paths) is kept as is."""
+    value = value.strip()
+    if RUN_ID.fullmatch(value):
+        return f"runs:/{value}/{artifact}"
+    if not value.startswith("models:/"):
+        return value
+    import mlflow
+
+    tracking.setup(recipe.tracking)
+    client = mlflow.MlflowClient()
+    ref = value.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = ref.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except Exception as e:  # noqa: BLE001 -- MLflow raises several types for a missing model, alias or version
+        raise StageInputError(f"input {value!r}: no such registered model version in {recipe.tracking.uri} ({e})"
+                              ) from None
+    return f"runs:/{version.run_id}/{artifact}" if version.run_id else value
 
 
 def stage_key(name: str, cfg: BaseModel | dict, inputs: dict[str, str], recipe: Recipe) -> str:

@@ -7,7 +7,7 @@ and a bad value fails naming its field (pydantic's `loc`), e.g. `base_model.mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -30,6 +30,8 @@ class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file, http://host:port, ...)")
     experiment: str = Field("r1-pipeline", min_length=1, description="MLflow experiment name")
     artifact_location: str | None = Field(None, description="artifact root for a new experiment (default: ./mlartifacts)")
+    ui: str | None = Field(None, description="address of an MLflow UI over this store (e.g. `r1 up`'s "
+                           "http://127.0.0.1:5000), used for links in pipeline summaries; a http:// uri is its own UI")
 
 
 class NoiseConfig(Strict):
@@ -121,6 +123,27 @@ class ClusterConfig(Strict):
         return self
 
 
+class ScheduleConfig(Strict):
+    """A cron schedule for a served deployment (`r1 serve`): the pipeline or one stage, e.g. a nightly rerun."""
+
+    flow: str = Field(..., description="`pipeline` or a stage name, e.g. reasoning_rl")
+    cron: str = Field(..., description="cron expression, e.g. '0 2 * * *' (02:00 every day)")
+    timezone: str = "UTC"
+    active: bool = Field(True, description="false registers the schedule paused")
+    force: bool = Field(False, description="rerun the stage even if its config and inputs are unchanged")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe overrides for the scheduled runs")
+
+    @model_validator(mode="after")
+    def _known_flow(self):
+        from stages.registry import ORDER
+
+        if self.flow != "pipeline" and self.flow not in ORDER:
+            raise ValueError(f"unknown flow {self.flow!r}; choose 'pipeline' or a stage: {ORDER}")
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"cron {self.cron!r} must have 5 fields (minute hour day month weekday)")
+        return self
+
+
 class Recipe(Strict):
     name: str = Field("tiny", min_length=1)
     seed: int = 0
@@ -138,6 +161,7 @@ class Recipe(Strict):
     general_sft: GeneralSFTConfig = Field(default_factory=GeneralSFTConfig)
     preference_rl: PreferenceRLConfig = Field(default_factory=PreferenceRLConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    schedules: list[ScheduleConfig] = Field(default_factory=list, description="cron schedules for `r1 serve`")
 
 
 class RecipeError(ValueError):

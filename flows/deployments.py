@@ -1,0 +1,98 @@
+"""`r1 serve`: the pipeline and every stage as deployments on a running Prefect server, with the recipe's schedules.
+
+Deployments are named after the recipe (`r1-pipeline/tiny`, `r1-reasoning-rl/tiny`); their default parameters carry the
+recipe and its overrides, so the UI's "Run" button reruns exactly what was served, and "Custom run" edits the form.
+The serving process runs the flow runs itself (Prefect's `serve`), in subprocesses started from the current folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect.schedules import Cron, validate_cron_string
+
+from flows.pipeline import r1_pipeline
+from flows.stage_flows import STAGE_FLOWS, flow_name
+from stages.recipe import PRESET_DIR, Recipe, RecipeError
+
+
+class ServeError(RuntimeError):
+    """No Prefect server to register deployments with, or a schedule that Prefect refuses."""
+
+
+def recipe_reference(recipe: str) -> str:
+    """The recipe as the served process will find it: a preset name stays a name, a file becomes an absolute path."""
+    if not Path(recipe).exists() and (PRESET_DIR / f"{recipe}.yaml").exists():
+        return recipe
+    return str(Path(recipe).resolve())
+
+
+def check_schedules(cfg: Recipe) -> None:
+    """Every schedule's cron and timezone as Prefect will parse them (the recipe only checks the shape)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    for i, s in enumerate(cfg.schedules):
+        try:
+            validate_cron_string(s.cron)
+        except ValueError as e:
+            raise RecipeError(f"schedules.{i}.cron: {e}") from None
+        try:
+            ZoneInfo(s.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise RecipeError(f"schedules.{i}.timezone: unknown time zone {s.timezone!r}") from None
+
+
+def schedules_for(cfg: Recipe, flow: str, recipe_ref: str, overrides: dict[str, Any]) -> list:
+    """Prefect schedules for `flow` ("pipeline" or a stage name). Each carries complete run parameters: the served
+    recipe with the schedule's own overrides on top, and `force` (for the pipeline: every stage)."""
+    out = []
+    for s in cfg.schedules:
+        if s.flow != flow:
+            continue
+        merged = {**overrides, **s.overrides}
+        if flow == "pipeline":
+            params = {"recipe": recipe_ref, "overrides": merged, "force": list(STAGE_FLOWS) if s.force else None}
+        else:
+            params = {"request": {"recipe": recipe_ref, "overrides": merged, "force": s.force}}
+        out.append(Cron(s.cron, timezone=s.timezone, active=s.active, parameters=params))
+    return out
+
+
+def build_deployments(cfg: Recipe, recipe: str, overrides: dict[str, Any] | None = None) -> list:
+    """RunnerDeployments for the pipeline and each stage, named after the recipe, with its schedules."""
+    check_schedules(cfg)
+    ref = recipe_reference(recipe)
+    overrides = overrides or {}
+    tags = ["r1", f"recipe:{cfg.name}"]
+    deployments = [r1_pipeline.to_deployment(
+        name=cfg.name, parameters={"recipe": ref, "overrides": overrides}, schedules=schedules_for(cfg, "pipeline", ref, overrides),
+        tags=tags, description=f"the whole R1 chain on recipe {cfg.name}")]
+    for stage, fl in STAGE_FLOWS.items():
+        deployments.append(fl.to_deployment(
+            name=cfg.name, parameters={"request": {"recipe": ref, "overrides": overrides, "force": False}},
+            schedules=schedules_for(cfg, stage, ref, overrides), tags=[*tags, f"stage:{stage}"],
+            description=f"rerun stage {stage} of recipe {cfg.name}"))
+    return deployments
+
+
+def deployment_names(cfg: Recipe) -> list[str]:
+    return [f"r1-pipeline/{cfg.name}"] + [f"{flow_name(s)}/{cfg.name}" for s in STAGE_FLOWS]
+
+
+def check_server() -> str:
+    """The configured Prefect API URL, after checking it answers; a clear error when there is none."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise ServeError("r1 serve registers deployments with a running Prefect server, and PREFECT_API_URL is not "
+                         "set. Start one with `r1 up`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.")
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ServeError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({e}); start it with "
+                         "`r1 up` or fix PREFECT_API_URL") from None
+    return url
