@@ -19,6 +19,41 @@ import torch
 from grpo.engine import rank_and_world
 
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model_config.json"  # the architecture the checkpoint belongs to: a resume into another model is refused
+
+# config fields that make two models' weights incompatible (Hugging Face config names)
+ARCH_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "tie_word_embeddings", "n_embd", "n_layer", "n_head", "d_model")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written for another model architecture than the one it would be loaded into."""
+
+
+def model_signature(config: dict | None) -> dict:
+    """The architecture fields of a Hugging Face config dict (empty for a model without one)."""
+    return {k: config[k] for k in ARCH_FIELDS if config and config.get(k) is not None}
+
+
+def _module_config(module) -> dict | None:
+    cfg = getattr(module, "config", None)
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+
+
+def check_checkpoint_model(path: str | Path, config: dict | None) -> None:
+    """Raise CheckpointMismatchError naming the checkpoint file and the differing fields when checkpoint `path` was
+    written for another architecture than `config` (a Hugging Face config dict). Checkpoints without the record pass."""
+    record = Path(path) / MODEL_FILE
+    if not record.exists() or not config:
+        return
+    saved, here = json.loads(record.read_text()), model_signature(config)
+    diff = {k: (saved.get(k), here.get(k)) for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} in the model" for k, (a, b) in diff.items())
+        raise CheckpointMismatchError(
+            f"checkpoint {Path(path)} ({record.name}) belongs to a different model ({shown}); "
+            "resume only with the model it was written from, or move the checkpoint directory away to start fresh"
+        )
 
 
 def rng_state() -> dict:
@@ -57,6 +92,7 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
         torch.save(reference.state_dict(), tmp / "reference.pt")
     _barrier()
     if rank == 0:
+        (tmp / MODEL_FILE).write_text(json.dumps(model_signature(_module_config(engine.module)), indent=2))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         old = path.with_name(path.name + ".old")
         if path.exists():
@@ -72,11 +108,12 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None)
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    check_checkpoint_model(path, _module_config(engine.module))
     engine.load(str(path))
     if reference is not None:
         reference.load_state_dict(torch.load(path / "reference.pt", weights_only=True))
     rank, _ = rank_and_world()
-    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
+    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))  # tensors and ints: no pickle code
     return json.loads((path / STATE_FILE).read_text())
 
 

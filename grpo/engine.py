@@ -82,7 +82,27 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-class TorchEngine:
+class NonFiniteError(RuntimeError):
+    """Too many optimiser steps in a row had a NaN or inf loss or gradient; the run stopped (a checkpoint is kept)."""
+
+
+class _SkipCounter:
+    """Non-finite updates are skipped, not applied: `skipped_steps` counts them (all ranks agree), `last_skipped` says
+    whether the latest `step()` was one."""
+
+    skipped_steps: int = 0
+    last_skipped: bool = False
+    _loss_finite: bool = True
+
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+
+    def _count(self, skipped: bool) -> None:
+        self.last_skipped = skipped
+        self.skipped_steps += int(skipped)
+
+
+class TorchEngine(_SkipCounter):
     """One process, plain torch.optim."""
 
     def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None):
@@ -90,14 +110,19 @@ class TorchEngine:
         self.max_grad_norm = max_grad_norm
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._note_loss(loss)
         loss.backward()
 
     def step(self) -> float:
+        """Clip and apply the gradients; a NaN/inf loss or gradient norm skips the update (and the scheduler step)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        skip = not self._loss_finite or not math.isfinite(float(norm))
+        if not skip:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._count(skip)
         return float(norm)
 
     def lr(self) -> float:
@@ -120,8 +145,14 @@ class TorchEngine:
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
 
 
-class DeepSpeedEngine:
-    """DeepSpeed ZeRO-2/3. Gradient clipping and the optimiser step belong to DeepSpeed; we keep the same interface."""
+class DeepSpeedEngine(_SkipCounter):
+    """DeepSpeed ZeRO-2/3. Gradient clipping and the optimiser step belong to DeepSpeed; we keep the same interface.
+
+    Non-finite updates: ZeRO's optimiser already checks the global (all-reduced) gradient norm and skips the update on
+    every rank when it is NaN/inf (bf16 only with `check_grad_overflow`, which we switch on); a non-finite loss is
+    turned into NaN gradients so that the same check catches it. Stage 0 has no such check: we test the (already
+    all-reduced) gradients ourselves and all ranks agree through an all-reduce of the flag.
+    """
 
     def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict):
         import deepspeed
@@ -133,6 +164,8 @@ class DeepSpeedEngine:
         cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"] * world)
         # GRPOConfig.max_grad_norm rules; DeepSpeed would otherwise clip at its own default of 1.0
         cfg["gradient_clipping"] = max_grad_norm if max_grad_norm is not None else 0.0
+        if cfg.get("bf16", {}).get("enabled"):
+            cfg["bf16"].setdefault("check_grad_overflow", True)  # otherwise ZeRO applies NaN/inf bf16 updates
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
         )
@@ -140,10 +173,22 @@ class DeepSpeedEngine:
         self.zero_stage = self.engine.zero_optimization_stage()
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._note_loss(loss)
+        if not self._loss_finite:
+            loss = loss * float("nan")  # NaN gradients: ZeRO's overflow check skips the update on every rank
         self.engine.backward(loss)
 
     def step(self) -> float:
+        if self.zero_stage == 0:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            bad = not self._loss_finite or any(not bool(torch.isfinite(g).all()) for g in grads)
+            if all_reduce_max(float(bad)) > 0:
+                self.engine.zero_grad()
+                self._count(True)
+                return float("nan")
+        before = self.engine.skipped_steps
         self.engine.step()
+        self._count(self.engine.skipped_steps > before)
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -27,6 +27,7 @@ from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoint
 from grpo.config import GRPOConfig
 from grpo.engine import (
     DeepSpeedEngine,
+    NonFiniteError,
     TorchEngine,
     all_reduce_max,
     all_reduce_mean,
@@ -35,11 +36,12 @@ from grpo.engine import (
     mean_over_ranks,
     rank_and_world,
 )
+from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
 from grpo.logprobs import completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
 from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
-from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams
+from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
 
 TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
 
@@ -99,6 +101,10 @@ class GRPOTrainer:
                 f"dataset row {missing[0]} has no 'prompt' column (columns: {sorted(dataset[missing[0]])})"
             )
         self.rank, self.world = rank_and_world()
+        if backend is None and cfg.rollout_backend == "vllm":
+            from grpo.rollout_vllm import check_vllm_installed
+
+            check_vllm_installed()  # before DeepSpeed or vLLM touch the model
         if cfg.prompts_per_step % self.world:
             raise ValueError(
                 f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}"
@@ -128,16 +134,12 @@ class GRPOTrainer:
             if self.world > 1:
                 raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
             self.engine = TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
-        self.backend = backend or HFGenerateBackend(
-            self.engine.module,
-            tokenizer,
-            max_prompt_length=cfg.max_prompt_length,
-            synced_gpus=getattr(self.engine, "zero_stage", 0) == 3 and self.world > 1,
-        )
+        self.backend = backend or self.default_backend()
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_completion_length, do_sample=True)
         self.sampler = PromptSampler(len(dataset), cfg.seed)
         self.reference: torch.nn.Module | None = None
         self.global_step = 0
+        self.bad_in_a_row = 0  # consecutive steps with a skipped (non-finite) update
 
     # ---- sizes
     @property
@@ -170,8 +172,11 @@ class GRPOTrainer:
         while self.global_step < stop:
             if self.global_step % cfg.steps_per_iteration == 0 and cfg.beta > 0:
                 self.reference = self.engine.make_reference()  # new iteration: π_ref ← π_θ
+            skipped_before = self.engine.skipped_steps
             metrics = self.train_step()
             self.global_step += 1
+            self.bad_in_a_row = self.bad_in_a_row + 1 if self.engine.skipped_steps > skipped_before else 0
+            metrics["skipped_steps"] = float(self.engine.skipped_steps)  # non-finite updates skipped so far
             history.append(metrics)
             if self.rank == 0 and (self.global_step % cfg.log_every == 0 or self.global_step == stop):
                 self.logger.log_metrics(metrics, step=self.global_step)
@@ -182,14 +187,29 @@ class GRPOTrainer:
                 last or cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
             ):
                 self.save()
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                self.stop_non_finite()
+            fault_point("grpo", self.global_step)
         bar.close()
         return history
+
+    def stop_non_finite(self) -> None:
+        """Several steps in a row with NaN/inf: save the (still finite: nothing non-finite was applied) state, stop."""
+        path = self.save() if self.output_dir is not None else None
+        first = self.global_step - self.bad_in_a_row + 1
+        raise NonFiniteError(
+            f"GRPO steps {first}-{self.global_step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
+            f"(max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped ({self.engine.skipped_steps} in "
+            f"all) and the run stopped. "
+            + (f"Checkpoint of the last finite weights: {path}. " if path else "No output_dir: nothing saved. ")
+            + "Lower the learning rate, look for extreme rewards or data, or raise grpo.max_bad_steps."
+        )
 
     def train_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
         rows = self.next_rows()
-        rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling)
+        rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling, **self.rollout_seeds())
         rollout = rollout.to(next(self.engine.module.parameters()).device)
         gen_time = time.perf_counter() - t0
 
@@ -220,6 +240,31 @@ class GRPOTrainer:
         metrics["step_time"] = step_time
         metrics["tokens_per_s"] = lengths.sum().item() * self.world / max(gen_time, 1e-9)
         return metrics
+
+    def default_backend(self) -> RolloutBackend:
+        """The backend `rollout_backend` names: HF generate on the policy itself, or vLLM colocated on this rank's GPU,
+        which takes the policy's weights before the first rollout after each step's updates."""
+        cfg = self.cfg
+        if cfg.rollout_backend == "vllm":
+            from grpo.rollout_vllm import VLLMBackend
+
+            return VLLMBackend(self.engine.module, self.tokenizer, cfg.vllm, max_prompt_length=cfg.max_prompt_length,
+                               max_completion_length=cfg.max_completion_length, seed=cfg.seed,
+                               weights_version=lambda: self.global_step)
+        return HFGenerateBackend(
+            self.engine.module,
+            self.tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            synced_gpus=getattr(self.engine, "zero_stage", 0) == 3 and self.world > 1,
+        )
+
+    def rollout_seeds(self) -> dict:
+        """`seeds=` for the backend with rollout_seeding="prompt": one per prompt of this rank, from (seed, step, the
+        prompt's position in the whole step's batch), the same whatever the number of ranks; {} otherwise."""
+        if self.cfg.rollout_seeding != "prompt":
+            return {}
+        first = self.rank * self.local_prompts
+        return {"seeds": [mix_seed(self.cfg.seed, self.global_step, first + i) for i in range(self.local_prompts)]}
 
     def next_rows(self) -> list[dict]:
         """This rank's share of the step's B prompts (every rank draws the same global indices)."""
@@ -349,7 +394,8 @@ class GRPOTrainer:
 
     # ---- checkpoints
     def trainer_state(self) -> dict:
-        return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world}
+        return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world,
+                "skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
 
     def save(self, path: str | Path | None = None) -> Path:
         if path is None:
@@ -373,3 +419,5 @@ class GRPOTrainer:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
         self.global_step = state["global_step"]
         self.sampler.load(state["sampler"])
+        self.engine.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)

@@ -40,6 +40,8 @@ class SFTConfig(Strict):
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
     log_every: int = Field(10, ge=1)
     time_limit_seconds: float | None = Field(None, gt=0, description="safety cap; stopping early is logged")
+    max_bad_steps: int = Field(3, ge=1, description="steps in a row with a NaN/inf loss or gradient (skipped) before "
+                               "the run stops")
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -149,6 +151,7 @@ class SFTTrainer:
         else:
             self.engine = TorchEngine(model, opt, sched, cfg.max_grad_norm)
         self.step = 0
+        self.bad_in_a_row = 0  # consecutive steps whose update was skipped (NaN/inf)
         self._order_epoch, self._order = None, []
 
     def _batch(self, step: int) -> list[tuple[list[int], int]]:
@@ -167,11 +170,14 @@ class SFTTrainer:
         from tqdm.auto import tqdm
 
         from grpo.checkpoint import latest_checkpoint, load_checkpoint
+        from grpo.faults import fault_point
 
         if resume_from == "latest":
             resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
         if resume_from:
-            self.step = load_checkpoint(resume_from, self.engine, None)["step"]
+            state = load_checkpoint(resume_from, self.engine, None)
+            self.step = state["step"]
+            self.engine.skipped_steps, self.bad_in_a_row = state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
             log.info("resumed SFT from %s at step %d", resume_from, self.step)
         model = self.engine.module
         model.train()
@@ -192,16 +198,22 @@ class SFTTrainer:
             self.engine.backward(loss)
             grad_norm = self.engine.step()
             self.step += 1
-            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            self.bad_in_a_row = self.bad_in_a_row + 1 if self.engine.last_skipped else 0
+            if not self.engine.last_skipped:  # a skipped step's loss is NaN/inf: keep it out of the average
+                ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
             metrics = {"sft/loss": loss.item(), "sft/lr": lr, "sft/grad_norm": grad_norm,
-                       "sft/tokens": float((labels != -100).sum()), "sft/step_seconds": time.perf_counter() - t0}
+                       "sft/tokens": float((labels != -100).sum()), "sft/step_seconds": time.perf_counter() - t0,
+                       "sft/skipped_steps": float(self.engine.skipped_steps)}
             history.append(metrics)
             if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                 self.logger.log_metrics(metrics, step=self.step)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}")
+            bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan")
             if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                self._stop_non_finite()
+            fault_point("sft", self.step)
         bar.close()
         model.eval()
         return SFTResult(self.step, float(ema or 0.0), time.perf_counter() - start, stopped, history)
@@ -209,4 +221,17 @@ class SFTTrainer:
     def save(self) -> Path:
         from grpo.checkpoint import save_checkpoint
 
-        return save_checkpoint(self.output_dir / f"checkpoint-{self.step}", self.engine, None, {"step": self.step})
+        state = {"step": self.step, "skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+        return save_checkpoint(self.output_dir / f"checkpoint-{self.step}", self.engine, None, state)
+
+    def _stop_non_finite(self) -> None:
+        """Several steps in a row with NaN/inf: save the (still finite: nothing non-finite was applied) state, stop."""
+        from grpo.engine import NonFiniteError
+
+        path = self.save() if self.output_dir else None
+        first = self.step - self.bad_in_a_row + 1
+        raise NonFiniteError(
+            f"SFT steps {first}-{self.step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
+            f"(max_bad_steps={self.cfg.max_bad_steps}); they were skipped ({self.engine.skipped_steps} in all) and the "
+            "run stopped. " + (f"Checkpoint of the last finite weights: {path}. " if path else "")
+            + "Lower the learning rate, look for broken examples, or raise sft.max_bad_steps.")

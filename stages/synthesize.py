@@ -132,6 +132,7 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
     """Rejection-sample up to reasoning_target rows, shard by shard, resuming from the work dir's finished shards."""
     from tqdm.auto import tqdm
 
+    from grpo.faults import fault_point
     from stages.rejection import RejectionSampler
 
     cfg, recipe = ctx.recipe.synthesize, ctx.recipe
@@ -173,7 +174,9 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
             write_shard(shard_dir, shard, chunk, {"shard": shard, "rows": len(chunk), "next_batch": b + 1,
                                                   "carry": buffer, "counts": counts.to_json(), "done": done})
             rows.extend(chunk)
-            ctx.logger.log_metrics(counts.metrics("synth/") | {"synth/kept": len(rows)}, step=shard)
+            # step = shards written (from 1: the end-of-stage summary is logged at step 0)
+            ctx.logger.log_metrics(counts.metrics("synth/") | {"synth/kept": len(rows)}, step=shard + 1)
+            fault_point(STAGE, shard + 1)
             shard += 1
             if done:
                 break

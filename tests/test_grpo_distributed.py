@@ -123,6 +123,32 @@ def worker(stage: int, out: str, aggregation: str) -> None:
         torch.save(params, os.path.join(out, "params.pt"))
         Path(out, "history.json").write_text(json.dumps(history))
     dist.barrier()
+    nan_gradients_on_one_rank_skip_everywhere(out, aggregation, ds_config)
+
+
+def nan_gradients_on_one_rank_skip_everywhere(out: str, aggregation: str, ds_config: dict) -> None:
+    """NaN gradients on rank 1 only: every rank skips the same updates (DeepSpeed's all-reduced overflow check), the
+    weights stay as they were, and after max_bad_steps steps every rank stops with NonFiniteError."""
+    import torch.distributed as dist
+
+    from grpo.engine import NonFiniteError
+    from grpo.trainer import GRPOTrainer
+
+    model, tok, cfg, dataset, funcs, backend = setup(aggregation)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    if dist.get_rank() == 1:
+        model.get_input_embeddings().weight.register_hook(lambda g: g * float("nan"))
+    cfg = cfg.model_copy(update={"max_bad_steps": 2})
+    trainer = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds_config,
+                          progress=False, output_dir=os.path.join(out, "nan"))
+    try:
+        trainer.train()
+        raise AssertionError("no NonFiniteError")
+    except NonFiniteError as e:
+        assert "GRPO steps 1-2" in str(e), e
+    assert trainer.engine.skipped_steps == 2 * cfg.mu, trainer.engine.skipped_steps
+    for k, v in trainer.engine.full_state_dict().items():
+        assert torch.equal(v, initial[k]), k
 
 
 @pytest.mark.slow
