@@ -85,13 +85,13 @@ class LaunchSpec(BaseModel):
 
     @classmethod
     def from_cluster(cls, cluster: Any, **kw) -> LaunchSpec:
-        """From a recipe's ClusterConfig: launcher -> target, nodes, gpus_per_node -> nproc_per_node (CPU: 1).
+        """From a recipe's ClusterConfig: launcher -> target, nodes, nproc_per_node (default gpus_per_node; CPU: 1).
 
         Any other LaunchSpec field the cluster section has (hostfile, master_port, env, partition, image, ...) is taken
         too, so new recipe fields need no change here; `kw` wins over both.
         """
-        base: dict[str, Any] = {"target": cluster.launcher, "nodes": cluster.nodes,
-                                "nproc_per_node": max(cluster.gpus_per_node, 1)}
+        nproc = getattr(cluster, "nproc_per_node", None) or max(cluster.gpus_per_node, 1)
+        base: dict[str, Any] = {"target": cluster.launcher, "nodes": cluster.nodes, "nproc_per_node": nproc}
         for name in cls.model_fields:
             value = getattr(cluster, name, None)
             if name not in base and value is not None:

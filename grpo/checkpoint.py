@@ -26,6 +26,10 @@ ARCH_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_
                "num_key_value_heads", "intermediate_size", "tie_word_embeddings", "n_embd", "n_layer", "n_head", "d_model")
 
 
+class CheckpointWorldSizeError(ValueError):
+    """A checkpoint written by another number of ranks than the run that would resume from it."""
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint written for another model architecture than the one it would be loaded into."""
 
@@ -81,17 +85,18 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     """Write a checkpoint atomically at `path`. Every rank calls it (DeepSpeed saves are collective)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     engine.save(str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0 and reference is not None:
-        torch.save(reference.state_dict(), tmp / "reference.pt")
+    if reference is not None:
+        engine.save_reference(reference, str(tmp))  # ZeRO-3: every rank its shards
     _barrier()
     if rank == 0:
+        trainer_state = {**trainer_state, "world_size": world}
         (tmp / MODEL_FILE).write_text(json.dumps(model_signature(_module_config(engine.module)), indent=2))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         old = path.with_name(path.name + ".old")
@@ -109,12 +114,19 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     check_checkpoint_model(path, _module_config(engine.module))
+    state = json.loads((path / STATE_FILE).read_text())
+    rank, world = rank_and_world()
+    if state.get("world_size", world) != world:
+        raise CheckpointWorldSizeError(
+            f"checkpoint {path} was written by {state['world_size']} ranks and this run has {world}: ZeRO shards the "
+            f"optimizer state (ZeRO-3 also the weights and the reference) by rank, so resume it with "
+            f"{state['world_size']} ranks (cluster.nproc_per_node / gpus_per_node, nodes), or move it away to start over"
+        )
     engine.load(str(path))
     if reference is not None:
-        reference.load_state_dict(torch.load(path / "reference.pt", weights_only=True))
-    rank, _ = rank_and_world()
+        engine.load_reference(reference, str(path))
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))  # tensors and ints: no pickle code
-    return json.loads((path / STATE_FILE).read_text())
+    return state
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -11,6 +11,23 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
+class VLLMConfig(BaseModel):
+    """vLLM colocated with the trainer: one engine per rank on that rank's GPU, weights synced from the policy."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of the GPU vLLM takes (weights + KV cache); training keeps the rest"
+    )
+    sleep: bool = Field(
+        False, description="release vLLM's GPU memory between rollouts (sleep mode: KV cache and weights freed; the "
+        "weights come back from the policy at the next rollout)"
+    )
+    dtype: str = Field("auto", description="vLLM's weight dtype (auto: the model's; bfloat16 on GPUs)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences per vLLM batch (None: vLLM's default)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decoding)")
+
+
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -47,6 +64,15 @@ class GRPOConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     max_prompt_length: int = Field(256, ge=1, description="longer prompts are an error, not silently cut")
     max_completion_length: int = Field(256, ge=1, description="max new tokens; also the dr_grpo normaliser")
+    rollout_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: Hugging Face generate (CPU or GPU); vllm: vLLM on each rank's GPU (`pip install .[gpu]`)"
+    )
+    rollout_seeding: Literal["rank", "prompt"] = Field(
+        "rank",
+        description="rank: each rank samples from its own random stream; prompt: each completion from a seed of "
+        "(seed, step, prompt position, g), so the rollouts, and the run, do not depend on the number of ranks",
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="settings of the vllm rollout backend")
 
     # --- optimiser
     learning_rate: float = Field(1e-6, gt=0)

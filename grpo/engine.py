@@ -134,6 +134,12 @@ class TorchEngine(_SkipCounter):
     def full_state_dict(self) -> dict:
         return self.module.state_dict()
 
+    def save_reference(self, reference: torch.nn.Module, directory: str) -> None:
+        torch.save(reference.state_dict(), os.path.join(directory, "reference.pt"))
+
+    def load_reference(self, reference: torch.nn.Module, directory: str) -> None:
+        reference.load_state_dict(torch.load(os.path.join(directory, "reference.pt"), weights_only=True))
+
     def save(self, directory: str) -> None:
         torch.save(self.module.state_dict(), os.path.join(directory, "policy.pt"))
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
@@ -171,6 +177,8 @@ class DeepSpeedEngine(_SkipCounter):
         )
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.ds_config = cfg
+        self._reference: torch.nn.Module | None = None  # ZeRO-3: the partitioned reference, built once
 
     def backward(self, loss: torch.Tensor) -> None:
         self._note_loss(loss)
@@ -196,26 +204,77 @@ class DeepSpeedEngine(_SkipCounter):
         return self.engine.get_lr()[0]
 
     def make_reference(self) -> torch.nn.Module:
-        """ZeRO-3 partitions the weights: gather them to build a full frozen copy on every rank.
+        """π_ref ← π_θ. ZeRO-2: a frozen full copy (every rank holds the whole weights anyway).
 
-        Fine for small and mid-size models; for large ones a ZeRO-3 inference engine for the reference is the seam.
+        ZeRO-3: a reference partitioned exactly like the policy, built once under `deepspeed.zero.Init` (never whole on
+        any rank) inside a ZeRO-3 inference engine, so its forward gathers layer by layer as the policy's does. Each
+        call (each iteration) copies this rank's shard of every policy parameter into the reference's same-shaped
+        shard: a reset that gathers nothing. (Parameters offloaded to NVMe are not supported here.)
         """
         if self.zero_stage < 3:
             return frozen_copy(self.module)
-        ref = _fresh_like(self.module)
-        state = self.full_state_dict()
-        ref.load_state_dict(state)
+        if self._reference is None:
+            self._reference = self._partitioned_reference()
+        _copy_shards(self.module, self._reference)
+        return self._reference
+
+    def _partitioned_reference(self) -> torch.nn.Module:
+        import deepspeed
+
+        cfg = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items() if k != "offload_optimizer"}
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4
+            from transformers.modeling_utils import no_init_weights
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # no weight init (the shards are copied in next, and HF's init cannot index empty shards); RNG untouched
+        with torch.random.fork_rng(devices=devices), no_init_weights(), deepspeed.zero.Init(config_dict_or_path=cfg):
+            ref = type(self.module)(self.module.config)
+            ref.tie_weights()  # what the skipped init would have done (tied embeddings share one shard)
         ref.requires_grad_(False)
-        return ref.to(self.engine.device).eval()
+        self._reference_engine, *_ = deepspeed.initialize(model=ref, config=cfg)  # no optimizer: forward hooks only
+        return self._reference_engine.module.eval()
+
+    def save_reference(self, reference: torch.nn.Module, directory: str) -> None:
+        """ZeRO-3: every rank writes its own shards of the reference; otherwise rank 0 writes its state dict."""
+        rank, _ = rank_and_world()
+        if self.zero_stage == 3:
+            shards = [p.ds_tensor.detach().cpu().clone() for p in reference.parameters()]
+            torch.save(shards, os.path.join(directory, f"reference_shards_rank{rank}.pt"))
+        elif rank == 0:
+            torch.save(reference.state_dict(), os.path.join(directory, "reference.pt"))
+
+    def load_reference(self, reference: torch.nn.Module, directory: str) -> None:
+        rank, _ = rank_and_world()
+        if self.zero_stage == 3:
+            shards = torch.load(os.path.join(directory, f"reference_shards_rank{rank}.pt"), weights_only=True)
+            params = list(reference.parameters())
+            for p, shard in zip(params, shards, strict=True):
+                p.ds_tensor.data.copy_(shard)
+            _release_gathered(params)
+        else:
+            reference.load_state_dict(torch.load(os.path.join(directory, "reference.pt"), weights_only=True))
 
     def full_state_dict(self) -> dict:
-        """Unpartitioned weights on every rank (ZeRO-3 gathers them; a collective call)."""
+        """Whole weights for saving the model. ZeRO-3: gathered one parameter at a time (a collective: every rank calls
+        this), and only rank 0 keeps them, on the CPU; the other ranks get {}."""
         if self.zero_stage < 3:
             return self.module.state_dict()
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        rank, _ = rank_and_world()
+        out, done = {}, {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) not in done:  # tied weights appear under two names
+                if hasattr(t, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([t]):
+                        done[id(t)] = t.detach().cpu().clone() if rank == 0 else None
+                else:
+                    done[id(t)] = t.detach().cpu().clone() if rank == 0 else None
+            if rank == 0:
+                out[name] = done[id(t)]
+        return out
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="engine")
@@ -224,7 +283,23 @@ class DeepSpeedEngine(_SkipCounter):
         self.engine.load_checkpoint(directory, tag="engine")
 
 
-def _fresh_like(module):
-    """An unpartitioned model of the same config (Hugging Face models)."""
-    with torch.random.fork_rng(devices=[]):  # building it must not move the sampling RNG
-        return type(module)(module.config)
+def _copy_shards(policy: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """ZeRO-3: reference ← policy, shard by shard on this rank (no communication)."""
+    pairs = list(zip(policy.named_parameters(), reference.named_parameters(), strict=True))
+    for (name, p), (ref_name, r) in pairs:
+        if name != ref_name or p.ds_tensor.shape != r.ds_tensor.shape:
+            raise RuntimeError(f"the reference is partitioned unlike the policy at {name} / {ref_name}")
+        r.ds_tensor.data.copy_(p.ds_tensor.data)
+    for (_, b), (_, rb) in zip(policy.named_buffers(), reference.named_buffers(), strict=True):
+        rb.data.copy_(b.data)
+    _release_gathered([r for _, (_, r) in pairs])
+
+
+def _release_gathered(params: list) -> None:
+    """Drop the gathered whole copies ZeRO-3 keeps of small ("persistent") parameters, now stale: the next forward
+    gathers them again from the new shards (what DeepSpeed does itself after loading a checkpoint)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    if gathered:
+        gathered[0].partition(gathered)

@@ -1,7 +1,11 @@
 """Rollouts: prompts in, G sampled completions per prompt out, as padded tensors plus decoded text.
 
 A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` uses
-Hugging Face `generate` with its KV cache (the CPU path); a vLLM backend fits the same protocol.
+Hugging Face `generate` with its KV cache (the CPU path); `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
+
+Seeded completions: given `seeds=` (one int per prompt), completion j of prompt i is drawn from its own random stream
+`completion_seed(seeds[i], j)`, so a completion does not depend on which batch or rank it was generated in. The trainer
+passes them with `rollout_seeding="prompt"`: then N ranks sample what one process samples.
 
 Layout: prompt i's completions are rows i*G .. i*G+G-1 (one group per prompt, consecutive). Prompts are left-padded,
 completions right-padded; `completion_mask` covers the tokens up to and including the first EOS.
@@ -9,6 +13,7 @@ completions right-padded; `completion_mask` covers the tokens up to and includin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
@@ -71,6 +76,37 @@ class RolloutBackend(Protocol):
     def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams) -> Rollout: ...
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a hash, so neighbouring inputs give unrelated streams)."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def completion_seed(prompt_seed: int, j: int) -> int:
+    """The seed of completion j of a prompt seeded `prompt_seed`."""
+    return mix_seed(prompt_seed, j)
+
+
+class SeededSampling:
+    """A logits processor that turns greedy decoding into sampling with one random stream per row: temperature and
+    top-p as Hugging Face's sampling path applies them, then Gumbel noise from the row's own generator; the argmax of
+    that is a draw from softmax(logits / T) restricted to the nucleus (the Gumbel-max trick)."""
+
+    def __init__(self, row_seeds: list[int], temperature: float, top_p: float, device):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        V = scores.shape[1]
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
 def check_tokenizer(tokenizer) -> None:
     """Generation and padding need both an EOS (to stop) and a PAD (to pad); fail clearly instead of mid-batch."""
     missing = [name for name in ("eos_token_id", "pad_token_id") if getattr(tokenizer, name, None) is None]
@@ -118,9 +154,13 @@ class HFGenerateBackend:
         return enc["input_ids"], enc["attention_mask"]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams) -> Rollout:
+    def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> Rollout:
+        """seeds: one per prompt; completion j of prompt i is then sampled from `completion_seed(seeds[i], j)`."""
         if num_generations < 1:
             raise ValueError(f"num_generations must be >= 1 (got {num_generations})")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts)
@@ -135,7 +175,13 @@ class HFGenerateBackend:
             "use_cache": True,
             "synced_gpus": self.synced_gpus,
         }
-        if sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
+        if sampling.do_sample and seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
+            row_seeds = [completion_seed(s, j) for s in seeds for j in range(num_generations)]
+            from transformers import LogitsProcessorList
+
+            gen_kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
+                [SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)]))
+        elif sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         was_training = model.training
         model.eval()

@@ -41,7 +41,7 @@ from grpo.logging import MetricLogger, NullLogger
 from grpo.logprobs import completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
 from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
-from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams
+from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
 
 TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
 
@@ -101,6 +101,10 @@ class GRPOTrainer:
                 f"dataset row {missing[0]} has no 'prompt' column (columns: {sorted(dataset[missing[0]])})"
             )
         self.rank, self.world = rank_and_world()
+        if backend is None and cfg.rollout_backend == "vllm":
+            from grpo.rollout_vllm import check_vllm_installed
+
+            check_vllm_installed()  # before DeepSpeed or vLLM touch the model
         if cfg.prompts_per_step % self.world:
             raise ValueError(
                 f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}"
@@ -130,12 +134,7 @@ class GRPOTrainer:
             if self.world > 1:
                 raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
             self.engine = TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
-        self.backend = backend or HFGenerateBackend(
-            self.engine.module,
-            tokenizer,
-            max_prompt_length=cfg.max_prompt_length,
-            synced_gpus=getattr(self.engine, "zero_stage", 0) == 3 and self.world > 1,
-        )
+        self.backend = backend or self.default_backend()
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_completion_length, do_sample=True)
         self.sampler = PromptSampler(len(dataset), cfg.seed)
         self.reference: torch.nn.Module | None = None
@@ -210,7 +209,7 @@ class GRPOTrainer:
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
         rows = self.next_rows()
-        rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling)
+        rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling, **self.rollout_seeds())
         rollout = rollout.to(next(self.engine.module.parameters()).device)
         gen_time = time.perf_counter() - t0
 
@@ -241,6 +240,31 @@ class GRPOTrainer:
         metrics["step_time"] = step_time
         metrics["tokens_per_s"] = lengths.sum().item() * self.world / max(gen_time, 1e-9)
         return metrics
+
+    def default_backend(self) -> RolloutBackend:
+        """The backend `rollout_backend` names: HF generate on the policy itself, or vLLM colocated on this rank's GPU,
+        which takes the policy's weights before the first rollout after each step's updates."""
+        cfg = self.cfg
+        if cfg.rollout_backend == "vllm":
+            from grpo.rollout_vllm import VLLMBackend
+
+            return VLLMBackend(self.engine.module, self.tokenizer, cfg.vllm, max_prompt_length=cfg.max_prompt_length,
+                               max_completion_length=cfg.max_completion_length, seed=cfg.seed,
+                               weights_version=lambda: self.global_step)
+        return HFGenerateBackend(
+            self.engine.module,
+            self.tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            synced_gpus=getattr(self.engine, "zero_stage", 0) == 3 and self.world > 1,
+        )
+
+    def rollout_seeds(self) -> dict:
+        """`seeds=` for the backend with rollout_seeding="prompt": one per prompt of this rank, from (seed, step, the
+        prompt's position in the whole step's batch), the same whatever the number of ranks; {} otherwise."""
+        if self.cfg.rollout_seeding != "prompt":
+            return {}
+        first = self.rank * self.local_prompts
+        return {"seeds": [mix_seed(self.cfg.seed, self.global_step, first + i) for i in range(self.local_prompts)]}
 
     def next_rows(self) -> list[dict]:
         """This rank's share of the step's B prompts (every rank draws the same global indices)."""

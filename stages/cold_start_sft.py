@@ -37,9 +37,12 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
                                  seed=recipe.seed + 1)
         stage_inputs = {"model": base_uri, "r1_zero_model": r1_uri}
     with stage_context(recipe, STAGE, cfg, stage_inputs, parent_run_id, progress) as ctx:
-        if examples is None:
-            examples = readable_samples(ctx, r1_uri, problems)
-        log_data(ctx, examples, cfg.samples_to_log)
+        if examples is None:  # on several ranks: rank 0 samples the set, the others receive it
+            from stages.distributed import broadcast
+
+            examples = broadcast(readable_samples(ctx, r1_uri, problems) if ctx.main else None)
+        if ctx.main:
+            log_data(ctx, examples, cfg.samples_to_log)
         from stages.models import load_model_and_tokenizer, pick_device
 
         model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
@@ -103,23 +106,26 @@ def log_data(ctx, examples: list[dict], samples_to_log: int) -> None:
 
 def train_and_finish(ctx, sft_cfg, model, tok, examples: list[dict], extra_outputs: dict | None = None):
     """The SFT stages' common end: SFTTrainer on prompt/completion examples (resuming from the work dir's newest
-    checkpoint), then save, log and evaluate the model."""
+    checkpoint), then save, log and evaluate the model. Under a launcher's process group it trains with DeepSpeed
+    (the recipe's `cluster.deepspeed_config`) on every rank; rank 0 logs."""
     import mlflow
 
     from stages.common import finish_with_model
+    from stages.distributed import deepspeed_config
     from stages.sft import SFTTrainer
 
     examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
     trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=ctx.workdir / "checkpoints", logger=ctx.logger,
-                         progress=ctx.progress)
+                         progress=ctx.progress, deepspeed_config=deepspeed_config(ctx.recipe))
     if sft_cfg.checkpoint_every is None:  # a few checkpoints, so a killed run resumes
         trainer.cfg = sft_cfg.model_copy(update={"checkpoint_every": max(1, trainer.total_steps // 4)})
     res = trainer.train(resume_from="latest")
-    mlflow.log_metrics({"sft_final/loss": res.final_loss, "sft_final/steps": res.steps,
-                        "sft_final/seconds": res.seconds, "sft_final/examples": len(examples)})
-    if res.stopped_early:
-        mlflow.set_tag("r1.sft.stopped_early", f"time limit at step {res.steps}")
-    return finish_with_model(ctx, trainer.engine.module, tok, extra_outputs=extra_outputs)
+    if ctx.main:
+        mlflow.log_metrics({"sft_final/loss": res.final_loss, "sft_final/steps": res.steps,
+                            "sft_final/seconds": res.seconds, "sft_final/examples": len(examples)})
+        if res.stopped_early:
+            mlflow.set_tag("r1.sft.stopped_early", f"time limit at step {res.steps}")
+    return finish_with_model(ctx, trainer.engine.module, tok, extra_outputs=extra_outputs, save=trainer.save_model)
 
 
 def load_cot_dataset(src, template: str, limit: int | None = None) -> list[dict]:

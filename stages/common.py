@@ -108,6 +108,7 @@ class StageContext:
     workdir: Path
     inputs: dict[str, str]
     progress: bool
+    main: bool = True  # rank 0 (or the only process): the one that writes to MLflow
 
     @property
     def logger(self):
@@ -119,16 +120,26 @@ class StageContext:
 @contextlib.contextmanager
 def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, str], parent_run_id: str | None,
                   progress: bool):
-    """Open the stage's MLflow run (nested under the pipeline's) and its keyed work directory."""
+    """Open the stage's MLflow run (nested under the pipeline's) and its keyed work directory.
+
+    On several ranks only rank 0 opens the run; the others get its id and no active MLflow run (`ctx.main` is False),
+    so whatever they would log must be guarded by `ctx.main`.
+    """
+    from stages import distributed
+
     tracking.check_tracking(recipe.tracking)
     key = stage_key(name, cfg, inputs, recipe)
     workdir = Path(recipe.output_dir) / name / key[:16]
     workdir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        yield StageContext(name, recipe, distributed.broadcast(None), key, workdir, inputs, progress, main=False)
+        return
     params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
     params |= {f"input.{k}": v for k, v in inputs.items()}
     tags = {KEY_TAG: key} | {f"r1.input.{k}": v for k, v in inputs.items()}
     with tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
         log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
+        distributed.broadcast(run.info.run_id)
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
 
 
@@ -149,22 +160,36 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
                       extra_outputs: dict[str, str] | None = None, save=None) -> dict[str, str]:
     """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts.
 
-    save: a callable(dir) that writes the model (e.g. a trainer's, which gathers ZeRO-3 shards); default
-    save_pretrained of `model` and `tokenizer`.
+    save: a callable(dir) that writes the model (e.g. a trainer's, which gathers ZeRO-3 shards; every rank calls it);
+    default save_pretrained of `model` and `tokenizer`. On several ranks the others return after the save: rank 0
+    alone logs, registers and evaluates (a ZeRO-3 model, whose weights are sharded, through its saved copy).
     """
     import mlflow
 
     out = ctx.workdir / "model"
+    outputs = {"run_id": ctx.run_id, "model": f"runs:/{ctx.run_id}/model", **(extra_outputs or {})}
     if save is not None:
         save(out)
-    else:
+    elif ctx.main:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    if not ctx.main:
+        return outputs
     mlflow.log_artifacts(str(out), artifact_path="model")
     register_model(ctx)
     if evaluate_it:
-        log_evaluation(ctx, model, tokenizer)
-    return {"run_id": ctx.run_id, "model": f"runs:/{ctx.run_id}/model", **(extra_outputs or {})}
+        log_evaluation(ctx, _whole_model(model, out), tokenizer)
+    return outputs
+
+
+def _whole_model(model, saved: Path):
+    """`model`, or when its weights are ZeRO-3 shards (a forward would need every rank) its saved copy, reloaded."""
+    param = next(model.parameters(), None)
+    if param is None or not hasattr(param, "ds_id"):
+        return model
+    from stages.models import load_model
+
+    return load_model(saved, str(param.device))
 
 
 MODEL_ALIAS = "current"

@@ -42,14 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from stages import distributed
     from stages.recipe import load_recipe
     from stages.registry import check_stages, runnable
 
     check_stages([args.stage])
     recipe = load_recipe(args.recipe, json.loads(args.overrides))
+    if distributed.launched_world_size() > 1:
+        if args.stage not in distributed.DISTRIBUTED_STAGES:  # rank 0 runs it as one process, the others leave
+            if distributed.launched_rank() != 0:
+                return 0
+            logging.getLogger(__name__).info("stage %s runs on rank 0 alone (it has no multi-rank path)", args.stage)
+        else:
+            distributed.init_from_env()
     out = runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
                                  progress=sys.stderr.isatty())
-    if args.result_file and int(os.environ.get("RANK", "0")) == 0:
+    if args.result_file and distributed.launched_rank() == 0:
         write_json_atomic(args.result_file, out)
     return 0
 

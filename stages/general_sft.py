@@ -29,7 +29,8 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
         kinds: dict[str, int] = {}
         for r in rows:
             kinds[r.get("kind") or "unknown"] = kinds.get(r.get("kind") or "unknown", 0) + 1
-        mlflow.log_metrics({"data/examples": len(rows)} | {f"data/{k}_examples": n for k, n in kinds.items()})
+        if ctx.main:
+            mlflow.log_metrics({"data/examples": len(rows)} | {f"data/{k}_examples": n for k, n in kinds.items()})
         from stages.models import load_model_and_tokenizer, pick_device
 
         model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from stages.common import StageContext, finish_with_model, resolve_input, stage_context
 from stages.recipe import Recipe
@@ -30,14 +29,13 @@ def reward_functions(recipe: Recipe, cfg: GRPOStageConfig) -> list[tuple[str, Ca
 def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: list[dict],
                rewards: list[tuple[str, Callable, float]]) -> dict[str, str]:
     """Train `model` on `rows` with GRPO inside an open stage context; resumes from the newest checkpoint."""
-    import json
-
     import mlflow
 
     from grpo import GRPOTrainer
     from grpo.checkpoint import latest_checkpoint
+    from stages.distributed import deepspeed_config
 
-    ds_config = json.loads(Path(cfg.deepspeed_config).read_text()) if cfg.deepspeed_config else None
+    ds_config = deepspeed_config(ctx.recipe, cfg.deepspeed_config)  # the stage's own, else the cluster's
     ckpt_dir = ctx.workdir / "checkpoints"
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:
@@ -48,7 +46,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     if resume is not None:
         log.info("stage %s: resuming from %s", ctx.name, resume)
     history = trainer.train(resume_from=resume)
-    if history:
+    if history and ctx.main:
         last = history[-min(len(history), 10):]
         mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
     return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)

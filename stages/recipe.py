@@ -96,6 +96,8 @@ class ClusterConfig(Strict):
     launcher: Literal["local", "torchrun", "deepspeed", "slurm", "kubernetes"] = "local"
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0, description="0 = CPU")
+    nproc_per_node: int | None = Field(None, ge=1, description="processes per node (default: gpus_per_node, 1 on "
+                                       "CPU); e.g. 2 CPU processes with gloo to try DeepSpeed on a laptop")
     deepspeed_config: str | None = Field(None, description="path of a DeepSpeed JSON config (infra/deepspeed/...)")
     hostfile: str | None = Field(None, description="deepspeed launcher: hostfile (`worker-0 slots=8`, one line a node)")
     master_port: int | None = Field(None, ge=1, le=65535, description="rendezvous port (default: a free one)")

@@ -51,9 +51,11 @@ def _recording(run: Callable) -> Callable:
 
     def recorded(recipe, inputs=None, parent_run_id=None, progress=True):
         from stages.common import record_outputs
+        from stages.distributed import is_main
 
         out = run(recipe, inputs=inputs, parent_run_id=parent_run_id, progress=progress)
-        record_outputs(recipe, out)
+        if is_main():  # on several ranks, rank 0 alone writes to MLflow
+            record_outputs(recipe, out)
         return out
 
     return recorded

@@ -192,16 +192,15 @@ class SFTTrainer:
                 break
             t0 = time.perf_counter()
             input_ids, labels, attn = collate(self._batch(self.step), self.tokenizer.pad_token_id)
-            dev = next(model.parameters()).device
-            loss = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), labels=labels.to(dev)).loss
+            loss, loss_value = self._loss(model, input_ids, labels, attn)
             lr = self.engine.lr()
             self.engine.backward(loss)
             grad_norm = self.engine.step()
             self.step += 1
             self.bad_in_a_row = self.bad_in_a_row + 1 if self.engine.last_skipped else 0
             if not self.engine.last_skipped:  # a skipped step's loss is NaN/inf: keep it out of the average
-                ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-            metrics = {"sft/loss": loss.item(), "sft/lr": lr, "sft/grad_norm": grad_norm,
+                ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
+            metrics = {"sft/loss": loss_value, "sft/lr": lr, "sft/grad_norm": grad_norm,
                        "sft/tokens": float((labels != -100).sum()), "sft/step_seconds": time.perf_counter() - t0,
                        "sft/skipped_steps": float(self.engine.skipped_steps)}
             history.append(metrics)
@@ -217,6 +216,29 @@ class SFTTrainer:
         bar.close()
         model.eval()
         return SFTResult(self.step, float(ema or 0.0), time.perf_counter() - start, stopped, history)
+
+    def _loss(self, model, input_ids, labels, attn):
+        """(the loss to backpropagate, the whole batch's loss as a float): the mean over the label tokens of the whole
+        batch on any number of ranks. Each rank divides its token sum by the mean token count per rank and DeepSpeed
+        averages the gradients over ranks, so N ranks take the step one process takes on the whole batch."""
+        dev = next(model.parameters()).device
+        inputs = {"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev), "labels": labels.to(dev)}
+        if self.world == 1:
+            loss = model(**inputs).loss
+            return loss, loss.item()
+        from grpo.engine import mean_over_ranks
+
+        tokens = mean_over_ranks((labels[:, 1:] != -100).sum().float().to(dev))
+        loss = model(**inputs, num_items_in_batch=tokens).loss
+        return loss, mean_over_ranks(loss.detach()).item()
+
+    def save_model(self, directory: str | Path) -> None:
+        """The model as a `save_pretrained` directory (safetensors) with its tokenizer; ZeRO-3 shards are gathered
+        (every rank calls this), rank 0 writes."""
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
 
     def save(self) -> Path:
         from grpo.checkpoint import save_checkpoint

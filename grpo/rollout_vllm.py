@@ -1,0 +1,231 @@
+"""vLLM as the rollout backend, colocated with the trainer (TRL's "colocate" mode): every rank runs its own vLLM engine
+on its own GPU, in its own process, and generates its share of the step's prompts there.
+
+Weights: vLLM loads the architecture and the first weights from the policy's directory; afterwards, before the first
+rollout that follows an optimiser update, the policy's parameters are streamed into vLLM's model with its
+`load_weights` (Hugging Face names in; vLLM fuses q/k/v and gate/up itself). Under ZeRO-3 each parameter is gathered on
+its own, copied into vLLM and released, so no rank holds a second full copy of the training weights.
+
+Imported only when `GRPOConfig.rollout_backend == "vllm"`; vLLM comes with the `gpu` extra (`pip install -e '.[gpu]'`).
+Written against vLLM's V1 engine (0.10 and later): `LLM(..., distributed_executor_backend="external_launcher")` keeps
+the engine in this process, `LLM.generate` takes token-id prompts and one SamplingParams per request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from grpo.config import VLLMConfig
+from grpo.engine import rank_and_world
+from grpo.rollout import (
+    HFGenerateBackend,
+    Rollout,
+    SamplingParams,
+    check_tokenizer,
+    completion_seed,
+)
+
+
+class VLLMNotInstalledError(ImportError):
+    """rollout_backend "vllm" was chosen where vLLM is not installed."""
+
+
+INSTALL_HINT = (
+    "rollout_backend='vllm' needs vLLM, which is not installed here: install the `gpu` extra on a CUDA machine "
+    "(pip install -e '.[gpu]'), or set grpo.rollout_backend: hf"
+)
+
+
+def check_vllm_installed() -> None:
+    """Raise VLLMNotInstalledError (naming the `gpu` extra) when vLLM cannot be imported; cheap, imports nothing."""
+    if "vllm" in sys.modules:
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMNotInstalledError(INSTALL_HINT)
+
+
+def full_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) for every parameter. ZeRO-3 shards are gathered one parameter at a time (a collective:
+    every rank iterates in the same order) and released when the consumer asks for the next one."""
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.data
+        else:
+            yield name, param.data
+
+
+def _weight_loader(llm) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
+    """A function that loads (name, tensor) pairs into the model inside an in-process vLLM engine."""
+    try:  # the path TRL's colocate mode uses (vLLM 0.10 .. current, engine in this process)
+        model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+        return model.load_weights
+    except AttributeError:
+        pass
+    if hasattr(llm, "apply_model"):  # newer vLLM: run a function on the model of each (here: this) worker
+        return lambda weights: llm.apply_model(lambda model: model.load_weights(weights))
+    raise RuntimeError("cannot reach the model inside this vLLM engine to load weights into it "
+                       f"(vllm {getattr(sys.modules.get('vllm'), '__version__', '?')}); is it running in-process?")
+
+
+def _ensure_dist_env() -> None:
+    """vLLM's external launcher reads the torch.distributed variables; one process without torchrun has none."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, prompt_ids: torch.Tensor,
+                           prompt_mask: torch.Tensor, completions: list[list[int]], stopped: list[bool]) -> Rollout:
+    """A Rollout from per-request completion token ids (N = len(prompts) * G, grouped by prompt).
+
+    prompt_ids / prompt_mask: the prompts left-padded, one row per prompt. stopped[k]: request k ended on EOS (a
+    completion that stopped is given its EOS if the engine left it out); the others hit max_tokens (truncated).
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if len(completions) != len(prompts) * num_generations or len(stopped) != len(completions):
+        raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
+    rows = []
+    for ids, stop in zip(completions, stopped):
+        ids = list(ids)
+        if stop and eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+        elif stop:
+            ids.append(eos)
+        rows.append(ids)
+    width = max(1, max(len(r) for r in rows))
+    completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            completion_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    completion_mask = (torch.arange(width) < lengths.unsqueeze(1)).long()  # up to and including the EOS
+    truncated = torch.tensor([not s for s in stopped])
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(num_generations)],
+        prompt_ids=prompt_ids.repeat_interleave(num_generations, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        truncated=truncated,
+        lengths=lengths,
+        num_generations=num_generations,
+    )
+
+
+class VLLMBackend:
+    """vLLM on this rank's GPU, fed the policy's weights whenever `weights_version()` changed since the last sync."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, config: VLLMConfig | None = None, *,
+                 max_prompt_length: int, max_completion_length: int, seed: int = 0, model_path: str | None = None,
+                 weights_version: Callable[[], int] | None = None):
+        """policy: the trained model (its `name_or_path` directory gives vLLM the architecture, unless `model_path`);
+        weights_version: a counter that changes when the policy's weights do (the trainer's step)."""
+        check_vllm_installed()
+        check_tokenizer(tokenizer)
+        import vllm
+
+        self.vllm, self.policy, self.tokenizer = vllm, policy, tokenizer
+        self.config = config or VLLMConfig()
+        self.max_prompt_length = max_prompt_length
+        self.weights_version = weights_version or (lambda: 0)
+        self.synced_version: int | None = None  # nothing synced yet: the first rollout syncs
+        path = model_path or getattr(policy, "name_or_path", "")
+        if not path or not Path(path).is_dir():
+            raise ValueError(f"vLLM needs the policy's model directory (policy.name_or_path={path!r} is not one): load "
+                             "the policy with from_pretrained(<dir>) or pass model_path")
+        rank, world = rank_and_world()
+        _ensure_dist_env()
+        kwargs = {
+            "model": str(path),
+            "skip_tokenizer_init": True,  # prompts go in as token ids, completions come back as token ids
+            "dtype": self.config.dtype,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "max_model_len": max_prompt_length + max_completion_length,
+            "enable_sleep_mode": self.config.sleep,
+            "enforce_eager": self.config.enforce_eager,
+            "seed": seed + rank,  # unseeded requests: a different stream per rank
+            "distributed_executor_backend": "external_launcher",  # this process's engine, on this rank's GPU
+        }
+        if self.config.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.config.max_num_seqs
+        self.llm = vllm.LLM(**kwargs)
+        self._load_weights = _weight_loader(self.llm)
+        self._weights_released = False
+        if self.config.sleep:  # give the memory back to training until the first rollout
+            self.llm.sleep(level=2)
+            self._weights_released = True
+        self.world = world
+
+    # ---- weights
+    def sync_weights(self) -> None:
+        """Copy the policy's current weights into vLLM (every rank calls it: gathers are collective under ZeRO-3)."""
+        if self.config.sleep and self._weights_released:
+            self.llm.wake_up(tags=["weights"])
+        for name, tensor in full_parameters(self.policy):
+            self._load_weights([(name, tensor)])
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._weights_released = False
+        self.synced_version = self.weights_version()
+
+    def _sync_if_stale(self) -> None:
+        if self._weights_released or self.synced_version != self.weights_version():
+            self.sync_weights()
+
+    # ---- rollouts
+    def sampling_params(self, sampling: SamplingParams, seed: int | None):
+        return self.vllm.SamplingParams(
+            n=1,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
+            max_tokens=sampling.max_new_tokens,
+            seed=seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            detokenize=False,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_generations: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> Rollout:
+        """G requests per prompt (one SamplingParams each, seeded `completion_seed(seeds[i], j)` when seeds are
+        given), generated by this rank's engine."""
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1 (got {num_generations})")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        prompt_ids, prompt_mask = HFGenerateBackend(None, self.tokenizer, self.max_prompt_length).tokenize_prompts(
+            prompts)
+        token_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        requests, params = [], []
+        for i, ids in enumerate(token_lists):
+            for j in range(num_generations):
+                requests.append({"prompt_token_ids": ids})
+                params.append(self.sampling_params(sampling, None if seeds is None else completion_seed(seeds[i], j)))
+        self._sync_if_stale()
+        if self.config.sleep:
+            self.llm.wake_up(tags=["kv_cache"])
+        try:
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        finally:
+            if self.config.sleep:
+                self.llm.sleep(level=2)  # weights are released too: the next rollout loads them again
+                self._weights_released = True
+        completions = [list(o.outputs[0].token_ids) for o in outputs]
+        stopped = [o.outputs[0].finish_reason == "stop" for o in outputs]
+        return rollout_from_token_ids(self.tokenizer, prompts, num_generations, prompt_ids, prompt_mask, completions,
+                                      stopped)
