@@ -65,6 +65,10 @@ def run_stage(stage: str, cfg: GRPOStageConfig, upstream: str, recipe: Recipe, i
     from stages.models import load_model_and_tokenizer, pick_device
 
     model_uri = resolve_input(recipe, inputs, "model", upstream, "model")
+    if cfg.grpo.rollout_backend == "vllm":
+        from grpo.rollout_vllm import check_vllm_installed
+
+        check_vllm_installed()  # a missing vLLM fails before any model loads
     rewards = reward_functions(recipe, cfg)  # a bad reward spec fails before any model loads
     rows = train_rows(recipe, cfg)
     with stage_context(recipe, stage, cfg, {"model": model_uri}, parent_run_id, progress) as ctx:

@@ -101,6 +101,12 @@ def worker(stage: int, out: str, aggregation: str) -> None:
     params = trainer.engine.full_state_dict()
     trainer.save()  # collective checkpoint save (rank 0 renames)
     trainer.save_model(os.path.join(out, "model"))
+    if stage == 3:  # the reference is partitioned like the policy (never whole on a rank) and reset shard by shard
+        ref, policy = trainer.reference, trainer.engine.module
+        assert ref is not policy and all(hasattr(q, "ds_id") and q.ds_tensor.numel() < q.ds_numel
+                                         for q in ref.parameters())
+        assert trainer.engine.make_reference() is ref
+        assert all(torch.equal(p.ds_tensor, q.ds_tensor) for p, q in zip(policy.parameters(), ref.parameters()))
 
     # resume from step 2 (mid-iteration: the reference comes from the checkpoint) in a fresh engine
     model2, *_ = setup(aggregation)
