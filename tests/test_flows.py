@@ -98,3 +98,29 @@ def test_cli_stage_resolves_upstream_and_reports_missing_input(tmp_path):
     (rl_run,) = [r for r in _stage_runs(uri) if r.data.tags["r1.stage"] == "r1_zero"]
     assert rl_run.data.tags["r1.input.model"] == f"runs:/{base_run.info.run_id}/model"
     assert runner.invoke(app, ["stage", "r2_zero"]).exit_code == 2
+
+
+def test_a_failing_rank_fails_the_stage_task_with_its_message(harness, monkeypatch, tmp_path):
+    """The pipeline's stage task launching 2 torchrun ranks (the launcher-test stand-ins), of which rank 1 raises: the
+    task run ends Failed, and its error is rank 1's."""
+    from prefect import flow
+
+    from flows import pipeline
+    from flows.launch import LaunchSpec
+    from stages.recipe import load_recipe
+    from tests.launch_targets import FAIL_MESSAGE
+
+    recipe = load_recipe("tiny", {"output_dir": str(tmp_path), "cluster.launcher": "torchrun",
+                                  "cluster.nproc_per_node": 2, "cluster.timeout": 120,
+                                  "cluster.env": {"OMP_NUM_THREADS": "1"}})
+    real = LaunchSpec.from_cluster
+    monkeypatch.setattr(LaunchSpec, "from_cluster",
+                        classmethod(lambda cls, cluster, **kw: real(cluster, module="tests.launch_targets", **kw)))
+
+    @flow
+    def one_stage():
+        state = pipeline.run_stage.with_options(retries=0)("fail", recipe, "parent", {}, return_state=True)
+        return state.is_failed(), str(state.result(raise_on_failure=False))
+
+    failed, error = one_stage()
+    assert failed and FAIL_MESSAGE in error and "rank 1" in error
