@@ -78,7 +78,9 @@ def _weight_loader(llm) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
 
 
 def _ensure_dist_env() -> None:
-    """vLLM's external launcher reads the torch.distributed variables; one process without torchrun has none."""
+    """vLLM's external launcher reads the torch.distributed variables (one process without torchrun has none), and its
+    engine must run in this process (V1 would otherwise start an engine-core process we could not load weights into)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
