@@ -2,6 +2,8 @@
 
     R1_FAULT_KILL_AT=r1_zero:3,synthesize:1    SIGKILL right after step 3 of stage r1_zero (its metrics logged and its
                                                checkpoint written if one was due), and after shard 1 of synthesize
+    R1_FAULT_RAISE_AT=r1_zero:3                raise InjectedFault there instead (an exception: a crash the process
+                                               survives, e.g. to exercise in-process Prefect retries)
     R1_FAULT_ONCE_DIR=/tmp/faults              each point fires once: a marker file is written there before the kill,
                                                so a retry or a rerun of the same stage gets past it
 
@@ -17,7 +19,12 @@ import signal
 from pathlib import Path
 
 KILL_ENV = "R1_FAULT_KILL_AT"
+RAISE_ENV = "R1_FAULT_RAISE_AT"
 ONCE_ENV = "R1_FAULT_ONCE_DIR"
+
+
+class InjectedFault(RuntimeError):
+    """The exception R1_FAULT_RAISE_AT raises."""
 
 _stage: str | None = None
 
@@ -38,18 +45,26 @@ def _points(spec: str) -> set[tuple[str, int]]:
 
 
 def fault_point(kind: str, step: int) -> None:
-    """SIGKILL this process if R1_FAULT_KILL_AT names (stage or kind, step)."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    points = _points(spec)
+    """SIGKILL this process (R1_FAULT_KILL_AT) or raise InjectedFault (R1_FAULT_RAISE_AT) if it names (stage or kind,
+    step); a no-op when neither is set."""
+    for env, kill in ((KILL_ENV, True), (RAISE_ENV, False)):
+        spec = os.environ.get(env)
+        if spec and (name := _fires(_points(spec), kind, step)):
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedFault(f"injected fault at {name}:{step} ({env})")
+
+
+def _fires(points: set[tuple[str, int]], kind: str, step: int) -> str | None:
     for name in (_stage, kind):
-        if name is not None and (name, step) in points:
-            once = os.environ.get(ONCE_ENV)
-            if once:
-                marker = Path(once) / f"{name}-{step}-rank{os.environ.get('RANK', '0')}"
-                if marker.exists():
-                    continue
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if name is None or (name, step) not in points:
+            continue
+        once = os.environ.get(ONCE_ENV)
+        if once:
+            marker = Path(once) / f"{name}-{step}-rank{os.environ.get('RANK', '0')}"
+            if marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+        return name
+    return None

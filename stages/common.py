@@ -112,9 +112,10 @@ class StageContext:
 
     @property
     def logger(self):
-        from grpo.logging import MLflowLogger
+        """Per-step metrics into the stage's run (a resumed attempt first takes over the killed one's steps)."""
+        from stages.attempts import stage_logger
 
-        return MLflowLogger(run_id=self.run_id)
+        return stage_logger(self.run_id)
 
 
 @contextlib.contextmanager
@@ -125,22 +126,27 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     On several ranks only rank 0 opens the run; the others get its id and no active MLflow run (`ctx.main` is False),
     so whatever they would log must be guarded by `ctx.main`.
     """
-    from stages import distributed
+    from grpo import faults
+    from stages import attempts, distributed
 
     tracking.check_tracking(recipe.tracking)
     key = stage_key(name, cfg, inputs, recipe)
     workdir = Path(recipe.output_dir) / name / key[:16]
     workdir.mkdir(parents=True, exist_ok=True)
+    faults.set_stage(name)
     if not distributed.is_main():
         yield StageContext(name, recipe, distributed.broadcast(None), key, workdir, inputs, progress, main=False)
         return
     params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
     params |= {f"input.{k}": v for k, v in inputs.items()}
     tags = {KEY_TAG: key} | {f"r1.input.{k}": v for k, v in inputs.items()}
-    with tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
+    with attempts.work_lock(workdir, name), \
+            tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
         log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
+        attempts.begin(run.info.experiment_id, KEY_TAG, key, run.info.run_id)  # after a crash: takes over its steps
         distributed.broadcast(run.info.run_id)
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
+        attempts.finish(run.info.run_id)
 
 
 def record_outputs(recipe: Recipe, outputs: dict[str, str]) -> None:

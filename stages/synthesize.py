@@ -160,18 +160,14 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
     target, buffer, shard = cfg.reasoning_target, list(state["carry"]), state["shard"] + 1
     bar = tqdm(total=target, initial=len(rows) + len(buffer), desc="synthesize", unit="sample",
                disable=not ctx.progress)
-    done = False
-    for b, kept, batch_counts in sampler.batches(state["next_batch"]):
-        take = kept[: target - len(rows) - len(buffer)]
-        buffer.extend(take)
-        counts.add(batch_counts)
-        bar.update(len(take))
-        bar.set_postfix(prompts=counts.prompts, accept=f"{counts.acceptance_rate:.0%}")
-        last = len(rows) + len(buffer) >= target or b == sampler.num_batches - 1
+
+    def write_shards(next_batch: int, last: bool) -> bool:
+        """Full shards from the buffer (all of it when `last`); True once the final shard is written."""
+        nonlocal buffer, shard
         while len(buffer) >= cfg.shard_size or last:
             chunk, buffer = buffer[: cfg.shard_size], buffer[cfg.shard_size :]
             done = last and not buffer
-            write_shard(shard_dir, shard, chunk, {"shard": shard, "rows": len(chunk), "next_batch": b + 1,
+            write_shard(shard_dir, shard, chunk, {"shard": shard, "rows": len(chunk), "next_batch": next_batch,
                                                   "carry": buffer, "counts": counts.to_json(), "done": done})
             rows.extend(chunk)
             # step = shards written (from 1: the end-of-stage summary is logged at step 0)
@@ -179,9 +175,21 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
             fault_point(STAGE, shard + 1)
             shard += 1
             if done:
+                return True
+        return False
+
+    if len(rows) + len(buffer) >= target or state["next_batch"] >= sampler.num_batches:
+        # killed while writing the last batch's shards: write the rest of them, generate nothing more
+        write_shards(state["next_batch"], last=True)
+    else:
+        for b, kept, batch_counts in sampler.batches(state["next_batch"]):
+            take = kept[: target - len(rows) - len(buffer)]
+            buffer.extend(take)
+            counts.add(batch_counts)
+            bar.update(len(take))
+            bar.set_postfix(prompts=counts.prompts, accept=f"{counts.acceptance_rate:.0%}")
+            if write_shards(b + 1, last=len(rows) + len(buffer) >= target or b == sampler.num_batches - 1):
                 break
-        if done:
-            break
     bar.close()
     return rows, counts
 

@@ -45,3 +45,12 @@ def tiny_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_base") / "model"
     res = build_base_model(recipe, out, progress=False)
     return recipe, res
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (starting one costs 10-25 s on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):  # slow machines
+        yield
