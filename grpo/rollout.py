@@ -1,7 +1,8 @@
 """Rollouts: prompts in, G sampled completions per prompt out, as padded tensors plus decoded text.
 
-A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` uses
-Hugging Face `generate` with its KV cache (the CPU path); `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
+A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` samples
+from a Hugging Face model: with `grpo.decoding` (static KV cache, finished rows leave the batch) for Qwen2/Llama
+models, with Hugging Face `generate` and its KV cache otherwise; `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
 
 Seeded completions: given `seeds=` (one int per prompt), completion j of prompt i is drawn from its own random stream
 `completion_seed(seeds[i], j)`, so a completion does not depend on which batch or rank it was generated in. The trainer
@@ -132,13 +133,22 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) ->
 class HFGenerateBackend:
     """Hugging Face `generate` (KV cache, left padding, per-sequence stop at EOS)."""
 
-    def __init__(self, model, tokenizer, max_prompt_length: int | None = None, synced_gpus: bool = False):
-        """synced_gpus: keep every rank stepping until all are done (needed under ZeRO-3, where each forward is collective)."""
+    def __init__(self, model, tokenizer, max_prompt_length: int | None = None, synced_gpus: bool = False,
+                 fast_decoding: bool = True):
+        """synced_gpus: keep every rank stepping until all are done (needed under ZeRO-3, where each forward is collective).
+        fast_decoding: sample with `grpo.decoding` (static KV cache, finished rows dropped) where it supports the model;
+        False, or an unsupported model, or synced_gpus: Hugging Face `generate`."""
         check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.synced_gpus = synced_gpus
+        self.fast_decoding = fast_decoding
+
+    def uses_fast_decoding(self) -> bool:
+        from grpo import decoding
+
+        return self.fast_decoding and not self.synced_gpus and decoding.supports(self.model)
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
@@ -167,30 +177,23 @@ class HFGenerateBackend:
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0).to(device)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0).to(device)
 
-        gen_kwargs = {
-            "do_sample": sampling.do_sample,
-            "max_new_tokens": sampling.max_new_tokens,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "use_cache": True,
-            "synced_gpus": self.synced_gpus,
-        }
-        if sampling.do_sample and seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
-            row_seeds = [completion_seed(s, j) for s in seeds for j in range(num_generations)]
-            from transformers import LogitsProcessorList
-
-            gen_kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
-                [SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)]))
-        elif sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        row_seeds = [completion_seed(s, j) for s in seeds for j in range(num_generations)] if seeds is not None else None
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+            if self.uses_fast_decoding():
+                from grpo import decoding
+
+                completion_ids = decoding.sample(
+                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                    do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
+                    row_seeds=row_seeds,
+                )
+            else:
+                completion_ids = self.hf_generate(prompt_ids, prompt_mask, sampling, row_seeds)
         finally:
             model.train(was_training)
 
-        completion_ids = out[:, prompt_ids.shape[1] :]
         completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
@@ -205,6 +208,27 @@ class HFGenerateBackend:
             lengths=completion_mask.sum(dim=1),
             num_generations=num_generations,
         )
+
+    def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None):
+        """Completion ids (N, T) from Hugging Face `generate`; T = steps run."""
+        tok, device = self.tokenizer, prompt_ids.device
+        gen_kwargs = {
+            "do_sample": sampling.do_sample,
+            "max_new_tokens": sampling.max_new_tokens,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "use_cache": True,
+            "synced_gpus": self.synced_gpus,
+        }
+        if sampling.do_sample and row_seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
+            from transformers import LogitsProcessorList
+
+            gen_kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
+                [SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)]))
+        elif sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+        return out[:, prompt_ids.shape[1] :]
 
 
 def rollout_from_completions(

@@ -38,7 +38,7 @@ from grpo.engine import (
 )
 from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
-from grpo.logprobs import completion_logprobs
+from grpo.logprobs import packed_completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
 from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
 from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
@@ -208,12 +208,16 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
+        self.timings = dict.fromkeys(("generate", "rewards", "reference", "forward", "backward"), 0.0)
         rows = self.next_rows()
         rollout = self.backend.generate([r["prompt"] for r in rows], G, self.sampling, **self.rollout_seeds())
         rollout = rollout.to(next(self.engine.module.parameters()).device)
         gen_time = time.perf_counter() - t0
+        self.timings["generate"] = gen_time
 
+        t_rewards = time.perf_counter()
         rewards, reward_metrics = self.score(rollout, rows)
+        self.timings["rewards"] = time.perf_counter() - t_rewards
         if cfg.advantage_mode == "outcome":
             advantages = group_advantages(rewards, G, cfg.scale_rewards)
         else:
@@ -239,6 +243,9 @@ class GRPOTrainer:
         metrics["lr"] = self.engine.lr()
         metrics["step_time"] = step_time
         metrics["tokens_per_s"] = lengths.sum().item() * self.world / max(gen_time, 1e-9)
+        # where the step's time went (seconds): sampling, reward functions, frozen log-probs (reference, old policy),
+        # the policy's forward + loss, backward + optimiser step
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         return metrics
 
     def default_backend(self) -> RolloutBackend:
@@ -321,21 +328,33 @@ class GRPOTrainer:
         return {"step_rewards": step_rewards, "step_ends": step_ends}, metrics
 
     # ---- μ inner updates on one rollout
-    def logprobs(self, model, rollout: Rollout, rows: slice | torch.Tensor):
-        return completion_logprobs(
+    def logprobs(self, model, rollout: Rollout, rows: slice | torch.Tensor, with_entropy: bool = True):
+        """(logp, entropy) of the completion tokens of `rows`, (n, T); 0 after each row's last completion token.
+        Padding is not computed (grpo.logprobs.packed_completion_logprobs)."""
+        return packed_completion_logprobs(
             model,
-            rollout.input_ids[rows],
-            rollout.attention_mask[rows],
-            rollout.completion_ids.shape[1],
+            rollout.prompt_ids[rows],
+            rollout.prompt_mask[rows],
+            rollout.completion_ids[rows],
+            rollout.completion_mask[rows],
             self.cfg.temperature,
             self.cfg.logprob_chunk_size,
+            with_entropy=with_entropy,
         )
 
     @torch.no_grad()
     def frozen_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
         """Log-probs under a model that does not change during the updates (old policy, reference), by minibatch."""
+        t0 = time.perf_counter()
         n, mb = rollout.completion_ids.shape[0], self.local_minibatch
-        return torch.cat([self.logprobs(model, rollout, slice(s, s + mb))[0] for s in range(0, n, mb)])
+        out = torch.cat([self.logprobs(model, rollout, slice(s, s + mb), False)[0] for s in range(0, n, mb)])
+        self.add_time("reference", t0)
+        return out
+
+    def add_time(self, key: str, since: float) -> None:
+        timings = getattr(self, "timings", None)
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
 
     @property
     def local_minibatch(self) -> int:
@@ -360,6 +379,7 @@ class GRPOTrainer:
             for start in range(0, n, mb):
                 rows = slice(start, start + mb)
                 mask = rollout.completion_mask[rows]
+                t_forward = time.perf_counter()
                 logp, entropy = self.logprobs(policy, rollout, rows)
                 loss, s = grpo_loss(
                     logp,
@@ -375,8 +395,11 @@ class GRPOTrainer:
                     max_len=cfg.max_completion_length,
                     num_tokens=mean_over_ranks(mask.sum().float()) if cfg.loss_aggregation == "token_mean" else None,
                 )
+                self.add_time("forward", t_forward)
+                t_backward = time.perf_counter()
                 self.engine.backward(loss)
                 s["grad_norm"] = self.engine.step()
+                self.add_time("backward", t_backward)
                 s["loss"] = loss.item()
                 s["entropy"] = masked_mean(entropy, mask).item()
                 for k, v in s.items():

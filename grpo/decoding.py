@@ -1,0 +1,236 @@
+"""Sampling for Llama-family decoders (Qwen2, Llama) with little Python per token: the rollout's hot loop.
+
+Hugging Face `generate` spends most of a small model's decoding step outside the matmuls (a cache that grows by
+`torch.cat`, masks rebuilt per token, logits processors). This loop runs the same model from its own weights:
+
+- a static KV cache, allocated once for prompt + max_new_tokens positions, written in place;
+- q/k/v and gate/up projections fused into one matmul each (weights concatenated once per call);
+- rows that have emitted EOS leave the batch: when an eighth of the batch has ended, the finished rows are dropped
+  from the cache (compaction), and the loop stops as soon as every row has ended;
+- sampling as in `generate` (logits / temperature, nucleus filter, softmax), but one uniform per row and an
+  inverse-CDF lookup instead of `torch.multinomial`, which draws an exponential for every vocabulary entry.
+
+The numbers are the model's own (same RMSNorm, rotary tables from the model's rotary module, same masking of left
+padding): greedy tokens equal `generate`'s, sampled ones follow the same distribution (not the same random stream).
+`supports(model)` says when this path applies; the rollout backend falls back to `generate` otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+COMPACT_FRACTION = 8  # compact when at least 1/8 of the live rows have ended
+
+
+def supports(model) -> bool:
+    """True for a plain (unpartitioned, SiLU, default-RoPE, full-attention) Qwen2 or Llama causal LM."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    base = getattr(model, "model", None)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") != "default":
+        return False
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitioned weights: use generate
+        return False
+    layer = base.layers[0]
+    return all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
+        hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")
+    )
+
+
+def _cat_bias(*linears):
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """Qwen2RMSNorm / LlamaRMSNorm: computed in float32, scaled in the input dtype."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * xf.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Decoder:
+    """The model's weights, fused for decoding, plus a static KV cache for one batch."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        base, cfg = model.model, model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.head_dim**-0.5
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm
+        head = model.get_output_embeddings()
+        self.lm_w, self.lm_b = head.weight, head.bias
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm,
+                    torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                    _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                    a.o_proj.weight,
+                    a.o_proj.bias,
+                    layer.post_attention_layernorm,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                    m.down_proj.weight,
+                    m.down_proj.bias,
+                )
+            )
+        w = self.embed
+        # cos/sin for every position this batch can reach, from the model's own rotary module
+        positions = torch.arange(max_len, device=w.device).unsqueeze(0)
+        cos, sin = base.rotary_emb(w[:1].unsqueeze(0), positions)
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row but `rows` from the cache."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (n, L, H) after the final norm for tokens `ids` (n, L) at rotary positions `pos` (n, L),
+        written to cache columns start .. start+L-1. `mask` is additive, (n, 1, L, start+L) over the cached keys."""
+        n, L = ids.shape
+        end = start + L
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        groups = nh // nkv
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, L, hd)
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down, b_down) in enumerate(self.layers):
+            h = _rms_norm(x, ln1)
+            q, k, v = F.linear(h, w_qkv, b_qkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = _rotate(q.view(n, L, nh, hd).transpose(1, 2), cos, sin)
+            self.k[i][:, :, start:end] = _rotate(k.view(n, L, nkv, hd).transpose(1, 2), cos, sin)
+            self.v[i][:, :, start:end] = v.view(n, L, nkv, hd).transpose(1, 2)
+            keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
+            # grouped-query attention without repeating the cache: (n, nkv, groups*L, hd) @ (n, nkv, hd, end)
+            scores = q.reshape(n, nkv, groups * L, hd) @ keys.transpose(-1, -2) * self.scale
+            scores = scores.view(n, nkv, groups, L, end) + mask.unsqueeze(1)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = (probs.view(n, nkv, groups * L, end) @ values).view(n, nh, L, hd)
+            x = x + F.linear(attn.transpose(1, 2).reshape(n, L, nh * hd), w_o, b_o)
+            gate, up = F.linear(_rms_norm(x, ln2), w_gu).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w_down, b_down)
+        return _rms_norm(x, self.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_w, self.lm_b).float()
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Hugging Face's TopPLogitsWarper: drop the least likely tokens whose cumulative mass is <= 1 - top_p."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` (n, V), with probability probs[i, j]: the first j whose cumulative mass exceeds
+    u·total for one uniform u per row. A token of probability 0 is never drawn (its cumulative mass does not rise)."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def next_tokens(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generators: list | None = None
+) -> torch.Tensor:
+    """The next token of each row. With one generator per row: the Gumbel-max draw of `rollout.SeededSampling`
+    (argmax of the warped scores plus Gumbel noise from the row's own stream), so a row's tokens do not depend on
+    the other rows of the batch."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    if generators is not None:
+        V = scores.shape[1]
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in generators])
+        return (scores - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(dim=-1)
+    return draw(torch.softmax(scores, dim=-1))
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    compact: bool = True,
+    row_seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Completion tokens (N, T) for left-padded prompts (N, P); T = steps run (≤ max_new_tokens), as `generate`
+    returns them. After a row's EOS its entries are junk: mask them with `completion_mask_from_eos`.
+    row_seeds: one seed per row, each row sampled from its own stream (see `next_tokens`)."""
+    N, P = prompt_ids.shape
+    gens = None
+    if row_seeds is not None:
+        gens = [torch.Generator(device=prompt_ids.device).manual_seed(s) for s in row_seeds]
+    dec = _Decoder(model, N, P + max_new_tokens)
+    device, dtype = prompt_ids.device, dec.embed.dtype
+    neg = torch.finfo(dtype).min
+    # prompt positions skip left padding, as in `generate`; generated tokens continue from the last prompt token
+    pos = prompt_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(prompt_mask == 0, 1)
+    next_pos = pos[:, -1:] + 1
+    key_ok = torch.ones(N, P + max_new_tokens, dtype=torch.bool, device=device)
+    key_ok[:, :P] = prompt_mask.bool()
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    prefill_ok = causal & key_ok[:, None, :P]
+    prefill_ok |= torch.eye(P, dtype=torch.bool, device=device)  # a padding query attends to itself (unused, no NaN)
+    mask = torch.zeros(N, 1, P, P, dtype=dtype, device=device).masked_fill(~prefill_ok.unsqueeze(1), neg)
+    key_mask = torch.zeros(N, 1, 1, P + max_new_tokens, dtype=dtype, device=device).masked_fill(
+        ~key_ok[:, None, None, :], neg
+    )
+
+    hidden = dec.forward(prompt_ids, pos, 0, mask)
+    logits = dec.logits(hidden[:, -1])
+    out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(N, device=device)  # original row of each live batch slot
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        live_gens = None if gens is None else [gens[r] for r in rows.tolist()]
+        tok = next_tokens(logits, do_sample, temperature, top_p, live_gens)
+        out[rows, t] = tok
+        steps = t + 1
+        done |= tok == eos_token_id
+        n_done = int(done.sum())
+        if n_done == len(rows) or steps == max_new_tokens:
+            break
+        if compact and n_done * COMPACT_FRACTION >= len(rows):
+            live = (~done).nonzero().squeeze(1)
+            dec.keep(live)
+            rows, tok, next_pos, key_mask = rows[live], tok[live], next_pos[live], key_mask[live]
+            done = done[live]
+        hidden = dec.forward(tok.unsqueeze(1), next_pos, P + t, key_mask[..., : P + t + 1])
+        next_pos = next_pos + 1
+        logits = dec.logits(hidden[:, -1])
+    return out[:, :steps]

@@ -1,0 +1,239 @@
+"""The fast paths of a GRPO step give the reference paths' results: `grpo.decoding` (static KV cache, finished rows
+dropped) against Hugging Face `generate`, and packed log-probs against the left-padded ones, loss and gradient included."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from grpo import decoding
+from grpo.logprobs import completion_logprobs, packed_completion_logprobs
+from grpo.loss import grpo_loss
+from grpo.rollout import HFGenerateBackend, SamplingParams, SeededSampling, completion_mask_from_eos, completion_seed
+from stages.tasks import clean_trace, make_problems
+from stages.tokenizer import train_tokenizer
+
+QUESTIONS = [(1, 2), (13, 52), (7, 8), (40, 41), (99, 1), (5, 55), (12, 21), (3, 30)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    problems = make_problems("addition", 200, seed=0)
+    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # different lengths (left padding), and with the model below, greedy completions that end at different steps
+    return [f"User: What is {a} + {b}?\nAssistant:" for a, b in QUESTIONS] + [
+        "User: 7+8\nAssistant:",
+        "User: Please add 3 and 4 now.\nAssistant:",
+    ]
+
+
+def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
+    """A random 2-layer model whose EOS logit is scaled up, so that rows end early, at different steps."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(Qwen2Config(**kw)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.eos_token_id] *= eos_scale
+    return model.eval()
+
+
+def encode(tok, prompts, repeat=1):
+    enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    return enc["input_ids"].repeat_interleave(repeat, 0), enc["attention_mask"].repeat_interleave(repeat, 0)
+
+
+def masked(ids, eos):
+    mask, _ = completion_mask_from_eos(ids, eos)
+    return ids.masked_fill(mask == 0, -1), mask
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("compact", [True, False])
+def test_greedy_tokens_equal_generate(tok, prompts, kind, compact):
+    model = model_for(tok, kind)
+    ids, mask = encode(tok, prompts)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    fast = decoding.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
+    assert fast.shape == ref.shape  # stops when every row has ended, like generate
+    (a, ma), (b, mb) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    assert torch.equal(a, b)
+    if kind == "qwen2":  # rows really end at different steps, so compaction and early stop are exercised
+        lengths = ma.sum(1)
+        assert lengths.min() < lengths.max() == 24 and len(set(lengths.tolist())) >= 3
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_seeded_sampling_equals_generate_with_the_same_row_seeds(tok, prompts, temperature, top_p):
+    """With per-row seeds the draw is a function of the row's own stream: the same tokens as the `generate` path
+    (SeededSampling), although finished rows leave the fast batch."""
+    model = model_for(tok)
+    ids, mask = encode(tok, prompts, repeat=3)
+    seeds = [completion_seed(100 + i // 3, i % 3) for i in range(len(ids))]
+    from transformers import LogitsProcessorList
+
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         logits_processor=LogitsProcessorList([SeededSampling(seeds, temperature, top_p, "cpu")]))
+    ref = ref[:, ids.shape[1]:]
+    fast = decoding.sample(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, temperature=temperature,
+                           top_p=top_p, row_seeds=seeds)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    assert torch.equal(a[:, : b.shape[1]], b) and a.shape[1] == b.shape[1]
+    assert ma.sum(1).min() < 20  # some rows ended early
+
+
+def test_backend_seeds_give_the_same_rollout_on_both_paths(tok, prompts):
+    model = model_for(tok)
+    sp = SamplingParams(temperature=0.9, max_new_tokens=16)
+    fast, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
+    assert fast.uses_fast_decoding() and not slow.uses_fast_decoding()
+    a = fast.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    b = slow.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    assert a.completions == b.completions
+    assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_draw_follows_the_probabilities():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)
+    counts = torch.bincount(decoding.draw(probs), minlength=6).float() / 40_000
+    assert counts[1] == 0 and counts[5] == 0  # probability 0: never drawn, the last token included
+    assert torch.allclose(counts, probs[0], atol=0.01)
+
+
+def test_sampled_first_tokens_follow_the_model(tok, prompts):
+    """The unseeded fast path samples from softmax(logits / T): empirical first-token frequencies match it."""
+    model = model_for(tok, eos_scale=1.0)
+    with torch.no_grad():  # sharpen the distribution a little, so that frequent tokens are measured well
+        model.model.norm.weight.mul_(8.0)
+    n = 4000
+    ids, mask = encode(tok, prompts[1:2], repeat=n)
+    torch.manual_seed(0)
+    first = decoding.sample(model, ids, mask, 1, tok.eos_token_id, tok.pad_token_id, temperature=0.8)[:, 0]
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1] / 0.8, dim=-1)
+    freq = torch.bincount(first, minlength=p.numel()).float() / n
+    assert p.max() > 0.2
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all()  # every token within 5 sigma
+
+
+def test_fast_rollout_masks_after_eos_and_counts_lengths(tok, prompts):
+    model = model_for(tok)
+    torch.manual_seed(3)
+    r = HFGenerateBackend(model, tok).generate(prompts, 2, SamplingParams(max_new_tokens=20))
+    eos = tok.eos_token_id
+    for row, m, n, trunc in zip(r.completion_ids, r.completion_mask, r.lengths, r.truncated):
+        k = int(n)
+        assert m[:k].all() and not m[k:].any()
+        assert (row[k:] == tok.pad_token_id).all()
+        assert bool(trunc) == (row[k - 1] != eos)
+    assert r.truncated.any() and not r.truncated.all()
+
+
+def test_unsupported_models_fall_back_to_generate(tok):
+    model = model_for(tok)
+    model.config.hidden_act = "gelu"
+    assert not decoding.supports(model)
+    assert not HFGenerateBackend(model, tok).uses_fast_decoding()
+    assert not HFGenerateBackend(model_for(tok), tok, synced_gpus=True).uses_fast_decoding()
+
+
+def batch_for(tok, prompts, seed=0):
+    """A sampled rollout batch of 50 rows (several length buckets), from a model in train mode."""
+    model = model_for(tok, seed=seed)
+    torch.manual_seed(seed)
+    r = HFGenerateBackend(model, tok).generate(prompts, 5, SamplingParams(temperature=0.9, max_new_tokens=20))
+    return model.train(), r
+
+
+def test_packed_logprobs_equal_the_padded_ones(tok, prompts):
+    model, r = batch_for(tok, prompts)
+    T = r.completion_ids.shape[1]
+    m = r.completion_mask.bool()
+    assert r.lengths.min() < T and r.prompt_mask.sum(1).min() < r.prompt_ids.shape[1]  # padding on both sides
+    ref, ref_ent = completion_logprobs(model, r.input_ids, r.attention_mask, T, temperature=0.9)
+    got, ent = packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                          temperature=0.9, chunk_size=64)
+    assert torch.allclose(got[m], ref[m], atol=1e-5)
+    assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
+    assert (got[~m] == 0).all()
+    frozen, _ = packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                           temperature=0.9, with_entropy=False)
+    assert torch.allclose(frozen[m], ref[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "dr_grpo"])
+def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation):
+    model, r = batch_for(tok, prompts, seed=1)
+    T = r.completion_ids.shape[1]
+    adv = torch.linspace(-1.5, 1.5, len(r.completion_ids))
+    ref_logp = torch.full((len(adv), T), -3.0)
+
+    def loss_and_grad(logp):
+        loss, _ = grpo_loss(logp, logp.detach() - 0.05, adv, r.completion_mask, logp_ref=ref_logp, beta=0.1,
+                            aggregation=aggregation, max_len=T)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+        return loss.detach(), grads
+
+    a, ga = loss_and_grad(completion_logprobs(model, r.input_ids, r.attention_mask, T)[0])
+    b, gb = loss_and_grad(
+        packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+    )
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_lm_head_checkpointing_above_the_threshold_gives_the_same_gradient(tok, prompts, monkeypatch):
+    import grpo.logprobs as lp
+
+    model, r = batch_for(tok, prompts)
+    args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+
+    def grads():
+        logp, _ = lp.packed_completion_logprobs(*args, chunk_size=32)
+        return torch.autograd.grad(logp.sum(), list(model.parameters()))
+
+    plain = grads()
+    monkeypatch.setattr(lp, "CHECKPOINT_ABOVE", 0)
+    for x, y in zip(plain, grads()):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_trainer_update_matches_padded_logprobs(tok, prompts):
+    """One policy update through the trainer (packed path) has the gradient of the padded path's loss."""
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+
+    model, r = batch_for(tok, prompts, seed=2)
+    cfg = GRPOConfig(prompts_per_step=len(prompts), num_generations=5, beta=0.0, learning_rate=1e-2,
+                     max_completion_length=20, max_grad_norm=None)
+    dataset = [{"prompt": p} for p in prompts]
+    adv = torch.linspace(-1, 1, len(r.completion_ids))
+    reference = copy.deepcopy(model)
+    trainer = GRPOTrainer(model, tok, cfg, dataset, [("zero", lambda p, c, **k: [0.0] * len(c), 1.0)],
+                          progress=False)
+    grads = []
+    step = trainer.engine.step
+
+    def step_and_record():
+        grads.append([p.grad.clone() for p in model.parameters()])
+        return step()
+
+    trainer.engine.step = step_and_record
+    trainer.policy_update(r, adv)
+
+    logp, _ = completion_logprobs(reference, r.input_ids, r.attention_mask, r.completion_ids.shape[1])
+    loss, _ = grpo_loss(logp, logp.detach(), adv, r.completion_mask, aggregation=cfg.loss_aggregation)
+    loss.backward()
+    assert len(grads) == 1
+    for (name, _), g, q in zip(model.named_parameters(), grads[0], reference.parameters()):
+        assert torch.allclose(g, q.grad, rtol=1e-4, atol=1e-7), name
