@@ -169,11 +169,12 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     _logging(verbose)
     cfg = _recipe(recipe, set)  # validate before Prefect starts
     from flows.pipeline import configure_local_prefect
-    from stages.registry import check_stages
+    from stages.preflight import preflight
+    from stages.registry import check_stages, runnable
 
     try:
-        check_stages(stages or ["base_model"])
         check_stages(force or [])
+        preflight(cfg, stages or list(runnable()))  # before Prefect starts: every check that needs no model
     except ValueError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None

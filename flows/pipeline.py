@@ -61,7 +61,9 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     cfg = load_recipe(recipe, overrides)
     chain = check_stages(stages or list(runnable()))
     forced = set(check_stages(force or []))
-    tracking.check_tracking(cfg.tracking)
+    from stages.preflight import preflight
+
+    preflight(cfg, chain, inputs)  # everything that can refuse the run before a model loads (names, files, data, ...)
     import mlflow
 
     planned = plan_inputs(cfg, chain, inputs)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from grpo.engine import rank_and_world
+from grpo.faults import fault_point
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model_config.json"  # the architecture the checkpoint belongs to: a resume into another model is refused
@@ -92,6 +93,7 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     _barrier()
     engine.save(str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    fault_point("checkpoint_write", int(m.group(1)) if (m := re.search(r"(\d+)$", path.name)) else 0, by_stage=False)
     if reference is not None:
         engine.save_reference(reference, str(tmp))  # ZeRO-3: every rank its shards
     _barrier()

@@ -8,8 +8,10 @@
                                                so a retry or a rerun of the same stage gets past it
 
 A point names a stage (set by the stage's context) or a loop kind: `grpo`, `sft` (every SFT loop, base-model
-pretraining included) or `synthesize` (its shards). Steps count from 1 (a synthesize shard is its index + 1, i.e. the
-number of shards written). Unset (the normal case), `fault_point` is a dictionary lookup and returns.
+pretraining included) or `synthesize` (its shards), or a write in progress: `checkpoint_write` (a checkpoint's files
+written, not yet renamed into place) or `shard_write` (a shard's rows written, not yet renamed). Steps count from 1 (a
+synthesize shard is its index + 1, i.e. the number of shards written). Unset (the normal case), `fault_point` is an
+environment lookup and returns.
 """
 
 from __future__ import annotations
@@ -44,19 +46,20 @@ def _points(spec: str) -> set[tuple[str, int]]:
     return out
 
 
-def fault_point(kind: str, step: int) -> None:
+def fault_point(kind: str, step: int, by_stage: bool = True) -> None:
     """SIGKILL this process (R1_FAULT_KILL_AT) or raise InjectedFault (R1_FAULT_RAISE_AT) if it names (stage or kind,
-    step); a no-op when neither is set."""
+    step); a no-op when neither is set. Points inside a write (`checkpoint_write`, `shard_write`: before the rename that
+    publishes it) answer to their kind only (by_stage=False)."""
     for env, kill in ((KILL_ENV, True), (RAISE_ENV, False)):
         spec = os.environ.get(env)
-        if spec and (name := _fires(_points(spec), kind, step)):
+        if spec and (name := _fires(_points(spec), kind, step, by_stage)):
             if kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise InjectedFault(f"injected fault at {name}:{step} ({env})")
 
 
-def _fires(points: set[tuple[str, int]], kind: str, step: int) -> str | None:
-    for name in (_stage, kind):
+def _fires(points: set[tuple[str, int]], kind: str, step: int, by_stage: bool) -> str | None:
+    for name in (_stage if by_stage else None, kind):
         if name is None or (name, step) not in points:
             continue
         once = os.environ.get(ONCE_ENV)

@@ -2,6 +2,7 @@
 (step end offset, reward) pairs per completion), and a registry that builds them by name from config."""
 
 from rewards.accuracy import accuracy_reward, is_correct, normalize_answer
+from rewards.code import code_tests_reward, extract_code
 from rewards.format import format_reward, soft_format_reward
 from rewards.language import language_consistency_reward, target_language_share
 from rewards.length import cosine_length_reward, overlong_reward, repetition_penalty_reward
@@ -29,9 +30,11 @@ __all__ = [
     "arithmetic_claims",
     "build_rewards",
     "call_reward",
+    "code_tests_reward",
     "cosine_length_reward",
     "extract_answer",
     "extract_boxed",
+    "extract_code",
     "extract_think",
     "format_reward",
     "is_correct",

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from rewards.accuracy import accuracy_reward
+from rewards.code import code_tests_reward
 from rewards.format import format_reward, soft_format_reward
 from rewards.language import language_consistency_reward
 from rewards.length import cosine_length_reward, overlong_reward, repetition_penalty_reward
@@ -93,6 +94,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "repetition": _bind("repetition", repetition_penalty_reward),
     "reward_model": _reward_model,
     "process_arithmetic": _bind("process_arithmetic", process_arithmetic_reward, process=True),
+    "code_tests": _bind("code_tests", code_tests_reward),  # runs model output: in a locked-down subprocess
 }
 
 

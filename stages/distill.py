@@ -207,7 +207,9 @@ def sft_or_reuse(model, tok, examples: list[dict], sft_cfg, folder: Path, ctx, t
     trained.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     info = {"steps": res.steps, "final_loss": res.final_loss, "seconds": res.seconds}
-    done.write_text(json.dumps(info))
+    from stages.entry import write_json_atomic
+
+    write_json_atomic(done, info)  # the marker a rerun trusts: whole or absent
     return trained.eval(), info
 
 

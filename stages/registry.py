@@ -43,16 +43,19 @@ def runnable() -> dict[str, Callable]:
     stages = {"base_model": base_model.run, "r1_zero": r1_zero.run, "cold_start_sft": cold_start_sft.run,
               "reasoning_rl": reasoning_rl.run, "synthesize": synthesize.run, "general_sft": general_sft.run,
               "preference_rl": preference_rl.run, "distill": distill.run}
-    return {name: _recording(fn) for name, fn in stages.items()}
+    return {name: _recording(name, fn) for name, fn in stages.items()}
 
 
-def _recording(run: Callable) -> Callable:
-    """A stage's run that tags its MLflow run with the outputs it returned (what a later pipeline run reuses)."""
+def _recording(name: str, run: Callable) -> Callable:
+    """A stage's run that first passes preflight (no model loaded yet), then tags its MLflow run with the outputs it
+    returned (what a later pipeline run reuses)."""
 
     def recorded(recipe, inputs=None, parent_run_id=None, progress=True):
         from stages.common import record_outputs
         from stages.distributed import is_main
+        from stages.preflight import preflight
 
+        preflight(recipe, [name], inputs)
         out = run(recipe, inputs=inputs, parent_run_id=parent_run_id, progress=progress)
         if is_main():  # on several ranks, rank 0 alone writes to MLflow
             record_outputs(recipe, out)

@@ -200,6 +200,7 @@ def shard_path(shard_dir: Path, i: int) -> Path:
 
 def write_shard(shard_dir: Path, i: int, rows: list[dict], state: dict) -> Path:
     """Rows and state into a temporary folder, then one rename: a shard is whole or absent."""
+    from grpo.faults import fault_point
     from stages.data import save_rows
 
     final = shard_path(shard_dir, i)
@@ -208,6 +209,7 @@ def write_shard(shard_dir: Path, i: int, rows: list[dict], state: dict) -> Path:
     tmp.mkdir(parents=True)
     if rows:
         save_rows(rows, tmp / "rows")
+    fault_point("shard_write", i + 1, by_stage=False)
     (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)

@@ -22,6 +22,7 @@ def test_known_names():
         "repetition",
         "reward_model",
         "process_arithmetic",
+        "code_tests",
     }
 
 

@@ -1,0 +1,373 @@
+"""Early refusal: each bad input below fails before any model is loaded (loading one fails these tests), with a message
+naming the recipe field or the file. The README's "Reliability: faults and refusals" tables are generated from this
+module (`python -m tests.test_reliability_refusals`), and a test keeps them in step with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MINI
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- reliability-tables:begin -->", "<!-- reliability-tables:end -->"
+
+
+@dataclass
+class Refusal:
+    name: str
+    bad_input: str  # what the user did (README column)
+    refused_by: str  # where it is caught
+    expect: str  # regex the message must match (it names the field or the file)
+    run: Callable[[Path], None]  # raises the refusal, given a workspace folder
+
+
+def _recipe(ws: Path, **over):
+    from stages.recipe import load_recipe
+
+    return load_recipe("tiny", {**MINI, "tracking.uri": f"sqlite:///{ws}/mlflow.db", "output_dir": str(ws / "runs"),
+                                **over})
+
+
+def _stage(name: str, ws: Path, inputs: dict | None = None, **over) -> None:
+    """The stage's own entry (what `r1 stage`, `python -m stages.entry` and the launchers run)."""
+    from stages.registry import runnable
+
+    runnable()[name](_recipe(ws, **over), inputs=inputs, progress=False)
+
+
+def _pipeline(stages: list[str], ws: Path, **over) -> None:
+    """What the pipeline flow runs before its first stage."""
+    from stages.preflight import preflight
+
+    preflight(_recipe(ws, **over), stages)
+
+
+def model_dir(ws: Path, variant: str = "ok") -> str:
+    """A small Hugging Face model folder (random weights, a trained tokenizer with the chat template), or a broken one."""
+    base = ws / "models" / "ok"
+    if not base.exists():
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from stages.tasks import clean_trace, make_problems
+        from stages.tokenizer import train_tokenizer
+
+        texts = [f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in make_problems("addition", 50, 0)]
+        tok = train_tokenizer(texts, vocab_size=300)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+    if variant == "ok":
+        return str(base)
+    out = ws / "models" / variant
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(base, out)
+    if variant == "pickle":
+        for f in out.glob("*.safetensors"):
+            f.rename(out / "pytorch_model.bin")
+    elif variant == "no_tokenizer":
+        for f in ("tokenizer.json", "vocab.json", "tokenizer.model"):
+            (out / f).unlink(missing_ok=True)
+    elif variant == "no_chat_template":
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    elif variant == "custom_code":
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def data_file(ws: Path, drop: tuple[str, ...] = (), name: str = "prompts.jsonl") -> str:
+    from stages.tasks import clean_trace, make_problems
+
+    path = ws / name
+    with open(path, "w") as f:
+        for p in make_problems("addition", 40, seed=3):
+            row = {"question": p.question, "answer": p.answer, "completion": " " + clean_trace(p)}
+            f.write(json.dumps({k: v for k, v in row.items() if k not in drop}) + "\n")
+    return str(path)
+
+
+def _pretrained(ws: Path, variant: str = "ok") -> dict:
+    return {"base_model.source": "pretrained", "base_model.path": model_dir(ws, variant)}
+
+
+def _busy(ws: Path) -> None:
+    """A second run of a stage while the first still holds its work dir."""
+    from stages.attempts import work_lock
+
+    work = ws / "runs" / "r1_zero" / "k"
+    work.mkdir(parents=True)
+    with work_lock(work, "r1_zero"), work_lock(work, "r1_zero"):
+        pass
+
+
+def _other_model_checkpoint(ws: Path) -> None:
+    from grpo.checkpoint import save_checkpoint
+    from grpo.engine import TorchEngine, lr_lambda
+    from grpo.trainer import GRPOTrainer
+    from stages.models import load_tokenizer
+    from tests.test_grpo_trainer import small_config, tiny_model
+    from tests.test_reliability_numerics import _len_reward
+
+    tok = load_tokenizer(model_dir(ws))
+    small = tiny_model(tok, hidden=32)
+    opt = __import__("torch").optim.AdamW(small.parameters())
+    engine = TorchEngine(small, opt, __import__("torch").optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, 1, "constant")),
+                         1.0)
+    save_checkpoint(ws / "ckpt" / "checkpoint-1", engine, None, {"global_step": 1, "sampler": {}, "world_size": 1})
+    rows = [{"prompt": "User: 1+2\nAssistant:"}]
+    GRPOTrainer(tiny_model(tok, hidden=48), tok, small_config(), rows, [("r", _len_reward, 1.0)],
+                output_dir=ws / "ckpt", progress=False).train(resume_from="latest")
+
+
+REFUSALS = [
+    Refusal("unknown_key", "a misspelt recipe key: `r1_zero.grpo.lr: 1e-3`", "recipe load",
+            r"r1_zero\.grpo\.lr: Extra inputs are not permitted", lambda ws: _recipe(ws, **{"r1_zero.grpo.lr": 1e-3})),
+    Refusal("bad_value", "an invalid value: `r1_zero.grpo.learning_rate: -1`", "recipe load",
+            r"r1_zero\.grpo\.learning_rate: Input should be greater than 0",
+            lambda ws: _recipe(ws, **{"r1_zero.grpo.learning_rate": -1})),
+    Refusal("group_too_small", "G too small for std scaling: `r1_zero.grpo.num_generations: 1`", "recipe load",
+            r"r1_zero\.grpo: .*num_generations=1: a group needs at least 2 completions",
+            lambda ws: _recipe(ws, **{"r1_zero.grpo.num_generations": 1})),
+    Refusal("template", "a prompt template without `{question}`", "recipe load",
+            r"prompt: .*template must contain the placeholder \{question\}",
+            lambda ws: _recipe(ws, **{"prompt.template": "Solve it.\nAssistant:"})),
+    Refusal("no_recipe", "a recipe file that does not exist", "recipe load",
+            r"recipe '.*/nope\.yaml' is neither a file nor a preset",
+            lambda ws: __import__("stages.recipe").recipe.load_recipe(str(ws / "nope.yaml"))),
+    Refusal("unknown_stage", "an unknown stage name: `r1 pipeline --stage r2_zero`", "preflight (CLI, before Prefect "
+            "starts)", r"unknown stage 'r2_zero'", lambda ws: _cli(ws, ["pipeline", "--stage", "r2_zero"])),
+    Refusal("unknown_reward", "an unknown reward name: `r1_zero.rewards: [{name: acuracy}]`", "preflight",
+            r"r1_zero\.rewards\[0\] \(acuracy\): unknown reward 'acuracy'",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.rewards": [{"name": "acuracy"}]})),
+    Refusal("unknown_reward_param", "an unknown reward parameter", "preflight",
+            r"r1_zero\.rewards\[0\] \(format\): unknown param 'strict'",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.rewards": [{"name": "format", "params": {"strict": 1}}]})),
+    Refusal("missing_base", "`base_model.path` that does not exist", "preflight",
+            r"base_model\.path: model path '/no/such/model' does not exist",
+            lambda ws: _pipeline(["base_model"], ws, **{"base_model.source": "pretrained",
+                                                         "base_model.path": "/no/such/model"})),
+    Refusal("pickle_weights", "a base model with pickle weights only (`pytorch_model.bin`)", "preflight",
+            r"base_model\.path: no \*\.safetensors weights in .*/pickle \(found \['pytorch_model\.bin'\]: pickle "
+            r"weights are refused", lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "pickle"))),
+    Refusal("no_tokenizer", "a base model folder without tokenizer files", "preflight",
+            r"base_model\.path: no tokenizer in .*/no_tokenizer",
+            lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "no_tokenizer"))),
+    Refusal("no_chat_template", "a base model whose tokenizer has no chat template", "preflight",
+            r"base_model\.path: tokenizer in .*/no_chat_template has no chat template",
+            lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "no_chat_template"))),
+    Refusal("custom_code", "a model that ships its own code (`auto_map`), `trust_remote_code` off (the default)",
+            "preflight", r"base_model\.path: .*/custom_code/config\.json asks to run code shipped with the model.*"
+            r"base_model\.trust_remote_code", lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "custom_code"))),
+    Refusal("missing_input", "a stage input path that does not exist: `r1 stage r1_zero --input-model /no/such/model`",
+            "preflight (stage entry)", r"input model: model path '/no/such/model' does not exist",
+            lambda ws: _stage("r1_zero", ws, {"model": "/no/such/model"})),
+    Refusal("missing_data", "a data set path that does not exist", "preflight",
+            r"r1_zero\.data\.path: data set '.*/nope\.jsonl' does not exist",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.data": {"source": "path", "path": str(ws / "nope.jsonl")}})),
+    Refusal("missing_column", "a data set without the `answer` column", "preflight",
+            r"r1_zero\.data: data set .*/prompts\.jsonl has no column 'answer'; it has \['completion', 'question'\]",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.data": {"source": "path",
+                                                                      "path": data_file(ws, drop=("answer",))}})),
+    Refusal("prompt_too_long", "`max_prompt_length` shorter than the prompts", "preflight (base tokenizer)",
+            r"r1_zero\.grpo\.max_prompt_length: 4 tokens, but the longest prompt of r1_zero\.data is \d+ tokens",
+            lambda ws: _pipeline(["r1_zero"], ws, **_pretrained(ws), **{"r1_zero.grpo.max_prompt_length": 4})),
+    Refusal("sft_too_short", "an SFT `max_length` shorter than the prompts", "preflight (base tokenizer)",
+            r"cold_start_sft\.sft\.max_length: 8 tokens, but the longest prompt of cold_start_sft\.data is \d+ tokens",
+            lambda ws: _pipeline(["cold_start_sft"], ws, **_pretrained(ws), **{
+                "cold_start_sft.data": {"source": "path", "path": data_file(ws, name="cot.jsonl")},
+                "cold_start_sft.sft.max_length": 8})),
+    Refusal("tracking_down", "an unreachable tracking server: `tracking.uri: http://127.0.0.1:9`", "preflight",
+            r"tracking\.uri: MLflow tracking server http://127\.0\.0\.1:9 is unreachable",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"tracking.uri": "http://127.0.0.1:9"})),
+    Refusal("tracking_folder", "a sqlite tracking store in a folder that does not exist", "preflight",
+            r"tracking\.uri: tracking\.uri sqlite:////no/such/dir/mlflow\.db: folder /no/such/dir does not exist",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"tracking.uri": "sqlite:////no/such/dir/mlflow.db"})),
+    Refusal("unwritable_output", "an output directory that cannot be written", "preflight",
+            r"output_dir: cannot write to .*/a_file/runs",
+            lambda ws: _pipeline(["r1_zero"], ws, output_dir=str(_file(ws / "a_file") / "runs"))),
+    Refusal("deepspeed_config", "a DeepSpeed config that does not exist", "preflight",
+            r"cluster\.deepspeed_config: /no/such/zero3\.json does not exist",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"cluster.deepspeed_config": "/no/such/zero3.json"})),
+    Refusal("launcher_tool", "`cluster.launcher: slurm` where `sbatch` is not installed", "preflight",
+            r"cluster\.launcher: slurm needs `sbatch` on PATH",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"cluster.launcher": "slurm"})),
+    Refusal("world_size", "a batch that does not split over the processes: 4 prompts per step on 3 ranks", "preflight",
+            r"r1_zero\.grpo\.prompts_per_step: 4 is not divisible by the 3 processes",
+            lambda ws: _pipeline(["r1_zero"], ws, **{"cluster.launcher": "torchrun", "cluster.nproc_per_node": 3,
+                                                     "r1_zero.grpo.prompts_per_step": 4})),
+    Refusal("nothing_to_make", "`synthesize` with both targets 0", "preflight",
+            r"synthesize\.reasoning_target and synthesize\.general_target: both 0",
+            lambda ws: _pipeline(["synthesize"], ws, **{"synthesize.reasoning_target": 0,
+                                                        "synthesize.general_target": 0})),
+    Refusal("busy", "a second run of a stage while the first is still running", "stage start (work-dir lock)",
+            r"stage r1_zero: work dir .*/runs/r1_zero/k is in use by another run of the same stage \(pid \d+",
+            _busy),
+    Refusal("other_checkpoint", "a checkpoint written for another model (hidden size 32 vs 48)", "resume (right after "
+            "the model loads, before any training step)",
+            r"checkpoint .*/checkpoint-1 \(model_config\.json\) belongs to a different model \(hidden_size: 32 in the "
+            r"checkpoint, 48 in the model", _other_model_checkpoint),
+]
+
+
+def _file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder")
+    return path
+
+
+def _cli(ws: Path, args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    sets = [x for k, v in {"tracking.uri": f"sqlite:///{ws}/mlflow.db", "output_dir": str(ws / "runs")}.items()
+            for x in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(app, [*args, *sets])
+    assert res.exit_code == 2, res.output
+    raise SystemExit(" ".join(res.output.split()))  # the message as printed, wrapped lines joined
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load or build fails the test: refusals must come first."""
+    import transformers
+
+    import stages.base_model
+    import stages.models
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(stages.models, "load_model", boom)
+    monkeypatch.setattr(stages.base_model, "build_base_model", boom)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+
+
+SEEN: dict[str, str] = {}  # case name -> its message as the README shows it (filled by the tests, reused for README)
+
+
+def refusal_message(case: Refusal, ws: Path) -> str:
+    try:
+        case.run(ws)
+    except (Exception, SystemExit) as e:
+        if isinstance(e, AssertionError):
+            raise
+        SEEN[case.name] = _clean(str(e), ws)
+        return str(e)
+    raise AssertionError(f"{case.name}: not refused")
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSALS if c.name != "other_checkpoint"], ids=lambda c: c.name)
+def test_bad_input_is_refused_before_any_model_loads(case, tmp_path, no_model_loads):
+    msg = refusal_message(case, tmp_path)
+    assert re.search(case.expect, msg, re.DOTALL), msg
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    case = next(c for c in REFUSALS if c.name == "other_checkpoint")
+    assert re.search(case.expect, refusal_message(case, tmp_path), re.DOTALL)
+
+
+def test_at_least_fifteen_distinct_refusals():
+    assert len({c.name for c in REFUSALS}) == len(REFUSALS) >= 15
+
+
+# ---- the README tables
+
+FAULTS = [
+    ("SIGKILL of a GRPO stage (r1_zero) after step 3, checkpoint at step 2", "test_reliability_faults",
+     ("The next pipeline run resumes it from `checkpoint-2` (log: `stage r1_zero: resuming from …/checkpoint-2`) in a "
+     "new MLflow run tagged `r1.resumed_from=<killed run>`; the killed run is marked KILLED (`r1.resumed_by`). Steps "
+     "1-2 are copied from it, 3-4 recomputed: each step logged once; 4 optimiser steps and final weights equal to an "
+     "uninterrupted run.")),
+    ("SIGKILL of the synthesis stage after its first shard", "test_reliability_faults",
+     ("Resumes after shard 1 (log: `synthesize: resuming after shard 0 …`); the same rows, in the same order, and the "
+     "same number of generated samples as an uninterrupted run.")),
+    ("SIGKILL of the pipeline flow process during an SFT stage (general_sft after step 3, checkpoint at 2)",
+     "test_reliability_faults", ("The rerun skips the finished stages (r1_zero, synthesize: `unchanged since run …, "
+     "reusing its outputs`) and resumes general_sft from `checkpoint-2`; 6 steps, weights equal to an uninterrupted run; "
+     "a third run reuses all three.")),
+    ("An exception inside a stage (any crash the process survives), `retries=1`", "test_reliability_faults",
+     ("Prefect retries the task; the retry resumes from the last checkpoint exactly as a rerun does (new MLflow run, "
+     "the failed one keeps status FAILED).")),
+    ("A kill while a checkpoint is written", "test_reliability_writes",
+     ("Only `checkpoint-N.tmp` (no `trainer_state.json`) is left; it is never resumed from; the resume takes the last "
+     "complete checkpoint and replaces the stale folder.")),
+    ("A kill while a synthesis shard is written", "test_reliability_writes",
+     "`shard-0000N.tmp` is removed on resume and that shard is generated again."),
+    ("NaN/inf loss or gradient on one step", "test_reliability_numerics",
+     ("The optimiser update is skipped (weights, optimiser and LR schedule untouched), counted in the `skipped_steps` "
+     "metric (`sft/skipped_steps` in SFT); training goes on.")),
+    ("NaN/inf on `max_bad_steps` (default 3) steps in a row", "test_reliability_numerics",
+     ("A checkpoint of the last finite weights is saved, then `NonFiniteError: GRPO steps 2-3: 2 steps in a row had a "
+     "NaN/inf loss or gradient (max_bad_steps=2); their updates were skipped (2 in all) and the run stopped. "
+     "Checkpoint of the last finite weights: …/checkpoint-3. Lower the learning rate, …`")),
+    ("NaN gradients on one rank only (DeepSpeed ZeRO-2/3, 2 ranks)", "test_grpo_distributed",
+     ("Every rank skips the same updates (DeepSpeed's all-reduced overflow check), weights stay equal on all ranks, and "
+     "all ranks stop together with NonFiniteError.")),
+    ("Model output run by a reward (`code_tests`): infinite loop, memory bomb, socket, fork, file write",
+     "test_rewards_code", ("Scored 0 (each in a subprocess with CPU, memory, file-size and wall-time limits and no "
+     "network); the trainer is not affected.")),
+]
+
+
+def _clean(msg: str, ws: Path) -> str:
+    """The message as shown, minus what differs between machines and runs (temporary folders, the checkout, pids)."""
+    msg = msg.replace(str(ws), "<tmp>").replace(str(README.parent) + "/", "")
+    msg = re.sub(r"pid \d+", "pid <pid>", " ".join(msg.split()))
+    return msg.replace("|", "\\|")
+
+
+def tables(ws: Path) -> str:
+    lines = ["| bad input | refused by | what the user sees |", "| --- | --- | --- |"]
+    for case in REFUSALS:
+        if case.name not in SEEN:
+            folder = ws / case.name
+            folder.mkdir(parents=True, exist_ok=True)
+            refusal_message(case, folder)
+        msg = SEEN[case.name]
+        lines.append(f"| {case.bad_input} | {case.refused_by} | `` {msg} `` |")  # double backticks: it may hold `
+    lines += ["", "| fault | test | what happens |", "| --- | --- | --- |"]
+    lines += [f"| {what} | `tests/{test}.py` | {seen} |" for what, test, seen in FAULTS]
+    return "\n".join(lines)
+
+
+def readme_block() -> str | None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        return None
+    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+
+
+def test_readme_tables_match_the_tests(tmp_path):
+    got = tables(tmp_path)
+    assert readme_block() == got, ("README's reliability tables are out of date: regenerate them with "
+                                   "`python -m tests.test_reliability_refusals --write`")
+
+
+if __name__ == "__main__":  # print (or --write into README) the tables
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        block = tables(Path(d))
+    if "--write" in sys.argv:
+        text = README.read_text()
+        text = text[:text.index(BEGIN) + len(BEGIN)] + "\n" + block + "\n" + text[text.index(END):]
+        README.write_text(text)
+    else:
+        print(block)
