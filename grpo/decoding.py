@@ -3,7 +3,8 @@
 Hugging Face `generate` spends most of a small model's decoding step outside the matmuls (a cache that grows by
 `torch.cat`, masks rebuilt per token, logits processors). This loop runs the same model from its own weights:
 
-- a static KV cache, allocated once for prompt + max_new_tokens positions, written in place;
+- a static KV cache, allocated once for prompt + max_new_tokens positions, written in place; each distinct prompt
+  is prefilled once and its cache copied to the G rows of its group;
 - q/k/v and gate/up projections fused into one matmul each (weights concatenated once per call);
 - rows that have emitted EOS leave the batch: when an eighth of the batch has ended, the finished rows are dropped
   from the cache (compaction), and the loop stops as soon as every row has ended;
@@ -25,11 +26,14 @@ COMPACT_FRACTION = 8  # compact when at least 1/8 of the live rows have ended
 
 
 def supports(model) -> bool:
-    """True for a plain (unpartitioned, SiLU, default-RoPE, full-attention) Qwen2 or Llama causal LM."""
+    """True for a plain Qwen2 or Llama causal LM: unpartitioned weights, SiLU MLP without bias, default RoPE, full
+    attention, no attention dropout. `grpo.logprobs.shared_prompt_logprobs` runs on the same condition."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_dropout", 0.0):  # not implemented here
         return False
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return False
@@ -39,10 +43,17 @@ def supports(model) -> bool:
         return False
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitioned weights: use generate
         return False
-    layer = base.layers[0]
-    return all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
-        hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")
-    )
+    # plain nn.Linear projections only: a wrapped one (LoRA, quantised) computes more than its .weight
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(lin) is not torch.nn.Linear for lin in linears):
+            return False
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(hasattr(n, "variance_epsilon") for n in norms):
+            return False
+    return type(model.get_output_embeddings()) is torch.nn.Linear and hasattr(base.norm, "variance_epsilon")
 
 
 def _cat_bias(*linears):
@@ -193,7 +204,11 @@ def sample(
     gens = None
     if row_seeds is not None:
         gens = [torch.Generator(device=prompt_ids.device).manual_seed(s) for s in row_seeds]
-    dec = _Decoder(model, N, P + max_new_tokens)
+    # the G rows of a group share their prompt: prefill each distinct prompt once, then copy its cache to its rows
+    uniq, group = torch.unique(prompt_ids, dim=0, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=prompt_ids.device)
+    first.scatter_(0, group, torch.arange(N, device=prompt_ids.device))
+    dec = _Decoder(model, len(uniq), P + max_new_tokens)
     device, dtype = prompt_ids.device, dec.embed.dtype
     neg = torch.finfo(dtype).min
     # prompt positions skip left padding, as in `generate`; generated tokens continue from the last prompt token
@@ -203,15 +218,16 @@ def sample(
     key_ok = torch.ones(N, P + max_new_tokens, dtype=torch.bool, device=device)
     key_ok[:, :P] = prompt_mask.bool()
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    prefill_ok = causal & key_ok[:, None, :P]
+    prefill_ok = causal & key_ok[first, None, :P]
     prefill_ok |= torch.eye(P, dtype=torch.bool, device=device)  # a padding query attends to itself (unused, no NaN)
-    mask = torch.zeros(N, 1, P, P, dtype=dtype, device=device).masked_fill(~prefill_ok.unsqueeze(1), neg)
+    mask = torch.zeros(len(uniq), 1, P, P, dtype=dtype, device=device).masked_fill(~prefill_ok.unsqueeze(1), neg)
     key_mask = torch.zeros(N, 1, 1, P + max_new_tokens, dtype=dtype, device=device).masked_fill(
         ~key_ok[:, None, None, :], neg
     )
 
-    hidden = dec.forward(prompt_ids, pos, 0, mask)
-    logits = dec.logits(hidden[:, -1])
+    hidden = dec.forward(uniq, pos[first], 0, mask)
+    logits = dec.logits(hidden[:, -1])[group]
+    dec.keep(group)
     out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(N, device=device)  # original row of each live batch slot
     done = torch.zeros(N, dtype=torch.bool, device=device)

@@ -11,7 +11,8 @@ sampled.
 batch padded to the longest prompt and the longest completion spends a third of its positions on padding. It moves
 each row's tokens to the start of the row (plain causal attention, positions from 0, the same numbers as the padded
 layout), sorts rows by length into a few buckets each cut to its own longest row, and projects only the positions that
-predict a real completion token.
+predict a real completion token. For Llama-family models `shared_prompt_logprobs` also computes each prompt once per
+group instead of once per completion.
 """
 
 from __future__ import annotations
@@ -110,13 +111,20 @@ def packed_completion_logprobs(
     chunk_size: int = 4096,
     max_buckets: int = 4,
     with_entropy: bool = True,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, entropy), each (N, T) like `completion_ids`, for left-padded prompts and right-padded completions;
     0 after each row's last completion token (the last 1 of `completion_mask`).
 
     Same values as `completion_logprobs` on the same rows (up to floating-point summation order), without computing
-    padded positions: rows are re-laid out as [prompt, completion, padding] and run in length buckets.
+    padded positions: rows are re-laid out as [prompt, completion, padding] and run in length buckets. For a
+    Llama-family model (and share_prompts) each distinct prompt is computed once: `shared_prompt_logprobs`.
     """
+    from grpo.decoding import supports
+
+    if share_prompts and supports(model):
+        return shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                                      chunk_size, max_buckets, with_entropy)
     N, P = prompt_ids.shape
     T = completion_ids.shape[1]
     device = completion_ids.device
@@ -140,6 +148,117 @@ def packed_completion_logprobs(
         hidden.append(out.last_hidden_state[predicts])
         tokens.append(aligned[rows, 1 : w + 1][predicts])
         dest.append((rows.unsqueeze(1) * T + cols)[cols < c])  # same row-major order as `predicts`
+    logp, ent = chosen_token_logprobs(
+        torch.cat(hidden).unsqueeze(0), model.get_output_embeddings(), torch.cat(tokens).unsqueeze(0), temperature,
+        chunk_size, with_entropy,
+    )
+    dest = torch.cat(dest)
+    zeros = logp.new_zeros(N * T)
+    return zeros.index_put((dest,), logp[0]).view(N, T), zeros.index_put((dest,), ent[0]).view(N, T)
+
+
+def _attend(layer, x, cos, sin, keys_prefix, values_prefix, mask, dims):
+    """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under `mask`
+    (n, 1, L, S), a boolean of allowed keys. Returns the new x and this layer's (keys, values) of x."""
+    from grpo.decoding import _cat_bias, _rms_norm, _rotate
+
+    nh, nkv, hd = dims
+    n, L, _ = x.shape
+    a, m = layer.self_attn, layer.mlp
+    h = _rms_norm(x, layer.input_layernorm)
+    w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+    q, k, v = torch.nn.functional.linear(h, w, _cat_bias(a.q_proj, a.k_proj, a.v_proj)).split(
+        [nh * hd, nkv * hd, nkv * hd], dim=-1
+    )
+    q = _rotate(q.view(n, L, nh, hd).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(n, L, nkv, hd).transpose(1, 2), cos, sin)
+    v = v.view(n, L, nkv, hd).transpose(1, 2)
+    keys = k if keys_prefix is None else torch.cat([keys_prefix, k], dim=2)
+    values = v if values_prefix is None else torch.cat([values_prefix, v], dim=2)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=a.scaling, enable_gqa=nh != nkv
+    )
+    x = x + a.o_proj(o.transpose(1, 2).reshape(n, L, nh * hd))
+    gate, up = torch.nn.functional.linear(
+        _rms_norm(x, layer.post_attention_layernorm), torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    ).chunk(2, dim=-1)
+    return x + m.down_proj(torch.nn.functional.silu(gate) * up), (k, v)
+
+
+def shared_prompt_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    max_buckets: int = 4,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_completion_logprobs` for Llama-family models (grpo.decoding.supports), computing each distinct prompt
+    once: the G completions of a group share their prompt's keys and values (causal attention: a prompt's states do
+    not depend on what follows it), so prompt tokens cost 1/G of a padded batch's. Completions then run in length
+    buckets, their queries attending to [their prompt's keys | their own causal keys]. Same values and gradients
+    as the padded layout, up to floating-point summation order."""
+    base = model.model
+    cfg = model.config
+    nh = cfg.num_attention_heads
+    nkv = getattr(cfg, "num_key_value_heads", None) or nh
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    dims = (nh, nkv, hd)
+    N, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    device = completion_ids.device
+    cols = torch.arange(T, device=device)
+    clen = torch.where(completion_mask.bool(), cols + 1, 0).amax(dim=1)
+    plen = prompt_mask.long().sum(dim=1)
+    uniq, group = torch.unique(prompt_ids, dim=0, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=device).scatter_(0, group, torch.arange(N, device=device))
+    u_mask = prompt_mask[first].bool()
+
+    # rotary tables for every position, from the model's own rotary module
+    positions = torch.arange(P + T, device=device).unsqueeze(0)
+    cos_all, sin_all = base.rotary_emb(base.embed_tokens.weight[:1].unsqueeze(0), positions)
+    cos_all, sin_all = cos_all[0], sin_all[0]
+
+    # 1. each distinct prompt once (left-padded: positions skip the padding; a padding query attends to itself)
+    pos = (u_mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask = (causal & u_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    x = base.embed_tokens(uniq)
+    cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
+    prompt_kv = []
+    for layer in base.layers:
+        x, kv = _attend(layer, x, cos, sin, None, None, mask.unsqueeze(1), dims)
+        prompt_kv.append(kv)
+    last_prompt_hidden = base.norm(x[:, -1])  # predicts each completion's first token
+
+    # 2. completions in length buckets; token j of a row sits at position plen + j
+    hidden, tokens, dest = [], [], []
+    for rows in _buckets(clen, max_buckets):
+        c = clen[rows]
+        w = max(int(c.max()) - 1, 0)  # the last completion token predicts nothing
+        g = group[rows]
+        h_first = last_prompt_hidden[g].unsqueeze(1)
+        if w > 0:
+            ids = completion_ids[rows, :w]
+            pos = plen[rows].unsqueeze(1) + torch.arange(w, device=device)
+            cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
+            keys_ok = torch.cat(
+                [u_mask[g][:, None, :].expand(-1, w, -1), torch.ones(w, w, dtype=torch.bool, device=device).tril()
+                 .expand(len(rows), -1, -1)], dim=2,
+            ).unsqueeze(1)
+            x = base.embed_tokens(ids)
+            for layer, (pk, pv) in zip(base.layers, prompt_kv):
+                x, _ = _attend(layer, x, cos, sin, pk[g], pv[g], keys_ok, dims)
+            h_all = torch.cat([h_first, base.norm(x)], dim=1)  # (n, w + 1, H): hidden predicting token j
+        else:
+            h_all = h_first
+        predicts = torch.arange(w + 1, device=device) < c.unsqueeze(1)
+        hidden.append(h_all[predicts])
+        tokens.append(completion_ids[rows, : w + 1][predicts])
+        dest.append((rows.unsqueeze(1) * T + cols)[cols < c.unsqueeze(1)])
     logp, ent = chosen_token_logprobs(
         torch.cat(hidden).unsqueeze(0), model.get_output_embeddings(), torch.cat(tokens).unsqueeze(0), temperature,
         chunk_size, with_entropy,

@@ -35,9 +35,9 @@ def prompts():
 def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
     """A random 2-layer model whose EOS logit is scaled up, so that rows end early, at different steps."""
     torch.manual_seed(seed)
-    kw = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    kw = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
+          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True}
     model = Qwen2ForCausalLM(Qwen2Config(**kw)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] *= eos_scale
@@ -63,7 +63,7 @@ def test_greedy_tokens_equal_generate(tok, prompts, kind, compact):
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
     fast = decoding.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
     assert fast.shape == ref.shape  # stops when every row has ended, like generate
-    (a, ma), (b, mb) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
     assert torch.equal(a, b)
     if kind == "qwen2":  # rows really end at different steps, so compaction and early stop are exercised
         lengths = ma.sum(1)
@@ -160,18 +160,19 @@ def test_packed_logprobs_equal_the_padded_ones(tok, prompts):
     m = r.completion_mask.bool()
     assert r.lengths.min() < T and r.prompt_mask.sum(1).min() < r.prompt_ids.shape[1]  # padding on both sides
     ref, ref_ent = completion_logprobs(model, r.input_ids, r.attention_mask, T, temperature=0.9)
-    got, ent = packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                          temperature=0.9, chunk_size=64)
-    assert torch.allclose(got[m], ref[m], atol=1e-5)
-    assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
-    assert (got[~m] == 0).all()
-    frozen, _ = packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                           temperature=0.9, with_entropy=False)
-    assert torch.allclose(frozen[m], ref[m], atol=1e-5)
+    for share in (False, True):
+        args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        got, ent = packed_completion_logprobs(*args, temperature=0.9, chunk_size=64, share_prompts=share)
+        assert torch.allclose(got[m], ref[m], atol=1e-5)
+        assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
+        assert (got[~m] == 0).all()
+        frozen, _ = packed_completion_logprobs(*args, temperature=0.9, with_entropy=False, share_prompts=share)
+        assert torch.allclose(frozen[m], ref[m], atol=1e-5)
 
 
+@pytest.mark.parametrize("share_prompts", [False, True])
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "dr_grpo"])
-def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation):
+def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation, share_prompts):
     model, r = batch_for(tok, prompts, seed=1)
     T = r.completion_ids.shape[1]
     adv = torch.linspace(-1.5, 1.5, len(r.completion_ids))
@@ -185,7 +186,8 @@ def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregati
 
     a, ga = loss_and_grad(completion_logprobs(model, r.input_ids, r.attention_mask, T)[0])
     b, gb = loss_and_grad(
-        packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+        packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                   share_prompts=share_prompts)[0]
     )
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     for x, y in zip(ga, gb):
