@@ -38,15 +38,12 @@ def test_unreachable_tracking_server_fails_before_any_work(mini_recipe):
         base_model.run(bad, progress=False)
 
 
-def test_pipeline_flow_nests_stage_runs_under_one_parent(mini_recipe, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_pipeline_flow_nests_stage_runs_under_one_parent(prefect_harness, mini_recipe, tmp_path):
     from flows.pipeline import r1_pipeline
     from tests.conftest import MINI
 
     overrides = {**MINI, "tracking.uri": mini_recipe.tracking.uri}
-    with prefect_test_harness(server_startup_timeout=180):  # slow machines
-        result = r1_pipeline(recipe="tiny", stages=["base_model"], overrides=overrides)
+    result = r1_pipeline(recipe="tiny", stages=["base_model"], overrides=overrides)
     runs = {r.info.run_id: r for r in _runs(mini_recipe)}
     parent = runs[result["pipeline_run_id"]]
     child = runs[result["stages"]["base_model"]["run_id"]]

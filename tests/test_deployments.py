@@ -69,15 +69,17 @@ def test_schedules_carry_complete_parameters_and_bad_ones_are_refused():
 
 
 def test_serve_without_a_server_says_how_to_start_one(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    out = CliRunner().invoke(app, ["serve"])
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even inside another test's Prefect harness
+        out = CliRunner().invoke(app, ["serve"])
     assert out.exit_code == 2 and "r1 up" in out.output and "PREFECT_API_URL" in out.output
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{_free_port()}/api")
-    out = CliRunner().invoke(app, ["serve"])
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api"}):
+        out = CliRunner().invoke(app, ["serve"])
     assert out.exit_code == 2 and "does not answer" in out.output
 
 
@@ -91,15 +93,7 @@ def test_local_servers_bind_to_loopback_and_skip_mlflow_for_a_tracking_server():
     assert [s.name for s in local_servers("http://mlflow.internal:5000")] == ["Prefect server"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def test_stage_flow_resolves_upstream_and_takes_run_ids_and_aliases(harness, tmp_path):
+def test_stage_flow_resolves_upstream_and_takes_run_ids_and_aliases(prefect_harness, tmp_path):
     from flows.stage_flows import STAGE_FLOWS, StageRequest
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -10,17 +10,14 @@ from stages.registry import ORDER
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tiny_base, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_tiny_pipeline_end_to_end(prefect_harness, tiny_base, tmp_path):
     from flows.pipeline import r1_pipeline
 
     _, base = tiny_base
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {"tracking.uri": uri, "output_dir": str(tmp_path / "runs"),
                  "base_model.source": "pretrained", "base_model.path": str(base.path)}
-    with prefect_test_harness(server_startup_timeout=180):
-        out = r1_pipeline(recipe="tiny", overrides=overrides)
+    out = r1_pipeline(recipe="tiny", overrides=overrides)
 
     assert list(out["stages"]) == ORDER and out["skipped"] == []
     mlflow.set_tracking_uri(uri)

@@ -13,14 +13,6 @@ SMALL_RL = {
 }
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):  # slow machines
-        yield
-
-
 def _stage_runs(uri, experiment="r1-tiny"):
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
@@ -28,7 +20,7 @@ def _stage_runs(uri, experiment="r1-tiny"):
     return [r for r in runs if r.data.tags.get("r1.stage") not in (None, "pipeline")]
 
 
-def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(harness, tmp_path):
+def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(prefect_harness, tmp_path):
     from flows.pipeline import r1_pipeline
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -70,7 +62,7 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(harness,
     assert new_run.data.tags["r1.input.model"] == first["stages"]["base_model"]["model"]
 
 
-def test_sub_chain_without_resolvable_upstream_fails_before_any_stage(harness, tmp_path):
+def test_sub_chain_without_resolvable_upstream_fails_before_any_stage(prefect_harness, tmp_path):
     from flows.pipeline import r1_pipeline
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -100,7 +92,7 @@ def test_cli_stage_resolves_upstream_and_reports_missing_input(tmp_path):
     assert runner.invoke(app, ["stage", "r2_zero"]).exit_code == 2
 
 
-def test_a_failing_rank_fails_the_stage_task_with_its_message(harness, monkeypatch, tmp_path):
+def test_a_failing_rank_fails_the_stage_task_with_its_message(prefect_harness, monkeypatch, tmp_path):
     """The pipeline's stage task launching 2 torchrun ranks (the launcher-test stand-ins), of which rank 1 raises: the
     task run ends Failed, and its error is rank 1's."""
     from prefect import flow
