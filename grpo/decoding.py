@@ -114,10 +114,17 @@ class _Decoder:
         self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
         self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop every batch row but `rows` from the cache."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+    def keep(self, rows: torch.Tensor, filled: int) -> None:
+        """Keep batch rows `rows` (in that order, repeats allowed) of the cache; only its first `filled` columns
+        hold anything, so only they are copied."""
+
+        def select(cache: torch.Tensor) -> torch.Tensor:
+            out = cache.new_empty((len(rows), *cache.shape[1:]))
+            out[:, :, :filled] = cache[:, :, :filled].index_select(0, rows)
+            return out
+
+        self.k = [select(k) for k in self.k]
+        self.v = [select(v) for v in self.v]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states (n, L, H) after the final norm for tokens `ids` (n, L) at rotary positions `pos` (n, L),
@@ -227,7 +234,7 @@ def sample(
 
     hidden = dec.forward(uniq, pos[first], 0, mask)
     logits = dec.logits(hidden[:, -1])[group]
-    dec.keep(group)
+    dec.keep(group, P)
     out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(N, device=device)  # original row of each live batch slot
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -243,7 +250,7 @@ def sample(
             break
         if compact and n_done * COMPACT_FRACTION >= len(rows):
             live = (~done).nonzero().squeeze(1)
-            dec.keep(live)
+            dec.keep(live, P + t)
             rows, tok, next_pos, key_mask = rows[live], tok[live], next_pos[live], key_mask[live]
             done = done[live]
         hidden = dec.forward(tok.unsqueeze(1), next_pos, P + t, key_mask[..., : P + t + 1])
