@@ -151,7 +151,7 @@ class VLLMBackend:
         if not path or not Path(path).is_dir():
             raise ValueError(f"vLLM needs the policy's model directory (policy.name_or_path={path!r} is not one): load "
                              "the policy with from_pretrained(<dir>) or pass model_path")
-        rank, world = rank_and_world()
+        rank, _ = rank_and_world()
         _ensure_dist_env()
         kwargs = {
             "model": str(path),
@@ -172,7 +172,6 @@ class VLLMBackend:
         if self.config.sleep:  # give the memory back to training until the first rollout
             self.llm.sleep(level=2)
             self._weights_released = True
-        self.world = world
 
     # ---- weights
     def sync_weights(self) -> None:
