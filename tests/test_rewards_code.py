@@ -65,7 +65,7 @@ def test_a_batch_runs_in_parallel_and_one_bad_sample_costs_only_its_timeout():
 
 
 def test_registered_by_name_with_checked_params():
-    [(name, fn, weight)] = build_rewards([{"name": "code_tests", "params": {"timeout_seconds": 2}}])
+    [(name, fn, _weight)] = build_rewards([{"name": "code_tests", "params": {"timeout_seconds": 2}}])
     assert name == "code_tests" and fn(["p"], [GOOD], answer=[TESTS]) == [1.0]
     with pytest.raises(ValueError, match="reward 'code_tests'.*memory_mb >= 32"):
         build_rewards([{"name": "code_tests", "params": {"memory_mb": 1}}])
