@@ -35,12 +35,12 @@ def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = No
     """Inputs of every stage whose upstream is not in `chain`: a `given` URI or run id, else the newest finished upstream
     run in MLflow, resolved now, so a sub-chain with a missing upstream fails before any stage starts."""
     from stages.common import resolve_input
-    from stages.registry import INPUTS
+    from stages.registry import inputs_of
 
     planned = {}
     for name in chain:
         planned[name] = {key: resolve_input(cfg, given, key, up, art)
-                         for key, (up, art) in INPUTS[name].items() if up not in chain}
+                         for key, (up, art) in inputs_of(cfg, name).items() if up not in chain}
     return planned
 
 
@@ -74,7 +74,7 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{run_name}-{cfg.name}",
                           tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
         for name in chain:
-            stage_inputs = {**planned[name], **pipeline_inputs(name, outputs)}
+            stage_inputs = {**planned[name], **pipeline_inputs(cfg, name, outputs)}
             reuse = None if name in forced else reusable_outputs(cfg, name, stage_inputs)
             if reuse is not None:
                 logger.info("stage %s: unchanged since run %s, reusing its outputs", name, reuse["run_id"])

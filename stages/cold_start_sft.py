@@ -28,7 +28,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     examples, problems, r1_uri = None, None, None
     if cfg.data is not None:
         examples = load_cot_dataset(cfg.data, recipe.prompt.template, cfg.target_size)  # bad data fails here
-        stage_inputs = {"model": base_uri, "data": str(cfg.data.path)}
+        stage_inputs = {"model": base_uri}  # the data set is named by the config, hence by the stage key
     else:
         from stages.data import load_problems
 

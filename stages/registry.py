@@ -22,9 +22,18 @@ INPUTS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-def pipeline_inputs(stage: str, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
+def inputs_of(recipe, stage: str) -> dict[str, tuple[str, str]]:
+    """INPUTS[stage] as this recipe configures the stage: cold-start SFT on a given CoT set takes no R1-Zero model."""
+    inputs = dict(INPUTS[stage])
+    if stage == "cold_start_sft" and recipe.cold_start_sft.data is not None:
+        inputs.pop("r1_zero_model")
+    return inputs
+
+
+def pipeline_inputs(recipe, stage: str, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
     """The inputs of `stage` that upstream stages of this pipeline run produced."""
-    return {key: outputs[up][art] for key, (up, art) in INPUTS[stage].items() if up in outputs and art in outputs[up]}
+    return {key: outputs[up][art] for key, (up, art) in inputs_of(recipe, stage).items()
+            if up in outputs and art in outputs[up]}
 
 
 def runnable() -> dict[str, Callable]:

@@ -116,3 +116,19 @@ def test_a_failing_rank_fails_the_stage_task_with_its_message(prefect_harness, m
 
     failed, error = one_stage()
     assert failed and FAIL_MESSAGE in error and "rank 1" in error
+
+
+def test_cold_start_on_a_given_dataset_needs_no_r1_zero_run_and_is_reused(prefect_harness, tmp_path):
+    from flows.pipeline import r1_pipeline
+    from tests.test_stage_sft_stages import _cot_file
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = _cot_file(tmp_path / "cot.jsonl", n=40)
+    over = {**MINI, "tracking.uri": uri, "output_dir": str(tmp_path / "runs"),
+            "cold_start_sft.data": {"source": "path", "path": data},
+            "cold_start_sft.sft": {"max_steps": 4, "batch_size": 8, "warmup_steps": 1}}
+    chain = ["base_model", "cold_start_sft"]
+    first = r1_pipeline(recipe="tiny", stages=chain, overrides=over)  # no r1_zero run exists, none is asked for
+    assert first["skipped"] == []
+    again = r1_pipeline(recipe="tiny", stages=chain, overrides=over)
+    assert again["skipped"] == chain and again["stages"] == first["stages"]
