@@ -70,6 +70,13 @@ def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return norm.weight * xf.to(x.dtype)
 
 
+def _rms_norm_nograd(x: torch.Tensor, norm) -> torch.Tensor:
+    """`_rms_norm` as one fused op where that is exact (fp32; checked equal to the Hugging Face module's output)."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return _rms_norm(x, norm)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -136,11 +143,12 @@ class _Decoder:
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, L, hd)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down, b_down) in enumerate(self.layers):
-            h = _rms_norm(x, ln1)
-            q, k, v = F.linear(h, w_qkv, b_qkv).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = _rotate(q.view(n, L, nh, hd).transpose(1, 2), cos, sin)
-            self.k[i][:, :, start:end] = _rotate(k.view(n, L, nkv, hd).transpose(1, 2), cos, sin)
-            self.v[i][:, :, start:end] = v.view(n, L, nkv, hd).transpose(1, 2)
+            qkv = F.linear(_rms_norm_nograd(x, ln1), w_qkv, b_qkv)
+            # rotate queries and keys in one go: they are adjacent heads of the fused projection
+            qk = _rotate(qkv[..., : (nh + nkv) * hd].view(n, L, nh + nkv, hd).transpose(1, 2), cos, sin)
+            q = qk[:, :nh]
+            self.k[i][:, :, start:end] = qk[:, nh:]
+            self.v[i][:, :, start:end] = qkv[..., (nh + nkv) * hd :].view(n, L, nkv, hd).transpose(1, 2)
             keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
             # grouped-query attention without repeating the cache: (n, nkv, groups*L, hd) @ (n, nkv, hd, end)
             scores = q.reshape(n, nkv, groups * L, hd) @ keys.transpose(-1, -2) * self.scale
@@ -148,9 +156,9 @@ class _Decoder:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             attn = (probs.view(n, nkv, groups * L, end) @ values).view(n, nh, L, hd)
             x = x + F.linear(attn.transpose(1, 2).reshape(n, L, nh * hd), w_o, b_o)
-            gate, up = F.linear(_rms_norm(x, ln2), w_gu).chunk(2, dim=-1)
+            gate, up = F.linear(_rms_norm_nograd(x, ln2), w_gu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w_down, b_down)
-        return _rms_norm(x, self.norm)
+        return _rms_norm_nograd(x, self.norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_w, self.lm_b).float()
