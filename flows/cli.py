@@ -229,6 +229,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     except KeyboardInterrupt:
         console.print("stopping the servers")
     finally:
+        sys.stdout.flush()  # a log file is block-buffered: say it before the (slow) shutdown
         stop(procs)
     raise typer.Exit(code)
 

@@ -190,4 +190,7 @@ def test_up_then_serve_then_a_deployment_triggered_through_the_api_completes(tmp
         for proc in (serve, up):
             if proc is not None:
                 _stop(proc)
-    assert "stopping the servers" in up_log.read_text()
+    # Ctrl-C on `r1 up` stops both servers: nothing listens on their ports any more
+    for port in (pport, mport):
+        with socket.socket() as s, pytest.raises(OSError):
+            s.connect(("127.0.0.1", port))

@@ -127,8 +127,14 @@ def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tok, dataset):
             progress=False,
         )
         trainer.reference = trainer.engine.make_reference()
-        calls = []
-        trainer.engine.module.base_model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        calls = []  # passes of the policy itself (the reference's are not counted)
+        policy_logprobs = trainer.logprobs
+
+        def counted(model, *a, calls=calls, policy=trainer.engine.module, inner=policy_logprobs, **k):
+            calls.extend([1] if model is policy else [])
+            return inner(model, *a, **k)
+
+        trainer.logprobs = counted
         trainer.policy_update(rollout, adv)
         params = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
         results[mu] = (trainer.last_update_stats, len(calls), params)
