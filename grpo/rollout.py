@@ -242,20 +242,31 @@ def rollout_from_completions(
     if len(completions) != len(prompts) * num_generations:
         raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
     prompt_ids, prompt_mask = HFGenerateBackend(None, tokenizer, max_prompt_length).tokenize_prompts(prompts)
-    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
-    T = max(len(r) for r in rows)
-    completion_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+    rows = [r[: r.index(eos) + 1] for r in rows]  # the mask ends at the first EOS
+    return rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, [False] * len(rows),
+                                   num_generations)
+
+
+def rollout_from_token_rows(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            rows: list[list[int]], truncated: list[bool], num_generations: int) -> Rollout:
+    """A Rollout from completion token ids, one row per completion (N = len(prompts) * G, grouped by prompt), each
+    row ending with its EOS unless truncated; prompt_ids / prompt_mask hold each prompt once, left-padded."""
+    width = max(1, max(len(r) for r in rows))
+    completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        completion_ids[i, : len(r)] = torch.tensor(r)
-    completion_mask, truncated = completion_mask_from_eos(completion_ids, tokenizer.eos_token_id)
+        if r:
+            completion_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
     return Rollout(
         prompts=[p for p in prompts for _ in range(num_generations)],
         prompt_ids=prompt_ids.repeat_interleave(num_generations, dim=0),
         prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
         completion_ids=completion_ids,
-        completion_mask=completion_mask,
+        completion_mask=(torch.arange(width) < lengths.unsqueeze(1)).long(),  # up to and including the EOS
         completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        truncated=truncated,
-        lengths=completion_mask.sum(dim=1),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        lengths=lengths,
         num_generations=num_generations,
     )

@@ -30,6 +30,7 @@ from grpo.rollout import (
     SamplingParams,
     check_tokenizer,
     completion_seed,
+    rollout_from_token_rows,
 )
 
 
@@ -98,7 +99,7 @@ def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, 
     prompt_ids / prompt_mask: the prompts left-padded, one row per prompt. stopped[k]: request k ended on EOS (a
     completion that stopped is given its EOS if the engine left it out); the others hit max_tokens (truncated).
     """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
     if len(completions) != len(prompts) * num_generations or len(stopped) != len(completions):
         raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
     rows = []
@@ -109,25 +110,8 @@ def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, 
         elif stop:
             ids.append(eos)
         rows.append(ids)
-    width = max(1, max(len(r) for r in rows))
-    completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            completion_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    lengths = torch.tensor([len(r) for r in rows])
-    completion_mask = (torch.arange(width) < lengths.unsqueeze(1)).long()  # up to and including the EOS
-    truncated = torch.tensor([not s for s in stopped])
-    return Rollout(
-        prompts=[p for p in prompts for _ in range(num_generations)],
-        prompt_ids=prompt_ids.repeat_interleave(num_generations, dim=0),
-        prompt_mask=prompt_mask.repeat_interleave(num_generations, dim=0),
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        truncated=truncated,
-        lengths=lengths,
-        num_generations=num_generations,
-    )
+    return rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, [not s for s in stopped],
+                                   num_generations)
 
 
 class VLLMBackend:
