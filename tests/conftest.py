@@ -54,3 +54,13 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):  # slow machines
         yield
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The engine tests' tokenizer: byte-level BPE (vocab 320) trained on clean addition traces."""
+    from stages.tasks import clean_trace, make_problems
+    from stages.tokenizer import train_tokenizer
+
+    problems = make_problems("addition", 200, seed=0)
+    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)

@@ -9,14 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from grpo.checkpoint import STATE_FILE, latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
-from stages.tasks import clean_trace, make_problems
-from stages.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    problems = make_problems("addition", 200, seed=0)
-    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+from stages.tasks import make_problems
 
 
 def tiny_model(tok, seed=0):

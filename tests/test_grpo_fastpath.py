@@ -11,16 +11,8 @@ from grpo import decoding
 from grpo.logprobs import completion_logprobs, packed_completion_logprobs
 from grpo.loss import grpo_loss
 from grpo.rollout import HFGenerateBackend, SamplingParams, SeededSampling, completion_mask_from_eos, completion_seed
-from stages.tasks import clean_trace, make_problems
-from stages.tokenizer import train_tokenizer
 
 QUESTIONS = [(1, 2), (13, 52), (7, 8), (40, 41), (99, 1), (5, 55), (12, 21), (3, 30)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    problems = make_problems("addition", 200, seed=0)
-    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from grpo.logprobs import completion_logprobs, position_ids_from_mask
 from grpo.loss import grpo_loss
 from grpo.rewards_io import RewardError, char_offsets_to_token_ends
 from grpo.trainer import GRPOTrainer, PromptSampler
-from stages.tasks import clean_trace, make_problems
-from stages.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    problems = make_problems("addition", 200, seed=0)
-    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+from stages.tasks import make_problems
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,6 @@ from tests.test_grpo_trainer import small_config, tiny_model
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
-
-    problems = make_problems("addition", 200, seed=0)
-    return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
-
-
-@pytest.fixture(scope="module")
 def dataset():
     from stages.tasks import make_problems
 
