@@ -64,3 +64,14 @@ def tok():
 
     problems = make_problems("addition", 200, seed=0)
     return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def mini_base(tmp_path_factory) -> str:
+    """A mini base model folder (seconds to build): plumbing, not quality. Stages read it; no test writes to it."""
+    from stages.base_model import build_base_model
+    from stages.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("mini_base") / "model"
+    build_base_model(load_recipe("tiny", MINI), out, progress=False)
+    return str(out)

@@ -30,15 +30,8 @@ SFT_METRICS = ("sft/loss", "sft/grad_norm")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A mini base model (seconds): plumbing, not quality."""
-    from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
-    from tests.conftest import MINI
-
-    out = tmp_path_factory.mktemp("launch_base") / "model"
-    build_base_model(load_recipe("tiny", MINI), out, progress=False)
-    return str(out)
+def base(mini_base):
+    return mini_base
 
 
 @pytest.fixture(scope="module")
