@@ -7,14 +7,13 @@ The serving process runs the flow runs itself (Prefect's `serve`), in subprocess
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect.schedules import Cron, validate_cron_string
 
 from flows.pipeline import r1_pipeline
-from flows.stage_flows import STAGE_FLOWS, flow_name
+from flows.stage_flows import STAGE_FLOWS
 from stages.recipe import PRESET_DIR, Recipe, RecipeError
 
 
@@ -77,16 +76,12 @@ def build_deployments(cfg: Recipe, recipe: str, overrides: dict[str, Any] | None
     return deployments
 
 
-def deployment_names(cfg: Recipe) -> list[str]:
-    return [f"r1-pipeline/{cfg.name}"] + [f"{flow_name(s)}/{cfg.name}" for s in STAGE_FLOWS]
-
-
 def check_server() -> str:
     """The configured Prefect API URL, after checking it answers; a clear error when there is none."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    url = PREFECT_API_URL.value()  # the environment variable, a Prefect profile or a settings context
     if not url:
         raise ServeError("r1 serve registers deployments with a running Prefect server, and PREFECT_API_URL is not "
                          "set. Start one with `r1 up`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.")
