@@ -9,10 +9,10 @@ import torch
 
 from grpo.checkpoint import STATE_FILE, latest_checkpoint
 from grpo.faults import InjectedFault
-from tests.test_grpo_checkpoint import make_trainer, tok  # noqa: F401 - the tokenizer fixture
+from tests.test_grpo_checkpoint import make_trainer
 
 
-def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(tok, tmp_path, monkeypatch):  # noqa: F811
+def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(tok, tmp_path, monkeypatch):
     full = make_trainer(tok, tmp_path / "full")
     full.train()
     params = {k: v.clone() for k, v in full.engine.module.state_dict().items()}
