@@ -18,6 +18,7 @@ group instead of once per completion.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -157,32 +158,40 @@ def packed_completion_logprobs(
     return zeros.index_put((dest,), logp[0]).view(N, T), zeros.index_put((dest,), ent[0]).view(N, T)
 
 
-def _attend(layer, x, cos, sin, keys_prefix, values_prefix, mask, dims):
-    """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under `mask`
-    (n, 1, L, S), a boolean of allowed keys. Returns the new x and this layer's (keys, values) of x."""
-    from grpo.decoding import _cat_bias, _rms_norm, _rotate
+def _attend(layer, x, cos, sin_signed, keys_prefix, values_prefix, mask, dims):
+    """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under the additive
+    `mask` (n*nkv, groups*L, S) (`grouped_mask`). Returns the new x and this layer's (keys, values) of x, each
+    (n, nkv, L, hd). The same operations as the decoding step (grpo.decoding), with autograd."""
+    from grpo.decoding import _cat_bias, _linear_add, _rms_norm
 
     nh, nkv, hd = dims
-    n, L, _ = x.shape
+    n, L, H = x.shape
     a, m = layer.self_attn, layer.mlp
-    h = _rms_norm(x, layer.input_layernorm)
     w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-    q, k, v = torch.nn.functional.linear(h, w, _cat_bias(a.q_proj, a.k_proj, a.v_proj)).split(
-        [nh * hd, nkv * hd, nkv * hd], dim=-1
-    )
-    q = _rotate(q.view(n, L, nh, hd).transpose(1, 2), cos, sin)
-    k = _rotate(k.view(n, L, nkv, hd).transpose(1, 2), cos, sin)
-    v = v.view(n, L, nkv, hd).transpose(1, 2)
+    qkv = F.linear(_rms_norm(x, layer.input_layernorm), w, _cat_bias(a.q_proj, a.k_proj, a.v_proj))
+    qkv = qkv.view(n, L, nh + 2 * nkv, hd).transpose(1, 2)
+    qk = qkv[:, : nh + nkv]
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin_signed)  # rotary, as in grpo.decoding
+    k, v = qk[:, nh:], qkv[:, nh + nkv :]
     keys = k if keys_prefix is None else torch.cat([keys_prefix, k], dim=2)
     values = v if values_prefix is None else torch.cat([values_prefix, v], dim=2)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=a.scaling, enable_gqa=nh != nkv
-    )
-    x = x + a.o_proj(o.transpose(1, 2).reshape(n, L, nh * hd))
-    gate, up = torch.nn.functional.linear(
-        _rms_norm(x, layer.post_attention_layernorm), torch.cat([m.gate_proj.weight, m.up_proj.weight])
-    ).chunk(2, dim=-1)
-    return x + m.down_proj(torch.nn.functional.silu(gate) * up), (k, v)
+    S, g = keys.shape[2], nh // nkv
+    scores = torch.baddbmm(mask, qk[:, :nh].reshape(n * nkv, g * L, hd), keys.reshape(n * nkv, S, hd).transpose(1, 2),
+                           alpha=a.scaling)
+    o = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(n * nkv, S, hd))
+    o = o.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
+    x = _linear_add(x.reshape(n * L, H), o, a.o_proj.weight, a.o_proj.bias)
+    gate, up = F.linear(_rms_norm(x, layer.post_attention_layernorm), torch.cat([m.gate_proj.weight, m.up_proj.weight])
+                        ).chunk(2, dim=-1)
+    x = _linear_add(x, F.silu(gate) * up, m.down_proj.weight, m.down_proj.bias)
+    return x.view(n, L, H), (k, v)
+
+
+def grouped_mask(allowed: torch.Tensor, nh: int, nkv: int) -> torch.Tensor:
+    """(n, L, S) allowed keys → the additive mask (n*nkv, groups*L, S) of the grouped scores in `_attend`."""
+    n, L, S = allowed.shape
+    add = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return add.unsqueeze(1).expand(n, nh, L, S).reshape(n * nkv, (nh // nkv) * L, S)
 
 
 def shared_prompt_logprobs(
@@ -221,16 +230,18 @@ def shared_prompt_logprobs(
     positions = torch.arange(P + T, device=device).unsqueeze(0)
     cos_all, sin_all = base.rotary_emb(base.embed_tokens.weight[:1].unsqueeze(0), positions)
     cos_all, sin_all = cos_all[0], sin_all[0]
+    half = hd // 2
+    sin_all = torch.cat([-sin_all[:, :half], sin_all[:, half:]], dim=-1)  # the sign of rotate_half folded in
 
     # 1. each distinct prompt once (left-padded: positions skip the padding; a padding query attends to itself)
     pos = (u_mask.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    mask = (causal & u_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    mask = grouped_mask((causal & u_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device), nh, nkv)
     x = base.embed_tokens(uniq)
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     prompt_kv = []
     for layer in base.layers:
-        x, kv = _attend(layer, x, cos, sin, None, None, mask.unsqueeze(1), dims)
+        x, kv = _attend(layer, x, cos, sin, None, None, mask, dims)
         prompt_kv.append(kv)
     last_prompt_hidden = base.norm(x[:, -1])  # predicts each completion's first token
 
@@ -248,7 +259,8 @@ def shared_prompt_logprobs(
             keys_ok = torch.cat(
                 [u_mask[g][:, None, :].expand(-1, w, -1), torch.ones(w, w, dtype=torch.bool, device=device).tril()
                  .expand(len(rows), -1, -1)], dim=2,
-            ).unsqueeze(1)
+            )
+            keys_ok = grouped_mask(keys_ok, nh, nkv)
             x = base.embed_tokens(ids)
             for layer, (pk, pv) in zip(base.layers, prompt_kv):
                 x, _ = _attend(layer, x, cos, sin, pk[g], pv[g], keys_ok, dims)
@@ -266,3 +278,4 @@ def shared_prompt_logprobs(
     dest = torch.cat(dest)
     zeros = logp.new_zeros(N * T)
     return zeros.index_put((dest,), logp[0]).view(N, T), zeros.index_put((dest,), ent[0]).view(N, T)
+
