@@ -89,10 +89,15 @@ def _linear_add(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: 
     return torch.addmm(x, inp, weight.t())
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def fused_weights(layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(q|k|v weight, its bias, gate|up weight) of a decoder layer, concatenated so each is one matmul. The training
+    pass builds them once and shares them across its buckets (autograd sums the buckets' gradients, then splits)."""
+    a, m = layer.self_attn, layer.mlp
+    return (
+        torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+        _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+        torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+    )
 
 
 class _Decoder:
@@ -111,15 +116,16 @@ class _Decoder:
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
+            w_qkv, b_qkv, w_gu = fused_weights(layer)
             self.layers.append(
                 (
                     layer.input_layernorm,
-                    torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                    _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                    w_qkv,
+                    b_qkv,
                     a.o_proj.weight,
                     a.o_proj.bias,
                     layer.post_attention_layernorm,
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                    w_gu,
                     m.down_proj.weight,
                     m.down_proj.bias,
                 )

@@ -158,17 +158,17 @@ def packed_completion_logprobs(
     return zeros.index_put((dest,), logp[0]).view(N, T), zeros.index_put((dest,), ent[0]).view(N, T)
 
 
-def _attend(layer, x, cos, sin_signed, keys_prefix, values_prefix, mask, dims):
+def _attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, dims):
     """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under the additive
     `mask` (n*nkv, groups*L, S) (`grouped_mask`). Returns the new x and this layer's (keys, values) of x, each
     (n, nkv, L, hd). The same operations as the decoding step (grpo.decoding), with autograd."""
-    from grpo.decoding import _cat_bias, _linear_add, _rms_norm
+    from grpo.decoding import _linear_add, _rms_norm
 
     nh, nkv, hd = dims
     n, L, H = x.shape
     a, m = layer.self_attn, layer.mlp
-    w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-    qkv = F.linear(_rms_norm(x, layer.input_layernorm), w, _cat_bias(a.q_proj, a.k_proj, a.v_proj))
+    w_qkv, b_qkv, w_gu = fused
+    qkv = F.linear(_rms_norm(x, layer.input_layernorm), w_qkv, b_qkv)
     qkv = qkv.view(n, L, nh + 2 * nkv, hd).transpose(1, 2)
     qk = qkv[:, : nh + nkv]
     qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin_signed)  # rotary, as in grpo.decoding
@@ -181,8 +181,7 @@ def _attend(layer, x, cos, sin_signed, keys_prefix, values_prefix, mask, dims):
     o = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(n * nkv, S, hd))
     o = o.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
     x = _linear_add(x.reshape(n * L, H), o, a.o_proj.weight, a.o_proj.bias)
-    gate, up = F.linear(_rms_norm(x, layer.post_attention_layernorm), torch.cat([m.gate_proj.weight, m.up_proj.weight])
-                        ).chunk(2, dim=-1)
+    gate, up = F.linear(_rms_norm(x, layer.post_attention_layernorm), w_gu).chunk(2, dim=-1)
     x = _linear_add(x, F.silu(gate) * up, m.down_proj.weight, m.down_proj.bias)
     return x.view(n, L, H), (k, v)
 
@@ -210,6 +209,8 @@ def shared_prompt_logprobs(
     not depend on what follows it), so prompt tokens cost 1/G of a padded batch's. Completions then run in length
     buckets, their queries attending to [their prompt's keys | their own causal keys]. Same values and gradients
     as the padded layout, up to floating-point summation order."""
+    from grpo.decoding import fused_weights
+
     base = model.model
     cfg = model.config
     nh = cfg.num_attention_heads
@@ -240,8 +241,9 @@ def shared_prompt_logprobs(
     x = base.embed_tokens(uniq)
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     prompt_kv = []
-    for layer in base.layers:
-        x, kv = _attend(layer, x, cos, sin, None, None, mask, dims)
+    fused = [fused_weights(layer) for layer in base.layers]  # once per pass, shared by the buckets
+    for layer, fw in zip(base.layers, fused):
+        x, kv = _attend(layer, fw, x, cos, sin, None, None, mask, dims)
         prompt_kv.append(kv)
     last_prompt_hidden = base.norm(x[:, -1])  # predicts each completion's first token
 
@@ -262,8 +264,8 @@ def shared_prompt_logprobs(
             )
             keys_ok = grouped_mask(keys_ok, nh, nkv)
             x = base.embed_tokens(ids)
-            for layer, (pk, pv) in zip(base.layers, prompt_kv):
-                x, _ = _attend(layer, x, cos, sin, pk[g], pv[g], keys_ok, dims)
+            for layer, fw, (pk, pv) in zip(base.layers, fused, prompt_kv):
+                x, _ = _attend(layer, fw, x, cos, sin, pk[g], pv[g], keys_ok, dims)
             h_all = torch.cat([h_first, base.norm(x)], dim=1)  # (n, w + 1, H): hidden predicting token j
         else:
             h_all = h_first
