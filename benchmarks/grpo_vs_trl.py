@@ -12,6 +12,10 @@ is on; off is its faster setting here), no vLLM, report_to="none", logging every
 every step). Each TRL step runs from TRL's own training loop; after it ends, a callback runs one step of ours, so the
 two alternate and share the machine's noise.
 
+Each seed (default 0, 1, 2) is a whole A/B run; one trajectory can reach an accuracy threshold ten steps earlier or
+later than another by chance alone, so the steps and seconds to the threshold (and held-out pass@1) are averaged over
+the seeds, and the timings pooled.
+
 Reported: median and spread of seconds per step, generated tokens per second, the split of a step (generation,
 rewards, frozen log-probs, policy forward + loss, backward + optimiser, other), peak resident memory (each side alone
 in a child process, and per step in the A/B process), the sampled accuracy of the training batches, steps and seconds
@@ -244,21 +248,39 @@ class SideLog:
     step_rss_growth_mb: list[float] = field(default_factory=list)
 
 
-def summarize(log: SideLog, warmup: int, threshold: float, window: int) -> dict:
-    sec = log.seconds[warmup:] or log.seconds
-    med = statistics.median(sec)
-    q = statistics.quantiles(sec, n=4, method="inclusive") if len(sec) >= 2 else [sec[0]] * 3
-    toks = [t / s for t, s in zip(log.completion_tokens[warmup:], sec)] or [0.0]
-    phases = {k: statistics.median([p.get(k, 0.0) for p in log.phases[warmup:] or log.phases]) for k in PHASES}
-    reached = None
+def threshold_crossing(log: SideLog, threshold: float, window: int) -> tuple[int, float] | None:
+    """(steps, seconds) until the mean batch accuracy over `window` steps first reaches `threshold`, or None."""
     for i in range(window - 1, len(log.accuracy)):
         if sum(log.accuracy[i - window + 1 : i + 1]) / window >= threshold:
-            reached = i + 1
-            break
-    flops = statistics.median(log.flops[warmup:] or log.flops) if log.flops else 0.0
-    last = log.accuracy[-window:]
+            return i + 1, sum(log.seconds[: i + 1])
+    return None
+
+
+def summarize(logs: list[SideLog], warmup: int, threshold: float, window: int) -> dict:
+    """One side over one or more seeds: timings pooled over every seed's steps (past `warmup`), accuracy and the
+    threshold crossing per seed, then averaged (a crossing is reported only when every seed reached it)."""
+
+    def timed(values: list) -> list:
+        return [v for log_values in values for v in (log_values[warmup:] or log_values)]
+
+    sec = timed([log.seconds for log in logs])
+    med = statistics.median(sec)
+    q = statistics.quantiles(sec, n=4, method="inclusive") if len(sec) >= 2 else [sec[0]] * 3
+    toks = [t / s for log in logs for t, s in zip(log.completion_tokens[warmup:], log.seconds[warmup:])] or [0.0]
+    phases_all = timed([log.phases for log in logs])
+    phases = {k: statistics.median([p.get(k, 0.0) for p in phases_all]) for k in PHASES}
+    crossings = [threshold_crossing(log, threshold, window) for log in logs]
+    reached = all(crossings)
+    flops_all = timed([log.flops for log in logs])
+    flops = statistics.median(flops_all) if flops_all else 0.0
+    acc = [a for log in logs for a in log.accuracy]
+    last = [a for log in logs for a in log.accuracy[-window:]]
+    first = [log.accuracy[0] for log in logs if log.accuracy]
+    peaks = [v for log in logs for v in log.step_peak_rss_mb]
+    growth = [v for log in logs for v in log.step_rss_growth_mb]
     return {
-        "steps": len(log.seconds),
+        "seeds": len(logs),
+        "steps": len(logs[0].seconds),
         "median_s_per_step": med,
         "p25_s_per_step": q[0],
         "p75_s_per_step": q[2],
@@ -266,16 +288,18 @@ def summarize(log: SideLog, warmup: int, threshold: float, window: int) -> dict:
         "max_s_per_step": max(sec),
         "gen_tokens_per_s": statistics.median(toks),
         "phases_median_s": phases,
-        "accuracy_first": log.accuracy[0] if log.accuracy else None,
-        "accuracy_mean_all": sum(log.accuracy) / len(log.accuracy) if log.accuracy else None,
+        "accuracy_first": sum(first) / len(first) if first else None,
+        "accuracy_mean_all": sum(acc) / len(acc) if acc else None,
         "accuracy_last_window": sum(last) / len(last) if last else None,
-        "steps_to_threshold": reached,
-        "seconds_to_threshold": sum(log.seconds[:reached]) if reached else None,
-        "total_seconds": sum(log.seconds),
+        "steps_to_threshold_per_seed": [c[0] if c else None for c in crossings],
+        "seconds_to_threshold_per_seed": [c[1] if c else None for c in crossings],
+        "steps_to_threshold": statistics.mean(c[0] for c in crossings) if reached else None,
+        "seconds_to_threshold": statistics.mean(c[1] for c in crossings) if reached else None,
+        "total_seconds": sum(sum(log.seconds) for log in logs),
         "model_flops_per_step": flops,
         "achieved_gflops": flops / med / 1e9 if flops else 0.0,
-        "ab_step_peak_rss_mb": max(log.step_peak_rss_mb) if log.step_peak_rss_mb else None,
-        "ab_step_rss_growth_mb": max(log.step_rss_growth_mb) if log.step_rss_growth_mb else None,
+        "ab_step_peak_rss_mb": max(peaks) if peaks else None,
+        "ab_step_rss_growth_mb": max(growth) if growth else None,
     }
 
 
@@ -602,12 +626,16 @@ def ratio_lines(ours: dict, trl: dict, mem: dict | None, heldout: dict | None, t
     return lines
 
 
+def _per_seed(side: dict) -> str:
+    return " ".join("-" if v is None else str(v) for v in side["steps_to_threshold_per_seed"])
+
+
 def print_report(result: dict) -> None:
     o, t = result["ours"], result["trl"]
     w = result["workload"]
     print()
     print(f"GRPO step, ours vs TRL {result['versions']['trl']} — B={w['prompts_per_step']} x G={w['num_generations']}, "
-          f"<= {w['max_completion_length']} new tokens, {w['steps']} steps, {w['threads']} threads, "
+          f"<= {w['max_completion_length']} new tokens, {w['steps']} steps x seeds {result['seeds']}, {w['threads']} threads, "
           f"model {result['model']['parameters']:,} params")
     rows = [
         ("s/step median", "median_s_per_step", "{:.3f}"),
@@ -617,7 +645,7 @@ def print_report(result: dict) -> None:
         ("batch accuracy, first step", "accuracy_first", "{:.3f}"),
         ("batch accuracy, mean of all steps", "accuracy_mean_all", "{:.3f}"),
         ("batch accuracy, last 10 steps", "accuracy_last_window", "{:.3f}"),
-        (f"steps to accuracy {result['threshold']:.2f} (10-step mean)", "steps_to_threshold", "{}"),
+        (f"steps to accuracy {result['threshold']:.2f} (10-step mean)", "steps_to_threshold", "{:.1f}"),
         ("seconds to that accuracy", "seconds_to_threshold", "{:.0f}"),
         ("model GFLOP per step", None, None),
         ("achieved GFLOP/s", "achieved_gflops", "{:.1f}"),
@@ -645,6 +673,7 @@ def print_report(result: dict) -> None:
         b = fmt.format(vb) if vb is not None else "-"
         r = f"{vb / va:.2f}" if isinstance(va, float) and isinstance(vb, float) and va else ""
         print(f"{label:44s} {a:>14s} {b:>14s} {r:>9s}")
+    print(f"{'  per seed (steps to the threshold)':44s} {_per_seed(o):>14s} {_per_seed(t):>14s}")
     ps = result["paired_speedup"]
     print(f"{'TRL/ours per back-to-back pair: median (min..max)':44s} {ps['median']:.2f} ({ps['min']:.2f}..{ps['max']:.2f})")
     print("\nwhere a step's time goes (median seconds)")
@@ -660,7 +689,7 @@ def print_report(result: dict) -> None:
                   f"step peak above that {d['peak_rss_mb'] - d['rss_before_steps_mb']:.0f}")
     if result.get("heldout"):
         h = result["heldout"]
-        print(f"\nheld-out pass@1 after the run: ours {h['ours']['pass_at_1']:.3f}, trl {h['trl']['pass_at_1']:.3f} "
+        print(f"\nheld-out pass@1 after the run (mean of {len(result['seeds'])} seeds): ours {h['ours']['pass_at_1']:.3f}, trl {h['trl']['pass_at_1']:.3f} "
               f"(greedy {h['ours']['greedy_accuracy']:.3f} vs {h['trl']['greedy_accuracy']:.3f})")
     if result.get("curve"):
         print("\ncost curve (random-init model, completions run to the max length): median s/step")
@@ -687,6 +716,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threshold", type=float, default=0.7, help="batch accuracy (10-step mean) to time")
     p.add_argument("--warmup", type=int, default=2, help="steps of each side left out of the timing medians")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, one A/B run each (default 0,1,2; smoke 0): timings are pooled, "
+                        "steps and seconds to the accuracy threshold averaged over seeds (one trajectory crosses "
+                        "a threshold up to ~10 steps earlier or later by chance alone)")
     p.add_argument("--curve-gs", default="4,8,16")
     p.add_argument("--curve-lengths", default="32,64,128")
     p.add_argument("--curve-steps", type=int, default=2)
@@ -696,6 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="write the results here (default runs/bench/grpo_vs_trl.json)")
     p.add_argument("--only", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.seeds = a.seeds or ("0" if a.smoke else "0,1,2")
 
     smoke = a.smoke
     work = Workload(prompts_per_step=2 if smoke else a.prompts, num_generations=4 if smoke else a.generations,
@@ -717,23 +751,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows, rewards = workload_rows(200 if smoke else None)
     peak_before = max(matmul_gflops(work.threads) for _ in range(2))
-    print(f"A/B: {work.steps} steps of each side, alternating (TRL step, then ours) ...", flush=True)
-    ours_log, trl_log, models = ab_run(model_dir, work, rows, rewards, quiet=smoke)
+    seeds = [int(x) for x in a.seeds.split(",")]
+    ours_logs, trl_logs, heldouts = [], [], []
+    for seed in seeds:
+        print(f"A/B, seed {seed}: {work.steps} steps of each side, alternating (TRL step, then ours) ...", flush=True)
+        ours_log, trl_log, models = ab_run(model_dir, replace(work, seed=seed), rows, rewards, quiet=smoke)
+        ours_logs.append(ours_log)
+        trl_logs.append(trl_log)
+        if not a.no_eval:
+            print(f"held-out evaluation of both models trained with seed {seed} ...", flush=True)
+            heldouts.append(heldout_eval(models))
+        n_params = sum(p.numel() for p in models["ours"].parameters())
+        del models
     peak_after = max(matmul_gflops(work.threads) for _ in range(2))
     warmup = 0 if work.steps <= a.warmup else a.warmup
     result = {
         "workload": asdict(work),
         "threshold": a.threshold,
-        "model": {"path": str(model_dir), "parameters": sum(p.numel() for p in models["ours"].parameters())},
+        "seeds": seeds,
+        "model": {"path": str(model_dir), "parameters": n_params},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "machine": {"cpus": os.cpu_count(), "threads": work.threads,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "matmul_gflops": max(peak_before, peak_after),
                     "matmul_gflops_before_after": [peak_before, peak_after],
                     "model_shaped_matmul_gflops": matmul_gflops(work.threads, shape=(4096, 128, 384))},
-        "ours": summarize(ours_log, warmup, a.threshold, 10),
-        "trl": summarize(trl_log, warmup, a.threshold, 10),
-        "per_step": {"ours": asdict(ours_log), "trl": asdict(trl_log)},
+        "ours": summarize(ours_logs, warmup, a.threshold, 10),
+        "trl": summarize(trl_logs, warmup, a.threshold, 10),
+        "per_step": {"ours": [asdict(x) for x in ours_logs], "trl": [asdict(x) for x in trl_logs]},
         "config": {
             "ours": work.ours().model_dump(),
             "trl": trl_config_dict(work),
@@ -741,10 +786,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "(grpo.decoding), packed log-probs (grpo.logprobs.packed_completion_logprobs)",
         },
     }
-    if not a.no_eval:
-        print("held-out evaluation of both trained models ...", flush=True)
-        result["heldout"] = heldout_eval(models)
-    del models
+    if heldouts:  # the mean over seeds of each side's held-out numbers
+        result["heldout"] = {side: {k: statistics.mean(h[side][k] for h in heldouts) for k in heldouts[0][side]}
+                             for side in ("ours", "trl")}
+        result["heldout_per_seed"] = heldouts
     if not a.no_memory:
         print("peak memory, each side alone ...", flush=True)
         result["memory"] = {s: standalone_memory(s, model_dir, work, 3) for s in ("ours", "trl")}
@@ -753,7 +798,7 @@ def main(argv: list[str] | None = None) -> dict:
         curve_dir = random_init_like(model_dir, Path(tmp.name) / "random_init")
         result["curve"] = cost_curve(curve_dir, work, rows, rewards, [int(x) for x in a.curve_gs.split(",")],
                                      [int(x) for x in a.curve_lengths.split(",")], a.curve_steps)
-    pairs = [t / o for t, o in zip(trl_log.seconds[warmup:], ours_log.seconds[warmup:])]
+    pairs = [t / o for tl, ol in zip(trl_logs, ours_logs) for t, o in zip(tl.seconds[warmup:], ol.seconds[warmup:])]
     result["paired_speedup"] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
                                 "note": "TRL step i / our step i, run back to back: the A/B ratio least hurt by noise"}
     result["targets"] = ratio_lines(result["ours"], result["trl"], result.get("memory"), result.get("heldout"),
