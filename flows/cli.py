@@ -199,13 +199,14 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     127.0.0.1, until Ctrl-C. Then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `r1 serve` or
     `r1 pipeline` in another terminal."""
     cfg = _recipe(recipe, set)
-    from flows.servers import ServerError, local_servers, start, stop, wait_ready, watch
+    from flows.servers import ServerError, local_servers, raise_on_signals, start, stop, wait_ready, watch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]binding to {host}: anyone who can reach it can use both servers (no "
                       "authentication)[/yellow]")
     servers = local_servers(cfg.tracking.uri, host, prefect_port, mlflow_port,
                             cfg.tracking.artifact_location or "./mlartifacts")
+    raise_on_signals()  # before any server starts: Ctrl-C while they boot stops them too
     procs = start(servers, log_dir)
     code = 0
     try:

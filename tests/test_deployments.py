@@ -91,6 +91,24 @@ def test_local_servers_bind_to_loopback_and_skip_mlflow_for_a_tracking_server():
         assert s.command[s.command.index("--host") + 1] == "127.0.0.1" and s.url.startswith("http://127.0.0.1:")
     assert ui.command[ui.command.index("--backend-store-uri") + 1] == "sqlite:///mlflow.db"
     assert [s.name for s in local_servers("http://mlflow.internal:5000")] == ["Prefect server"]
+    assert ui.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no GenAI job runners beside the UI
+
+
+def test_r1_up_stops_on_sigint_even_when_started_with_sigint_ignored():
+    """A background job of a non-interactive shell starts with SIGINT ignored; `r1 up` must still stop on it."""
+    from flows.servers import raise_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise_on_signals()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 def test_stage_flow_resolves_upstream_and_takes_run_ids_and_aliases(prefect_harness, tmp_path):
