@@ -32,7 +32,10 @@ def test_tiny_pipeline_end_to_end(prefect_harness, tiny_base, tmp_path):
 
     # RL stages raise accuracy over their input model
     assert m["r1_zero"]["eval/pass_at_1"] > m["base_model"]["eval/pass_at_1"] + 0.05
-    assert m["reasoning_rl"]["eval/pass_at_1"] >= m["cold_start_sft"]["eval/pass_at_1"] - 0.02
+    # reasoning RL starts from a model already at ~0.75: it must not damage it. The margin is two standard errors of
+    # a difference of two 128 x 4-sample pass@1 estimates (~0.027 each): with the cold-start model of one CI run,
+    # reasoning RL seeds 0, 1, 2 gave 0.719, 0.744, 0.758 against 0.756, so 0.02 failed one seed in three by chance
+    assert m["reasoning_rl"]["eval/pass_at_1"] >= m["cold_start_sft"]["eval/pass_at_1"] - 0.05
     # the language reward: reasoning RL's CoT is more consistent than R1-Zero's
     assert m["reasoning_rl"]["eval/language_consistency"] > m["r1_zero"]["eval/language_consistency"]
     # rejection sampling kept data, and SFT on it gives a working model
