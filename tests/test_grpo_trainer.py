@@ -211,8 +211,8 @@ def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
         return [float("nan")] + [0.0] * (len(completions) - 1)
 
     for name, fn, pattern in [
-        ("short", wrong_length, r"'short' returned 1 values for 8 completions; sample 0: prompt="),
-        ("nanny", nan_reward, r"'nanny' returned nan .*sample 0: prompt='User: "),
+        ("short", wrong_length, r"'short': returned 1 values for 8 completions"),
+        ("nanny", nan_reward, r"'nanny': returned nan .*\n  sample 0:\n    prompt: 'User: "),
     ]:
         trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [(name, fn, 1.0)], progress=False)
         with pytest.raises(RewardError, match=pattern):
@@ -315,6 +315,7 @@ def test_process_mode_trains(tok, dataset):
             out.append(steps)
         return out
 
+    per_step.process = True
     trainer = GRPOTrainer(
         tiny_model(tok),
         tok,
@@ -329,10 +330,12 @@ def test_process_mode_trains(tok, dataset):
     def bad(prompts, completions, **kw):
         return [[(10_000, 1.0)]] * len(completions)
 
+    bad.process = True
+
     trainer = GRPOTrainer(
         tiny_model(tok), tok, small_config(advantage_mode="process"), dataset, [("bad_steps", bad, 1.0)], progress=False
     )
-    with pytest.raises(RewardError, match="'bad_steps' returned step"):
+    with pytest.raises(RewardError, match=r"'bad_steps': step end 10000 is not an offset"):
         trainer.train()
 
 
