@@ -329,9 +329,11 @@ class GRPOTrainer:
         for i, steps in enumerate(merged):
             offsets = sorted(steps)
             step_rewards.append([steps[o] for o in offsets])
-            step_ends.append(
-                char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], int(rollout.lengths[i]), offsets)
-            )
+            length = int(rollout.lengths[i])
+            ends = char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], length, offsets)
+            if ends:  # decoded text has no EOS: the last step also covers it (and trailing whitespace), to learn stopping
+                ends[-1] = max(ends[-1], length - 1)
+            step_ends.append(ends)
         totals = torch.tensor([sum(s) for s in step_rewards], dtype=torch.float32)
         metrics["reward/mean"], metrics["reward/std"] = totals.mean().item(), totals.std().item()
         return {"step_rewards": step_rewards, "step_ends": step_ends}, metrics
