@@ -10,6 +10,7 @@ once with a `RewardError` naming the function and showing the offending sample (
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -144,20 +145,26 @@ def call_reward(name: str, fn: Callable, prompts: list[str], completions: list[s
     return [_check_value(name, v, i, process, prompts, completions) for i, v in enumerate(out)]
 
 
+def decoded_prefix_lengths(tokenizer, ids: list[int]) -> list[int]:
+    """len(decode(ids[:k+1])) for every k, without a trailing U+FFFD (a prefix ending inside a multi-byte character
+    does not hold that character yet), in linear time: incremental decoding as in vLLM. Each new token is decoded with
+    the few tokens before it (`start`: where the last whole piece of text began), and the text it adds is the
+    difference to the context alone, which keeps word-initial spaces and byte-level BPE right."""
+    lens, total, start, read, context = [], 0, 0, 0, 0
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[start : k + 1], skip_special_tokens=True)
+        if len(text) > context and not text.endswith("\ufffd"):
+            total += len(text) - context
+            start, read = read, k + 1
+            context = len(tokenizer.decode(ids[start:read], skip_special_tokens=True))
+        lens.append(total)
+    return lens
+
+
 def char_offsets_to_token_ends(tokenizer, completion_ids, length: int, offsets: Sequence[int]) -> list[int]:
     """Map step-end character offsets (exclusive) of a decoded completion to the index of the token holding the step's
-    last character: the first token k whose decoded prefix ids[:k+1] reaches the offset.
-
-    Decoding prefixes (not summing per-token strings) keeps byte-level BPE right where one character spans tokens.
-    """
+    last character: the first token k whose decoded prefix ids[:k+1] reaches the offset."""
     if not offsets:
         return []
-    ids = completion_ids[:length].tolist()
-    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
-    # a prefix that ends inside a multi-byte character decodes with a trailing U+FFFD: not a whole character yet
-    prefix_lens = [len(t.rstrip("\ufffd")) for t in prefixes]
-    ends = []
-    for off in offsets:
-        k = next((k for k, n in enumerate(prefix_lens) if n >= off), len(ids) - 1)
-        ends.append(max(k, 0))
-    return ends
+    prefix_lens = decoded_prefix_lengths(tokenizer, completion_ids[:length].tolist())
+    return [max(min(bisect.bisect_left(prefix_lens, off), length - 1), 0) for off in offsets]

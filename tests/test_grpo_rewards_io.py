@@ -5,8 +5,17 @@ import math
 import re
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from grpo.rewards_io import RewardError, call_reward, check_reward_funcs
+from grpo.rewards_io import (
+    RewardError,
+    call_reward,
+    char_offsets_to_token_ends,
+    check_reward_funcs,
+    decoded_prefix_lengths,
+)
 
 
 def test_raising_reward_names_itself_and_the_sample():
@@ -103,3 +112,28 @@ def test_preflight_refuses_rewards_that_do_not_fit_the_mode(mode, rewards, match
     fixed = load_recipe("tiny", {"r1_zero.grpo.advantage_mode": "process" if mode == "outcome" else "outcome",
                                  "r1_zero.rewards": rewards})
     assert check_rewards(fixed, ["r1_zero"]) == []
+
+
+def quadratic_prefix_lengths(tokenizer, ids):
+    """The reference: decode every prefix (what char_offsets_to_token_ends did before it was made linear)."""
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
+    return [len(t.rstrip("\ufffd")) for t in prefixes]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_incremental_decoding_matches_decoding_every_prefix(tok, data):
+    text_ids = tok("<think>12+34=46, 所以 答案 是 46.</think> é\n\n", add_special_tokens=False)["input_ids"]
+    pool = st.one_of(st.integers(0, len(tok) - 1), st.sampled_from(text_ids + [tok.eos_token_id, tok.pad_token_id]))
+    ids = data.draw(st.lists(pool, max_size=40))
+    assert decoded_prefix_lengths(tok, ids) == quadratic_prefix_lengths(tok, ids)
+
+
+def test_long_completion_maps_in_linear_time(tok):
+    ids = tok("<think>12+34=46, write 6 carry 1. 所以 答案 是 46.</think>\n" * 400, add_special_tokens=False)["input_ids"]
+    ids = (ids * (16_384 // len(ids) + 1))[:16_384]
+    text = tok.decode(ids, skip_special_tokens=True)
+    ends = char_offsets_to_token_ends(tok, torch.tensor(ids), len(ids), [1, len(text) // 2, len(text)])
+    assert ends[-1] == len(ids) - 1 and 0 <= ends[0] < ends[1] < ends[2]
+    assert len(tok.decode(ids[: ends[1] + 1], skip_special_tokens=True)) >= len(text) // 2
+    assert len(tok.decode(ids[: ends[1]], skip_special_tokens=True).rstrip("\ufffd")) < len(text) // 2
