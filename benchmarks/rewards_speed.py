@@ -14,7 +14,8 @@ import random
 import statistics
 import time
 
-from rewards import build_rewards, call_reward
+from grpo.rewards_io import call_reward
+from rewards import build_rewards
 from rewards.math_verifier import shared_verifier
 from stages.tasks import TraceNoise, _mix_language, make_problems, noisy_trace
 

@@ -40,7 +40,13 @@ from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
 from grpo.logprobs import packed_completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
-from grpo.rewards_io import RewardFunc, call_reward, char_offsets_to_token_ends, check_reward_funcs
+from grpo.rewards_io import (
+    RewardFunc,
+    call_reward,
+    char_offsets_to_token_ends,
+    check_reward_funcs,
+    is_process_reward,
+)
 from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
 
 TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
@@ -92,7 +98,7 @@ class GRPOTrainer:
         progress: bool = True,
     ):
         cfg = self.cfg = config
-        check_reward_funcs(reward_funcs)
+        check_reward_funcs(reward_funcs, cfg.advantage_mode)
         if not dataset:
             raise ValueError("the dataset is empty")
         missing = [i for i, row in enumerate(dataset[:1000]) if "prompt" not in row]
@@ -293,7 +299,7 @@ class GRPOTrainer:
         columns, metrics = self.reward_columns(rows), {}
         total = torch.zeros(len(rollout.completions))
         for name, fn, weight in self.reward_funcs:
-            values = call_reward(name, fn, rollout.prompts, rollout.completions, columns, "outcome")
+            values = call_reward(name, fn, rollout.prompts, rollout.completions, **columns)
             r = torch.tensor(values, dtype=torch.float32)
             total += weight * r
             metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = r.mean().item(), r.std().item()
@@ -305,12 +311,15 @@ class GRPOTrainer:
         return total, metrics
 
     def score_process(self, rollout: Rollout, rows: list[dict]) -> tuple[dict, dict[str, float]]:
-        """Per completion, the steps of all reward functions (weighted, summed where they end at the same character),
-        with each step's end mapped from a character offset to a token index."""
+        """Per completion, the steps of all reward functions (weighted, summed where they end at the same character;
+        an outcome reward is one step ending the completion), with each step's end mapped from a character offset to a
+        token index."""
         columns, metrics = self.reward_columns(rows), {}
         merged: list[dict[int, float]] = [{} for _ in rollout.completions]  # char offset -> weighted step reward
         for name, fn, weight in self.reward_funcs:
-            out = call_reward(name, fn, rollout.prompts, rollout.completions, columns, "process")
+            out = call_reward(name, fn, rollout.prompts, rollout.completions, **columns)
+            if not is_process_reward(fn):
+                out = [[(len(c), r)] for c, r in zip(rollout.completions, out)]
             sums = torch.tensor([sum(r for _, r in steps) for steps in out], dtype=torch.float32)
             metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = sums.mean().item(), sums.std().item()
             for i, steps in enumerate(out):
@@ -320,9 +329,11 @@ class GRPOTrainer:
         for i, steps in enumerate(merged):
             offsets = sorted(steps)
             step_rewards.append([steps[o] for o in offsets])
-            step_ends.append(
-                char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], int(rollout.lengths[i]), offsets)
-            )
+            length = int(rollout.lengths[i])
+            ends = char_offsets_to_token_ends(self.tokenizer, rollout.completion_ids[i], length, offsets)
+            if ends:  # decoded text has no EOS: the last step also covers it (and trailing whitespace), to learn stopping
+                ends[-1] = max(ends[-1], length - 1)
+            step_ends.append(ends)
         totals = torch.tensor([sum(s) for s in step_rewards], dtype=torch.float32)
         metrics["reward/mean"], metrics["reward/std"] = totals.mean().item(), totals.std().item()
         return {"step_rewards": step_rewards, "step_ends": step_ends}, metrics

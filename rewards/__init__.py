@@ -9,7 +9,7 @@ from rewards.length import cosine_length_reward, overlong_reward, repetition_pen
 from rewards.math_verifier import MathVerifier
 from rewards.parsing import extract_answer, extract_boxed, extract_think, is_r1_format
 from rewards.process import arithmetic_claims, process_arithmetic_reward, process_reward_model, split_steps
-from rewards.registry import REGISTRY, RewardError, RewardSpec, build_rewards, call_reward, is_process_reward
+from rewards.registry import REGISTRY, RewardSpec, build_rewards
 
 
 def __getattr__(name):  # the reward-model side imports torch/transformers: only on first use
@@ -23,13 +23,11 @@ def __getattr__(name):  # the reward-model side imports torch/transformers: only
 __all__ = [
     "REGISTRY",
     "MathVerifier",
-    "RewardError",
     "RewardModelScorer",
     "RewardSpec",
     "accuracy_reward",
     "arithmetic_claims",
     "build_rewards",
-    "call_reward",
     "code_tests_reward",
     "cosine_length_reward",
     "extract_answer",
@@ -38,7 +36,6 @@ __all__ = [
     "extract_think",
     "format_reward",
     "is_correct",
-    "is_process_reward",
     "is_r1_format",
     "language_consistency_reward",
     "normalize_answer",

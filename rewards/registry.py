@@ -1,15 +1,14 @@
-"""Reward functions by name, built from config, and a checked way to call them.
+"""Reward functions by name, built from config.
 
 `build_rewards([{"name": "accuracy"}, {"name": "format", "weight": 0.5}])` -> [(name, fn, weight), ...] with each spec's
-params bound; a typo in a name or a param fails at build time, naming it. `call_reward` runs one reward function on a
-batch and turns any failure into a `RewardError` that names the reward and shows the offending sample.
+params bound; a typo in a name or a param fails at build time, naming it. A process reward (one reward per reasoning
+step) carries `.process = True`. Calling them and checking what they return is the consumer's: grpo.rewards_io.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +20,6 @@ from rewards.code import code_tests_reward
 from rewards.format import format_reward, soft_format_reward
 from rewards.language import language_consistency_reward
 from rewards.length import cosine_length_reward, overlong_reward, repetition_penalty_reward
-from rewards.parsing import shorten
 from rewards.process import process_arithmetic_reward
 
 RewardFn = Callable[..., list]
@@ -107,96 +105,3 @@ def build_rewards(specs: Sequence[RewardSpec | dict]) -> list[tuple[str, RewardF
             raise ValueError(f"unknown reward {spec.name!r}; known rewards: {sorted(REGISTRY)}")
         out.append((spec.name, REGISTRY[spec.name](**spec.params), spec.weight))
     return out
-
-
-def is_process_reward(fn: RewardFn) -> bool:
-    """True for rewards that return (step end offset, reward) pairs per completion instead of one float."""
-    return bool(getattr(fn, "process", False))
-
-
-class RewardError(RuntimeError):
-    """A reward function failed or returned something unusable; the message names it and shows the sample."""
-
-    def __init__(
-        self,
-        name: str,
-        message: str,
-        index: int | None = None,
-        prompt: str | None = None,
-        completion: str | None = None,
-    ):
-        self.name, self.index, self.prompt, self.completion = name, index, prompt, completion
-        text = f"reward {name!r}: {message}"
-        if index is not None:
-            text += f"\n  sample {index}:\n    prompt: {shorten(prompt)!r}\n    completion: {shorten(completion)!r}"
-        super().__init__(text)
-
-
-def _row(columns: dict[str, list], idx: Sequence[int]) -> dict[str, list]:
-    return {k: [v[i] for i in idx] for k, v in columns.items()}
-
-
-def _locate(fn: RewardFn, prompts, completions, columns, idx: list[int], budget: list[int]) -> int | None:
-    """Bisect to one sample on which `fn` raises by itself (at most ~2 log2(n) extra calls), or None."""
-    while len(idx) > 1 and budget[0] > 0:
-        half = len(idx) // 2
-        for part in (idx[:half], idx[half:]):
-            budget[0] -= 1
-            try:
-                fn([prompts[i] for i in part], [completions[i] for i in part], **_row(columns, part))
-            except Exception:  # noqa: BLE001 - any failure locates the sample; the original error is re-raised
-                idx = part
-                break
-        else:
-            return None  # fails only on the whole batch
-    return idx[0] if len(idx) == 1 else None
-
-
-def _check_value(name: str, v: Any, i: int, completion: str, process: bool, prompts, completions):
-    def fail(msg):
-        raise RewardError(name, msg, i, prompts[i], completions[i])
-
-    if process:
-        if not isinstance(v, (list, tuple)):
-            fail(f"a process reward must give a list of (end offset, reward) per completion, got {type(v).__name__}")
-        last = 0
-        for step in v:
-            if not (isinstance(step, (list, tuple)) and len(step) == 2):
-                fail(f"step {step!r} is not an (end offset, reward) pair")
-            end, r = step
-            if not hasattr(end, "__index__") or not last <= end <= len(completion):
-                fail(f"step end {end!r} is not an offset in [{last}, {len(completion)}] (offsets must not decrease)")
-            _check_value(name, r, i, completion, False, prompts, completions)
-            last = end
-        return [(int(e), float(r)) for e, r in v]
-    if v is None or isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):
-        fail(f"returned {v!r} ({type(v).__name__}), not a float")
-    f = float(v)
-    if not math.isfinite(f):
-        fail(f"returned {f} (rewards must be finite)")
-    return f
-
-
-def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], **columns) -> list:
-    """Run reward `fn` on a batch, check its output (one finite float per completion, or one list of (offset, reward)
-    per completion for a process reward) and raise `RewardError` with the reward's name and the offending sample."""
-    n = len(completions)
-    if len(prompts) != n:
-        raise RewardError(name, f"{len(prompts)} prompts for {n} completions")
-    for k, v in columns.items():
-        if not isinstance(v, (list, tuple)) or len(v) != n:
-            got = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
-            raise RewardError(name, f"column {k!r} must be a list aligned with the {n} completions (got {got})")
-    try:
-        out = fn(prompts, completions, **columns)
-    except Exception as e:
-        i = _locate(fn, prompts, completions, columns, list(range(n)), [24])
-        sample = (i, prompts[i], completions[i]) if i is not None else (None, None, None)
-        raise RewardError(name, f"raised {type(e).__name__}: {e}", *sample) from e
-    if not isinstance(out, (list, tuple)) and not hasattr(out, "tolist"):
-        raise RewardError(name, f"returned {type(out).__name__}, expected a list of {n} values")
-    out = out.tolist() if hasattr(out, "tolist") else list(out)
-    if len(out) != n:
-        raise RewardError(name, f"returned {len(out)} values for {n} completions")
-    process = is_process_reward(fn)
-    return [_check_value(name, v, i, completions[i], process, prompts, completions) for i, v in enumerate(out)]

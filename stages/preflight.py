@@ -92,16 +92,24 @@ def check_tracking_store(recipe: Recipe) -> list[str]:
 # ---- names and values
 
 def check_rewards(recipe: Recipe, stages: list[str]) -> list[str]:
-    """Every reward of every GRPO stage builds (a known name, known params of the right types)."""
+    """Every reward of every GRPO stage builds (a known name, known params of the right types) and fits the stage's
+    grpo.advantage_mode (process rewards with process supervision)."""
+    from grpo.rewards_io import check_reward_funcs
     from rewards import build_rewards
 
     problems = []
     for stage in (s for s in stages if s in GRPO_STAGES):
-        for i, spec in enumerate(getattr(recipe, stage).rewards):
+        cfg, built = getattr(recipe, stage), []
+        for i, spec in enumerate(cfg.rewards):
             try:
-                build_rewards([spec])
+                built += build_rewards([spec])
             except (ValueError, TypeError, OSError) as e:
                 problems.append(f"{stage}.rewards[{i}] ({spec.name}): {e}")
+        if built and len(built) == len(cfg.rewards):
+            try:
+                check_reward_funcs(built, cfg.grpo.advantage_mode)
+            except ValueError as e:
+                problems.append(f"{stage}.rewards: {e}")
     return problems
 
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from grpo.advantages import EPS
 from grpo.config import GRPOConfig
 from grpo.logging import ConsoleLogger, MetricLogger, MLflowLogger
 from grpo.logprobs import completion_logprobs, position_ids_from_mask
 from grpo.loss import grpo_loss
 from grpo.rewards_io import RewardError, char_offsets_to_token_ends
+from grpo.rollout import rollout_from_completions
 from grpo.trainer import GRPOTrainer, PromptSampler
 from stages.tasks import make_problems
 
@@ -211,8 +213,8 @@ def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
         return [float("nan")] + [0.0] * (len(completions) - 1)
 
     for name, fn, pattern in [
-        ("short", wrong_length, r"'short' returned 1 values for 8 completions; sample 0: prompt="),
-        ("nanny", nan_reward, r"'nanny' returned nan .*sample 0: prompt='User: "),
+        ("short", wrong_length, r"'short': returned 1 values for 8 completions"),
+        ("nanny", nan_reward, r"'nanny': returned nan .*\n  sample 0:\n    prompt: 'User: "),
     ]:
         trainer = GRPOTrainer(tiny_model(tok), tok, small_config(), dataset, [(name, fn, 1.0)], progress=False)
         with pytest.raises(RewardError, match=pattern):
@@ -315,6 +317,7 @@ def test_process_mode_trains(tok, dataset):
             out.append(steps)
         return out
 
+    per_step.process = True
     trainer = GRPOTrainer(
         tiny_model(tok),
         tok,
@@ -329,11 +332,40 @@ def test_process_mode_trains(tok, dataset):
     def bad(prompts, completions, **kw):
         return [[(10_000, 1.0)]] * len(completions)
 
+    bad.process = True
+
     trainer = GRPOTrainer(
         tiny_model(tok), tok, small_config(advantage_mode="process"), dataset, [("bad_steps", bad, 1.0)], progress=False
     )
-    with pytest.raises(RewardError, match="'bad_steps' returned step"):
+    with pytest.raises(RewardError, match=r"'bad_steps': step end 10000 is not an offset"):
         trainer.train()
+
+
+def test_process_advantage_reaches_eos(tok, dataset):
+    """The last step covers the EOS (decoded text has none): Â at EOS is the last step's normalised reward, not 0."""
+    texts = ["12+34=46. so 46", "12+34=47. so 46"]
+
+    class Fixed:
+        def generate(self, prompts, num_generations, sampling, **kw):
+            return rollout_from_completions(tok, prompts, texts, num_generations)
+
+    def steps(prompts, completions, **kw):  # step 1 right or wrong, the final step right
+        return [[(c.index(".") + 1, float("46." in c)), (len(c), 1.0)] for c in completions]
+
+    steps.process = True
+    cfg = small_config(advantage_mode="process", prompts_per_step=1, num_generations=2)
+    trainer = GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("steps", steps, 1.0)], backend=Fixed(), progress=False)
+    seen = []
+    trainer.policy_update = lambda rollout, adv: seen.append((rollout, adv)) or {}
+    trainer.train_step()
+    [(rollout, adv)] = seen
+    # step rewards of the group R = [1, 1, 0, 1]: mean 0.75, unbiased std 0.5; the final step's r̃ = 0.25 / (0.5 + EPS)
+    final, first_wrong = 0.25 / (0.5 + EPS), -0.75 / (0.5 + EPS)
+    for i in range(2):
+        n = int(rollout.lengths[i])
+        assert rollout.completion_ids[i, n - 1] == tok.eos_token_id
+        assert adv[i, n - 1].item() == pytest.approx(final, rel=1e-5)  # the EOS
+        assert adv[i, 0].item() == pytest.approx((final if i == 0 else first_wrong) + final, rel=1e-5)
 
 
 def test_loggers(tmp_path):

@@ -71,3 +71,56 @@ def test_registered_by_name_with_checked_params():
         build_rewards([{"name": "code_tests", "params": {"memory_mb": 1}}])
     with pytest.raises(ValueError, match="unknown param 'network'"):
         build_rewards([{"name": "code_tests", "params": {"network": True}}])
+
+
+WRONG = "def add(a, b):\n    return a - b\n"
+GAMES = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit": "raise SystemExit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "os.kill": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\nimport sys\nsys.exit(0)",
+    "close stdout": "import os, sys\nos.close(1)\nos.close(2)\nsys.exit(0)",
+    "patch builtins": "import builtins\nbuiltins.AssertionError = type('Never', (Exception,), {})\n"
+                      "__builtins__['AssertionError'] = builtins.AssertionError",
+    "builtins in the tests": "import builtins\nbuiltins.add = lambda a, b: a + b\nadd = lambda a, b: a + b\n"
+                             "del add",  # the tests see the builtins as they were before the solution
+    "fake token": "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'0' * 32)\n    except OSError: pass\n"
+                  "os._exit(0)",
+    "read the token fd": "import os\nfor fd in range(3, 64):\n    try:\n        t = os.read(fd, 64)\n"
+                         "        for w in range(3, 64):\n            try: os.write(w, t)\n            except OSError: pass\n"
+                         "    except OSError: pass\nos._exit(0)",
+    "audit event": "import sys, os\ntry: sys.audit('r1.passed')\nexcept Exception: pass\nos._exit(0)",
+    "frames": "import sys, os\nf = sys._getframe(1)\nos.write(1, repr(f.f_locals).encode())\nos._exit(0)",
+    "traceback frames": "import os\ntry: 1/0\nexcept Exception as e:\n    f = e.__traceback__.tb_frame.f_back\n"
+                        "    print(f.f_locals)\nos._exit(0)",
+    "gc": "import gc, os\nfor o in gc.get_objects():\n    pass\nos._exit(0)",
+    "memory": "import os\nos.open('/proc/self/mem', os.O_RDONLY)\nos._exit(0)",
+    "signal handler": "import signal, os\nsignal.signal(signal.SIGALRM, lambda s, f: os._exit(0))\n"
+                      "signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)",
+    "thread": "import threading, os, time\ndef go():\n    time.sleep(0.05)\n    os._exit(0)\n"
+              "threading.Thread(target=go).start()\ntime.sleep(0.2)",
+    "redefine the harness": "import __main__, os\ntry: __main__.harness()\nexcept BaseException: pass\nos._exit(0)",
+    "exec the harness": "import os\nsrc = open('/proc/self/cmdline', 'rb').read()\nos._exit(0)",
+    "trace": "import sys, os\nsys.settrace(lambda *a: None)\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("name", list(GAMES))
+def test_leaving_early_or_faking_success_scores_zero(name):
+    passed, why = run_tests(WRONG + GAMES[name] + "\n", TESTS, **FAST)
+    assert not passed, (name, why)
+
+
+def test_a_correct_solution_using_the_stdlib_still_passes():
+    code = ("import collections, enum, logging, typing, warnings\nP = collections.namedtuple('P', 'a b')\n"
+            "class E(enum.Enum):\n    A = 1\nT = typing.TypeVar('T')\nlogging.getLogger('x').warning('hi')\n"
+            "warnings.warn('careful')\ndef add(a, b):\n    return P(a, b).a + P(a, b).b\n")
+    assert run_tests(code, TESTS, **FAST) == (True, "passed")
+    assert run_tests(code + "import sys\nsys.exit(0)\n", TESTS, **FAST)[0] is False  # exit 0 before the tests
+
+
+def test_patched_builtins_do_not_reach_the_tests():
+    code = "import builtins\nbuiltins.len = lambda x: 3\ndef make():\n    return []\n"
+    assert run_tests(code, "assert len(make()) == 3\n", **FAST)[0] is False
+    assert run_tests(code.replace("[]", "[1, 2, 3]"), "assert len(make()) == 3\n", **FAST) == (True, "passed")

@@ -3,6 +3,10 @@
 import random
 import time
 
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from rewards.process import arithmetic_claims, completion_steps, process_arithmetic_reward, split_steps
 from stages.tasks import TraceNoise, make_problems, noisy_trace
 
@@ -24,11 +28,55 @@ def test_hand_checked_rewards_and_offsets():
 
 
 def test_claims():
-    assert arithmetic_claims("7+8=15, write 5 carry 1") == [([7, 8], 15)]
-    assert arithmetic_claims("write 5 carry 1 3+4+1=8") == [([3, 4, 1], 8)]
-    assert arithmetic_claims("12 + 30 = 42 and 1+1=3") == [([12, 30], 42), ([1, 1], 3)]
-    assert arithmetic_claims("x=5, 8=8, +=1, 1+=2, ²+1=3, 1+1=٢") == []  # no sum / non-ASCII digits are not claims
-    assert arithmetic_claims("1+2=3=4") == [([1, 2], 3)]
+    assert arithmetic_claims("7+8=15, write 5 carry 1") == [(3, True)]
+    assert arithmetic_claims("write 5 carry 1 3+4+1=8") == [(21, True)]
+    assert arithmetic_claims("12 + 30 = 42 and 1+1=3") == [(8, True), (20, False)]
+    assert arithmetic_claims("x=5, 8=8, +=1, 1+=2, ²+1=3, 1+1=٢") == []  # no computation / non-ASCII digits
+    assert arithmetic_claims("1+2=3=4") == [(3, True)]
+
+
+@pytest.mark.parametrize("text, right", [
+    ("2*3+4=10", True), ("10-3+4=11", True), ("2^3+1=9", True), ("(2+3)*4=20", True), ("2**3=8", True),
+    ("-2^2=-4", True), ("1/4=0.25", True), ("1/3=0.333", True),
+    ("3+4=7.5", False), ("2*3+4=14", False), ("10-3+4=3", False), ("2^3+1=7", False), ("1/3=0.334", False),
+])
+def test_whole_expressions_are_judged(text, right):
+    assert arithmetic_claims(text) == [(text.index("="), right)]
+
+
+@pytest.mark.parametrize("text", ["1,234+1=1,235", "1.2.3+1=4", "2+2=3,5", "5/0=1", "9^9^9=1", "2^0.5=1.41",
+                                  "1+" * 60 + "1=61"])
+def test_partial_numbers_and_what_cannot_be_judged_are_neutral(text):
+    assert arithmetic_claims(text) == []
+
+
+@st.composite
+def expressions(draw, depth=3):
+    """A random expression over small integers with + - * ^ and parentheses."""
+    if depth == 0 or draw(st.booleans()):
+        return str(draw(st.integers(0, 999)))
+    a, b = draw(expressions(depth=depth - 1)), draw(expressions(depth=depth - 1))
+    op = draw(st.sampled_from(["+", "-", "*", "^"]))
+    if op == "^":
+        return f"({a})^{draw(st.integers(0, 3))}"
+    return f"({a}){op}({b})" if draw(st.booleans()) else f"{a} {op} {b}"
+
+
+def _value(text):
+    return eval(text.replace("^", "**"))  # the reference: Python's own precedence on small integers
+
+
+@settings(max_examples=300, deadline=None)
+@given(expressions(), st.integers(1, 9), st.sampled_from(["", "so ", "x: "]))
+def test_claims_of_random_expressions(text, off, prefix):
+    value = _value(text)
+    assume(abs(value) < 10**30)
+    right, wrong = f"{prefix}{text} = {value}", f"{prefix}{text} = {value + off}"
+    if not any(op in text.lstrip("-")[1:] for op in "+-*^"):
+        return  # a bare number claims no computation
+    assert arithmetic_claims(right) == [(right.index("="), True)]
+    assert arithmetic_claims(wrong) == [(wrong.index("="), False)]
+    assert arithmetic_claims(f"{right}.5") == [(right.index("="), False)]  # never a partial number: value.5 != value
 
 
 def test_configurable_delimiters_and_offsets_on_noisy_traces():

@@ -1,11 +1,10 @@
-"""rewards.registry: specs -> bound reward functions, failures named; call_reward's checks and error reports."""
-
-import math
+"""rewards.registry: specs -> bound reward functions (with their process flag), failures named."""
 
 import pytest
 from pydantic import ValidationError
 
-from rewards import REGISTRY, RewardError, RewardSpec, build_rewards, call_reward, is_process_reward
+from grpo.rewards_io import call_reward, is_process_reward
+from rewards import REGISTRY, RewardSpec, build_rewards
 
 GOOD = "<think>7+8=15, write 5 carry 1. 3+4+1=8, write 8. so the answer is 85.</think><answer>85</answer>"
 MIXED = "<think>7+8=15, 写 5 进位 1. 所以 答案 是 85.</think><answer>84</answer>"
@@ -68,57 +67,6 @@ def test_unknown_param_is_named():
         build_rewards([{"name": "reward_model", "params": {"pth": "x"}}])
     with pytest.raises(ValidationError, match="wieght"):
         build_rewards([{"name": "format", "wieght": 2}])
-
-
-def test_raising_reward_names_itself_and_the_sample():
-    def picky(prompts, completions, **kw):
-        return [1 / 0 if "BOOM" in c else 1.0 for c in completions]
-
-    comps = ["fine", "fine too", "x" * 500 + "BOOM" + "y" * 500, "fine"]
-    with pytest.raises(RewardError) as err:
-        call_reward("picky", picky, ["p0", "p1", "p2", "p3"], comps, answer=["1"] * 4)
-    e = err.value
-    assert e.name == "picky" and e.index == 2 and e.prompt == "p2"
-    msg = str(e)
-    assert "'picky'" in msg and "ZeroDivisionError" in msg and "sample 2" in msg and "'p2'" in msg
-    assert "chars]" in msg and len(msg) < 800  # the completion is shortened
-    assert isinstance(e.__cause__, ZeroDivisionError)
-
-
-def test_batch_level_failure_still_named():
-    def needs_answer(prompts, completions, answer, **kw):
-        return [1.0] * len(completions)
-
-    with pytest.raises(RewardError, match="'needs_answer'.*TypeError"):
-        call_reward("needs_answer", needs_answer, ["p"], ["c"])
-
-
-@pytest.mark.parametrize(
-    "value, match",
-    [
-        ([1.0], "1 values for 2"),
-        ([1.0, math.nan], r"sample 1.*|nan"),
-        ([1.0, None], "None"),
-        ([1.0, "1"], "not a float"),
-        ([1.0, math.inf], "finite"),
-        (None, "NoneType"),
-    ],
-)
-def test_output_validation(value, match):
-    with pytest.raises(RewardError, match=match):
-        call_reward("bad", lambda p, c, **k: value, ["p", "q"], ["a", "b"])
-
-
-def test_process_output_validation_and_columns():
-    ok = lambda p, c, **k: [[(1, 0.5)] for _ in c]
-    ok.process = True
-    assert call_reward("ok", ok, ["p"], ["abc"]) == [[(1, 0.5)]]
-    bad = lambda p, c, **k: [[(5, 0.5)] for _ in c]
-    bad.process = True
-    with pytest.raises(RewardError, match=r"step end 5 .*\[0, 3\]"):
-        call_reward("bad", bad, ["p"], ["abc"])
-    with pytest.raises(RewardError, match="column 'answer'"):
-        call_reward("ok", ok, ["p"], ["abc"], answer=["1", "2"])
 
 
 def test_weight_must_be_finite():

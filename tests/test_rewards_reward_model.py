@@ -7,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rewards import build_rewards, call_reward, process_reward_model
+from grpo.rewards_io import call_reward
+from rewards import build_rewards, process_reward_model
 from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
 from stages.tokenizer import train_tokenizer
 
