@@ -18,6 +18,7 @@ from flows.launch import stage as stage_launch
 from flows.launch.commands import deepspeed_command, entry_args, torchrun_command
 from flows.launch.kubernetes import K8S_TEMPLATE, fill_k8s_template, k8s_job_variables, r1_stage
 from flows.launch.slurm import slurm_script
+from flows.launch.spec import recipe_obj
 from tests.launch_targets import FAIL_MESSAGE
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -318,7 +319,40 @@ def test_stage_flow_parameters_accept_a_launch_spec():
     from prefect.utilities.callables import parameter_schema
 
     schema = parameter_schema(r1_stage.fn)
-    assert {"stage", "recipe", "overrides", "parent_run_id", "launch"} <= set(schema.properties)
+    assert {"stage", "recipe", "overrides", "parent_run_id", "inputs", "launch"} <= set(schema.properties)
+
+
+def test_kubernetes_launch_hands_the_planned_inputs_to_the_stage_in_the_pod(monkeypatch):
+    """What the pipeline's stage task passes (a Recipe, planned input URIs, the parent run) reaches the stage the pod
+    runs: the deployment's parameters, validated the way Prefect validates them, into r1_stage and its local launch."""
+    from stages.recipe import load_recipe
+
+    planned = {"model": "runs:/0123abcd/model", "data": "runs:/4567ef01/cot_data"}
+    sent, ran = {}, {}
+
+    class Completed:
+        def is_completed(self):
+            return True
+
+        def result(self):
+            return sent["out"]
+
+    def fake_run_deployment(name, parameters, job_variables, timeout):  # the worker starts the pod; the pod runs:
+        sent.update(parameters=parameters, out=r1_stage.fn(**r1_stage.validate_parameters(parameters)))
+        return SimpleNamespace(state=Completed(), name="fr", id="1")
+
+    def fake_run_local(stage, recipe, overrides, parent_run_id, inputs=None):
+        ran.update(stage=stage, seed=recipe_obj(recipe, overrides).seed, parent=parent_run_id, inputs=inputs)
+        return {"run_id": "pod-run"}
+
+    monkeypatch.setattr("prefect.deployments.run_deployment", fake_run_deployment)
+    monkeypatch.setattr(stage_launch, "run_local", fake_run_local)
+    spec = LaunchSpec(target="kubernetes", nproc_per_node=1, image="reg/r1:1")
+    out = launch_stage("cold_start_sft", load_recipe("tiny", {"seed": 7}), None, "pid", spec, log=lambda line: None,
+                       inputs=planned)
+    assert out == {"run_id": "pod-run"}
+    assert sent["parameters"]["inputs"] == planned
+    assert ran == {"stage": "cold_start_sft", "seed": 7, "parent": "pid", "inputs": planned}
 
 
 

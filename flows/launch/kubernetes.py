@@ -43,7 +43,9 @@ def fill_k8s_template(values: dict | None = None, template: dict | None = None) 
     return apply_values(template=json.loads(json.dumps(template["job_configuration"])), values=variables)
 
 
-def run_kubernetes(stage, recipe, overrides, parent_run_id, spec: LaunchSpec, log) -> dict:
+def run_kubernetes(stage, recipe, overrides, parent_run_id, inputs, spec: LaunchSpec, log) -> dict:
+    """A run of the `r1-stage` deployment with everything the local launch gets (recipe, overrides, planned inputs,
+    parent run); its persisted result is the stage's outputs."""
     from prefect.deployments import run_deployment
 
     inner = LaunchSpec(target="torchrun" if spec.nproc_per_node > 1 else "local",
@@ -51,7 +53,7 @@ def run_kubernetes(stage, recipe, overrides, parent_run_id, spec: LaunchSpec, lo
                        module=spec.module, timeout=spec.timeout, workdir=spec.workdir)
     recipe_param = str(recipe) if isinstance(recipe, (str, Path)) else recipe_obj(recipe, None).model_dump(mode="json")
     params = {"stage": stage, "recipe": recipe_param, "overrides": overrides or {}, "parent_run_id": parent_run_id,
-              "launch": inner.model_dump(mode="json")}
+              "inputs": inputs or {}, "launch": inner.model_dump(mode="json")}
     log(f"running deployment {spec.deployment} for stage {stage} with job variables {k8s_job_variables(spec)}")
     fr = run_deployment(name=spec.deployment, parameters=params, job_variables=k8s_job_variables(spec),
                         timeout=spec.timeout)
@@ -69,8 +71,10 @@ def run_kubernetes(stage, recipe, overrides, parent_run_id, spec: LaunchSpec, lo
 
 @flow(name="r1-stage", persist_result=True, log_prints=True)
 def r1_stage(stage: str, recipe: str | dict = "tiny", overrides: dict | None = None, parent_run_id: str | None = None,
-             launch: LaunchSpec | None = None) -> dict:
-    """One stage where this flow runs (a Kubernetes pod): in-process, or torchrun over the pod's GPUs."""
+             launch: LaunchSpec | None = None, inputs: dict[str, str] | None = None) -> dict:
+    """One stage where this flow runs (a Kubernetes pod): in-process, or torchrun over the pod's GPUs.
+
+    inputs: the input URIs the pipeline planned ({"model": "runs:/<id>/model"}); missing ones resolve in MLflow."""
     from flows.launch.stage import launch_stage  # the pod's own launch; stage.py dispatches here for kubernetes
 
-    return launch_stage(stage, recipe, overrides, parent_run_id, launch or LaunchSpec())
+    return launch_stage(stage, recipe, overrides, parent_run_id, launch or LaunchSpec(), inputs=inputs or None)

@@ -41,7 +41,7 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
     if spec.target == "local":
         return run_local(stage, recipe, overrides, parent_run_id, inputs)
     if spec.target == "kubernetes":
-        return run_kubernetes(stage, recipe, overrides, parent_run_id, spec, log)
+        return run_kubernetes(stage, recipe, overrides, parent_run_id, inputs, spec, log)
 
     cfg = recipe_obj(recipe, overrides)
     workdir = Path(spec.workdir) if spec.workdir else \
