@@ -66,6 +66,33 @@ def tok():
     return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
 
 
+# The engine tests' model: 1 layer, hidden 32, 4 heads (2 KV), 128 positions, tied embeddings. Seconds on a CPU.
+TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 128, "tie_word_embeddings": True}
+
+
+def build_tiny_model(tok=None, seed: int = 0, arch: str = "qwen2", **config):
+    """A tiny randomly initialised model after `torch.manual_seed(seed)`: TINY_MODEL with vocabulary, EOS and padding
+    from `tok`, then `config` (any Qwen2Config field; `vocab_size` when there is no tokenizer). arch: "qwen2", "llama"
+    (same sizes, another architecture) or "qwen2_classifier" (a sequence-classification head, e.g. num_labels=1)."""
+    import torch
+    import transformers
+
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2_classifier": ("Qwen2Config", "Qwen2ForSequenceClassification")}[arch]
+    torch.manual_seed(seed)
+    vocab = {} if tok is None else {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                                    "pad_token_id": tok.pad_token_id}
+    config = getattr(transformers, config_cls)(**{**TINY_MODEL, **vocab, **config})
+    return getattr(transformers, model_cls)(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny-model factory `build_tiny_model(tok, seed=0, arch="qwen2", **config)`, for tests and fixtures."""
+    return build_tiny_model
+
+
 @pytest.fixture(scope="session")
 def mini_base(tmp_path_factory) -> str:
     """A mini base model folder (seconds to build): plumbing, not quality. Stages read it; no test writes to it."""

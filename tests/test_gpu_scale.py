@@ -17,20 +17,15 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, tiny_model):
     """A ~100M-parameter Qwen2 model (random weights) with the tiny recipe's tokenizer, saved as a model directory."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from stages.tasks import clean_trace, make_problems
     from stages.tokenizer import train_tokenizer
 
     tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in make_problems("addition", 500, 0)],
                           vocab_size=512)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=768, num_hidden_layers=14,
-                                         num_attention_heads=12, num_key_value_heads=4, intermediate_size=2304,
-                                         max_position_embeddings=512, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+    model = tiny_model(tok, hidden_size=768, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=4,
+                       intermediate_size=2304, max_position_embeddings=512)
     n = sum(p.numel() for p in model.parameters())
     assert n > 100e6, n
     out = tmp_path_factory.mktemp("gpu_model") / "model"

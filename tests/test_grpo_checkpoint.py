@@ -4,29 +4,12 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo.checkpoint import STATE_FILE, latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
 from stages.tasks import make_problems
-
-
-def tiny_model(tok, seed=0):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(cfg)
+from tests.conftest import build_tiny_model
 
 
 def make_trainer(tok, out, seed_model=0):
@@ -57,7 +40,7 @@ def make_trainer(tok, out, seed_model=0):
         return [sum(ch.isdigit() for ch in c) / 8 + random.random() * 0.01 for c in completions]  # uses python RNG too
 
     return GRPOTrainer(
-        tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False
+        build_tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False
     )
 
 

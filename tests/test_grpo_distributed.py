@@ -23,30 +23,15 @@ TEXTS = ["<think>1+2=3</think><answer>3</answer>", "12", "abc def", "<answer>7</
 
 
 def setup(aggregation: str = "sequence_mean"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from grpo.config import GRPOConfig
     from grpo.rollout import rollout_from_completions
     from stages.tasks import clean_trace, make_problems
     from stages.tokenizer import train_tokenizer
+    from tests.conftest import build_tiny_model
 
     problems = make_problems("addition", 100, seed=0)
     tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    model = build_tiny_model(tok)
     dataset = [{"prompt": f"User: {p.question}\nAssistant:", "k": i} for i, p in enumerate(problems[:12])]
 
     class ScriptedBackend:

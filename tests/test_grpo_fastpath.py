@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from grpo import decoding
 from grpo.logprobs import completion_logprobs, packed_completion_logprobs
 from grpo.loss import grpo_loss
 from grpo.rollout import HFGenerateBackend, SamplingParams, SeededSampling, completion_mask_from_eos, completion_seed
+from tests.conftest import build_tiny_model
 
 QUESTIONS = [(1, 2), (13, 52), (7, 8), (40, 41), (99, 1), (5, 55), (12, 21), (3, 30)]
 
@@ -26,11 +26,7 @@ def prompts():
 
 def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
     """A random 2-layer model whose EOS logit is scaled up, so that rows end early, at different steps."""
-    torch.manual_seed(seed)
-    kw = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
-          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True}
-    model = Qwen2ForCausalLM(Qwen2Config(**kw)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
+    model = build_tiny_model(tok, seed, arch=kind, num_hidden_layers=2)
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] *= eos_scale
     return model.eval()

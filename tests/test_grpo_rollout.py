@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo.rollout import (
     HFGenerateBackend,
@@ -23,23 +22,6 @@ def tok():
     return train_tokenizer(texts, vocab_size=320)
 
 
-def tiny_model(tok, seed=0):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(cfg)
-
-
 def test_completion_mask_from_eos():
     eos = 7
     ids = torch.tensor([[1, 2, 7, 3], [7, 1, 1, 1], [1, 2, 3, 4]])
@@ -48,7 +30,7 @@ def test_completion_mask_from_eos():
     assert truncated.tolist() == [False, False, True]
 
 
-def test_generate_groups_masks_and_texts(tok):
+def test_generate_groups_masks_and_texts(tiny_model, tok):
     model = tiny_model(tok)
     backend = HFGenerateBackend(model, tok, max_prompt_length=32)
     assert isinstance(backend, RolloutBackend)
@@ -77,7 +59,7 @@ def test_generate_groups_masks_and_texts(tok):
     assert r.input_ids.shape == r.attention_mask.shape
 
 
-def test_eos_and_truncation_both_happen(tok):
+def test_eos_and_truncation_both_happen(tiny_model, tok):
     model = tiny_model(tok)
     with torch.no_grad():  # zero (tied) embeddings: every next token uniform over the vocab
         model.lm_head.weight.zero_()
@@ -89,7 +71,7 @@ def test_eos_and_truncation_both_happen(tok):
     assert (r.lengths[r.truncated] == 200).all()
 
 
-def test_greedy_is_deterministic_and_same_within_group(tok):
+def test_greedy_is_deterministic_and_same_within_group(tiny_model, tok):
     model = tiny_model(tok)
     backend = HFGenerateBackend(model, tok)
     sp = SamplingParams(max_new_tokens=8, do_sample=False)
@@ -105,13 +87,13 @@ def test_tags_survive_decoding(tok):
     assert tok.batch_decode(ids, skip_special_tokens=True)[0] == "<think>1+2=3</think><answer>3</answer>"
 
 
-def test_prompt_too_long_names_length_and_limit(tok):
+def test_prompt_too_long_names_length_and_limit(tiny_model, tok):
     backend = HFGenerateBackend(tiny_model(tok), tok, max_prompt_length=4)
     with pytest.raises(ValueError, match=r"over max_prompt_length=4"):
         backend.generate(["User: 12+34\nAssistant:"], 2, SamplingParams(max_new_tokens=2))
 
 
-def test_tokenizer_without_pad_or_eos_is_rejected(tok):
+def test_tokenizer_without_pad_or_eos_is_rejected(tiny_model, tok):
     class NoPad:
         eos_token_id = 1
         pad_token_id = None

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo.advantages import EPS
 from grpo.config import GRPOConfig
@@ -21,23 +20,6 @@ from stages.tasks import make_problems
 @pytest.fixture(scope="module")
 def dataset():
     return [{"prompt": f"User: {p.question}\nAssistant:", "answer": p.answer} for p in make_problems("addition", 64, 1)]
-
-
-def tiny_model(tok, seed=0, hidden=32):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(cfg)
 
 
 def think_fraction(tok):
@@ -62,18 +44,8 @@ def small_config(**kw):
     return GRPOConfig(**{**base, **kw})
 
 
-def test_chosen_token_logprobs_match_full_log_softmax():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
-    m = Qwen2ForCausalLM(cfg)
+def test_chosen_token_logprobs_match_full_log_softmax(tiny_model):
+    m = tiny_model(vocab_size=300)
     ids = torch.randint(0, 300, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -90,7 +62,7 @@ def test_chosen_token_logprobs_match_full_log_softmax():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
-def test_policy_learns_toy_reward(tok, dataset):
+def test_policy_learns_toy_reward(tiny_model, tok, dataset):
     cfg = small_config(prompts_per_step=4, steps_per_iteration=30, learning_rate=3e-2, max_completion_length=12)
     logger = ConsoleLogger(printer=lambda s: None)
     trainer = GRPOTrainer(
@@ -103,7 +75,7 @@ def test_policy_learns_toy_reward(tok, dataset):
     assert sum(rewards[-5:]) / 5 > 0.6, rewards
 
 
-def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tok, dataset):
+def test_mu1_equals_first_update_of_mu2_and_skips_old_logprobs(tiny_model, tok, dataset):
     model = tiny_model(tok)
     ref_trainer = GRPOTrainer(
         copy.deepcopy(model), tok, small_config(), dataset, [("think", think_fraction(tok), 1.0)], progress=False
@@ -180,7 +152,7 @@ def loss_on(trainer, rollout, adv):
     return loss.detach(), grad
 
 
-def test_tokens_after_eos_do_not_change_the_loss(tok, dataset):
+def test_tokens_after_eos_do_not_change_the_loss(tiny_model, tok, dataset):
     trainer = GRPOTrainer(
         tiny_model(tok),
         tok,
@@ -205,7 +177,7 @@ def test_tokens_after_eos_do_not_change_the_loss(tok, dataset):
     assert not torch.allclose(loss_on(trainer, changed, adv)[0], a, atol=1e-6)
 
 
-def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
+def test_reward_errors_name_the_function_and_a_sample(tiny_model, tok, dataset):
     def wrong_length(prompts, completions, **kw):
         return [0.0]
 
@@ -222,7 +194,7 @@ def test_reward_errors_name_the_function_and_a_sample(tok, dataset):
         assert trainer.global_step == 0
 
 
-def test_bad_trainer_inputs(tok, dataset):
+def test_bad_trainer_inputs(tiny_model, tok, dataset):
     with pytest.raises(ValueError, match="no 'prompt' column"):
         GRPOTrainer(tiny_model(tok), tok, small_config(), [{"question": "1+1"}], [("r", think_fraction(tok), 1.0)])
     with pytest.raises(ValueError, match="unique"):
@@ -236,7 +208,7 @@ def test_bad_trainer_inputs(tok, dataset):
         trainer.train()
 
 
-def test_metrics_and_reference_only_with_beta(tok, dataset):
+def test_metrics_and_reference_only_with_beta(tiny_model, tok, dataset):
     def accuracy(prompts, completions, answer, **kw):
         return [float(a in c) for a, c in zip(answer, completions)]
 
@@ -304,7 +276,7 @@ def test_char_offsets_map_to_token_ends(tok):
     assert tok.decode(zids[: k + 1]) == "所" and "\ufffd" in tok.decode(zids[:k]) + "\ufffd"
 
 
-def test_process_mode_trains(tok, dataset):
+def test_process_mode_trains(tiny_model, tok, dataset):
     def per_step(prompts, completions, **kw):
         # a "step" ends at every ",": reward 1 if the step contains a digit
         out = []
@@ -389,7 +361,7 @@ def test_loggers(tmp_path):
     mlflow.set_tracking_uri(previous)
 
 
-def test_save_model_reloads_through_auto_classes(tok, dataset, tmp_path):
+def test_save_model_reloads_through_auto_classes(tiny_model, tok, dataset, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger = ConsoleLogger(printer=lambda s: None)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.launch import INFRA_DIR, LaunchSpec, launch_stage
+from flows.launch import LaunchSpec, launch_stage
+from flows.launch.spec import INFRA_DIR
 
 DS_DIR = INFRA_DIR / "deepspeed"
 CONFIGS = {"zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}

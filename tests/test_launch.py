@@ -1,4 +1,4 @@
-"""The stage launcher (flows/launch.py): real 2-process torchrun launches of tests/launch_targets.py on CPU (gloo), the
+"""The stage launcher (flows/launch/): real 2-process torchrun launches of tests/launch_targets.py on CPU (gloo), the
 in-process target, and the generated DeepSpeed command, Slurm script and Kubernetes job configuration."""
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows import launch
-from flows.launch import LaunchError, LaunchSpec, launch_stage
+from flows.launch import LaunchError, LaunchSpec, launch_stage, slurm, supervise
+from flows.launch import stage as stage_launch
+from flows.launch.commands import deepspeed_command, entry_args, torchrun_command
+from flows.launch.kubernetes import K8S_TEMPLATE, fill_k8s_template, k8s_job_variables, r1_stage
+from flows.launch.slurm import slurm_script
+from flows.launch.spec import recipe_obj
 from tests.launch_targets import FAIL_MESSAGE
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -69,7 +73,7 @@ def test_a_victim_named_root_cause_is_reported_after_the_real_error(tmp_path):
             f"[rank{rank}]: Traceback (most recent call last):\n[rank{rank}]:   File \"s.py\", line 1\n[rank{rank}]: {err}\n")
     summary = ("Failures:\n[1]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 2)\n"
                "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 1)")
-    msg = launch._torchrun_failure("s", 1, summary.splitlines(), tmp_path)
+    msg = supervise.torchrun_failure("s", 1, summary.splitlines(), tmp_path)
     assert msg.index(FAIL_MESSAGE) < msg.index("Connection closed by peer")
     assert msg.splitlines()[1] == "rank 1 error:"
 
@@ -83,7 +87,7 @@ def test_error_json_written_by_record_is_read(tmp_path):
         {"message": {"message": f"ValueError: {FAIL_MESSAGE}", "extraInfo": {"py_callstack": stack, "timestamp": "1"}}}))
     (rank_dir / "stderr.log").write_text("[rank1]: unrelated\n")
     summary = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1"
-    msg = launch._torchrun_failure("s", 1, summary.splitlines(), tmp_path)
+    msg = supervise.torchrun_failure("s", 1, summary.splitlines(), tmp_path)
     assert f"ValueError: {FAIL_MESSAGE}" in msg and 'File "x.py"' in msg and "rank 1" in msg
 
 
@@ -91,11 +95,11 @@ def test_timeout_kills_the_launch_and_cancels_a_slurm_job(monkeypatch):
     spec = LaunchSpec(target="torchrun", timeout=1)
     aborted = []
     with pytest.raises(LaunchError, match="timed out"):
-        launch._stream(["bash", "-c", "echo 4242; exec sleep 30"], spec, log=lambda line: None, on_abort=aborted.append)
+        supervise.stream(["bash", "-c", "echo 4242; exec sleep 30"], spec, log=lambda line: None, on_abort=aborted.append)
     assert aborted == [["4242"]]
     ran = []
-    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
-    launch._scancel(["4242"])  # what a slurm launch does on abort: the first line of `sbatch --parsable` is the job id
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    slurm.scancel(["4242"])  # what a slurm launch does on abort: the first line of `sbatch --parsable` is the job id
     assert ran == [["scancel", "4242"]]
 
 
@@ -152,7 +156,7 @@ def test_spec_from_cluster_and_validation():
 
 
 def test_torchrun_command_fields():
-    cmd = launch.torchrun_command(LaunchSpec(target="torchrun", nproc_per_node=4, master_port=29999),
+    cmd = torchrun_command(LaunchSpec(target="torchrun", nproc_per_node=4, master_port=29999),
                                   ["base_model", "--recipe", "tiny"], log_dir="/tmp/logs")
     s = shlex.join(cmd)
     assert "-m torch.distributed.run" in s and "--nproc-per-node 4" in s and "--master-port 29999" in s
@@ -163,9 +167,9 @@ def test_torchrun_command_fields():
 
 
 def test_deepspeed_command():
-    args = launch.entry_args("r1_zero", "qwen2.5-7b", {"seed": 1}, "pid", "/shared/result.json")
+    args = entry_args("r1_zero", "qwen2.5-7b", {"seed": 1}, "pid", "/shared/result.json")
     spec = LaunchSpec(target="deepspeed", nodes=4, nproc_per_node=8, hostfile="/shared/hostfile", master_port=29600)
-    cmd = launch.deepspeed_command(spec, args)
+    cmd = deepspeed_command(spec, args)
     assert os.path.basename(cmd[0]) == "deepspeed"
     opts = cmd[1:cmd.index("--module") + 2]
     assert opts[opts.index("--hostfile") + 1] == "/shared/hostfile"
@@ -180,7 +184,7 @@ def test_deepspeed_command():
     parsed = parse_args(cmd[1:])
     assert parsed.module and parsed.no_local_rank and parsed.num_nodes == 4 and parsed.user_script == "stages.entry"
     assert parsed.user_args == args and parsed.num_gpus == 8
-    single = launch.deepspeed_command(LaunchSpec(target="deepspeed", nproc_per_node=2), args)
+    single = deepspeed_command(LaunchSpec(target="deepspeed", nproc_per_node=2), args)
     assert "--hostfile" not in single and "--num_nodes" not in single
 
 
@@ -191,8 +195,8 @@ def test_slurm_script_fields(tmp_path):
     cluster = SimpleNamespace(nodes=4, gpus_per_node=8)
     spec = LaunchSpec(target="slurm", nodes=4, nproc_per_node=8, workdir=str(tmp_path), partition="gpu",
                       time_limit="12:00:00", master_port=29700, env={"NCCL_DEBUG": "WARN"})
-    args = launch.entry_args("reasoning_rl", "my recipe.yaml", {"seed": 2}, "pid", tmp_path / "result.json")
-    script = launch.slurm_script(spec, cluster, args)
+    args = entry_args("reasoning_rl", "my recipe.yaml", {"seed": 2}, "pid", tmp_path / "result.json")
+    script = slurm_script(spec, cluster, args)
     for line in ["#!/bin/bash", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --job-name=r1-reasoning_rl", f"#SBATCH --output={tmp_path}/slurm-%j.out",
                  "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu", "export MASTER_PORT=29700",
@@ -217,7 +221,7 @@ def test_slurm_failure_names_the_node_and_rank(tmp_path):
         d = tmp_path / run / "attempt_0" / str(rank)
         d.mkdir(parents=True)
         (d / "stderr.log").write_text(f"Traceback (most recent call last):\n  File \"s.py\", line 1\n{err}\n")
-    msg = launch._torchrun_failure("s", 1, ["42", "srun: error: node1: task 1: Exited with exit code 1"], tmp_path,
+    msg = supervise.torchrun_failure("s", 1, ["42", "srun: error: node1: task 1: Exited with exit code 1"], tmp_path,
                                    "slurm")
     assert msg.startswith("stage s failed under slurm (exit 1)")
     assert msg.splitlines()[1] == "local rank 1 of 42_node1 error:" and FAIL_MESSAGE in msg
@@ -257,7 +261,7 @@ def test_k8s_template_is_a_valid_prefect_base_job_template():
     from prefect.server.schemas.actions import WorkPoolCreate
     from prefect.utilities.templating import find_placeholders
 
-    template = json.loads(launch.K8S_TEMPLATE.read_text())
+    template = json.loads(K8S_TEMPLATE.read_text())
     WorkPoolCreate(name="r1-k8s", type="kubernetes", base_job_template=template)  # Prefect's own validation
     used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
     props = template["variables"]["properties"]
@@ -273,10 +277,10 @@ def test_k8s_template_is_a_valid_prefect_base_job_template():
 def test_k8s_template_filled_with_job_variables():
     spec = LaunchSpec(target="kubernetes", nproc_per_node=4, image="reg/r1:1", memory="200Gi", namespace="ml",
                       env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
-    values = launch.k8s_job_variables(spec)
+    values = k8s_job_variables(spec)
     assert values == {"gpus": 4, "image": "reg/r1:1", "memory": "200Gi", "namespace": "ml",
                       "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}
-    cfg = launch.fill_k8s_template(values)
+    cfg = fill_k8s_template(values)
     pod = cfg["job_manifest"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "reg/r1:1" and c["resources"]["requests"]["nvidia.com/gpu"] == 4
@@ -314,8 +318,41 @@ def test_kubernetes_target_runs_the_stage_deployment(monkeypatch):
 def test_stage_flow_parameters_accept_a_launch_spec():
     from prefect.utilities.callables import parameter_schema
 
-    schema = parameter_schema(launch.r1_stage.fn)
-    assert {"stage", "recipe", "overrides", "parent_run_id", "launch"} <= set(schema.properties)
+    schema = parameter_schema(r1_stage.fn)
+    assert {"stage", "recipe", "overrides", "parent_run_id", "inputs", "launch"} <= set(schema.properties)
+
+
+def test_kubernetes_launch_hands_the_planned_inputs_to_the_stage_in_the_pod(monkeypatch):
+    """What the pipeline's stage task passes (a Recipe, planned input URIs, the parent run) reaches the stage the pod
+    runs: the deployment's parameters, validated the way Prefect validates them, into r1_stage and its local launch."""
+    from stages.recipe import load_recipe
+
+    planned = {"model": "runs:/0123abcd/model", "data": "runs:/4567ef01/cot_data"}
+    sent, ran = {}, {}
+
+    class Completed:
+        def is_completed(self):
+            return True
+
+        def result(self):
+            return sent["out"]
+
+    def fake_run_deployment(name, parameters, job_variables, timeout):  # the worker starts the pod; the pod runs:
+        sent.update(parameters=parameters, out=r1_stage.fn(**r1_stage.validate_parameters(parameters)))
+        return SimpleNamespace(state=Completed(), name="fr", id="1")
+
+    def fake_run_local(stage, recipe, overrides, parent_run_id, inputs=None):
+        ran.update(stage=stage, seed=recipe_obj(recipe, overrides).seed, parent=parent_run_id, inputs=inputs)
+        return {"run_id": "pod-run"}
+
+    monkeypatch.setattr("prefect.deployments.run_deployment", fake_run_deployment)
+    monkeypatch.setattr(stage_launch, "run_local", fake_run_local)
+    spec = LaunchSpec(target="kubernetes", nproc_per_node=1, image="reg/r1:1")
+    out = launch_stage("cold_start_sft", load_recipe("tiny", {"seed": 7}), None, "pid", spec, log=lambda line: None,
+                       inputs=planned)
+    assert out == {"run_id": "pod-run"}
+    assert sent["parameters"]["inputs"] == planned
+    assert ran == {"stage": "cold_start_sft", "seed": 7, "parent": "pid", "inputs": planned}
 
 
 
@@ -329,7 +366,7 @@ def test_deepspeed_launch_passes_a_recipe_object_as_a_file_and_reports_the_trace
         return 1, ["[INFO] spawned", "Traceback (most recent call last):", '  File "s.py", line 1', "ValueError: boom",
                    "[INFO] Process 1 exits with return code = 1"]
 
-    monkeypatch.setattr(launch, "_stream", fake_stream)
+    monkeypatch.setattr(stage_launch, "stream", fake_stream)
     spec = LaunchSpec(target="deepspeed", nproc_per_node=2, workdir=str(tmp_path))
     with pytest.raises(LaunchError, match="ValueError: boom") as e:
         launch_stage("base_model", load_recipe("tiny", {"seed": 5}), {"seed": 5}, "p", spec, log=lambda line: None)

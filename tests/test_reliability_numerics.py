@@ -12,7 +12,7 @@ import torch
 from grpo.checkpoint import CheckpointMismatchError, latest_checkpoint
 from grpo.engine import NonFiniteError, TorchEngine, lr_lambda
 from grpo.logging import ConsoleLogger
-from tests.test_grpo_trainer import small_config, tiny_model
+from tests.test_grpo_trainer import small_config
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_torch_engine_skips_a_nan_loss_and_an_inf_gradient():
     assert not engine.last_skipped and engine.skipped_steps == 2 and not torch.equal(model.bias, before["bias"])
 
 
-def test_grpo_skips_counts_and_logs_nan_steps(tok, dataset, tmp_path):
+def test_grpo_skips_counts_and_logs_nan_steps(tiny_model, tok, dataset, tmp_path):
     from grpo.trainer import GRPOTrainer
 
     model = tiny_model(tok)
@@ -89,7 +89,7 @@ def test_grpo_skips_counts_and_logs_nan_steps(tok, dataset, tmp_path):
     assert state["skipped_steps"] == 1 and state["bad_in_a_row"] == 0
 
 
-def test_grpo_stops_after_max_bad_steps_with_a_checkpoint(tok, dataset, tmp_path):
+def test_grpo_stops_after_max_bad_steps_with_a_checkpoint(tiny_model, tok, dataset, tmp_path):
     from grpo.trainer import GRPOTrainer
 
     model = tiny_model(tok)
@@ -109,19 +109,19 @@ def test_grpo_stops_after_max_bad_steps_with_a_checkpoint(tok, dataset, tmp_path
     assert len(history) == 3 and history[-1]["skipped_steps"] == 2
 
 
-def test_sft_skips_nan_steps_and_stops_after_several(tok, tmp_path):
+def test_sft_skips_nan_steps_and_stops_after_several(tiny_model, tok, tmp_path):
     from stages.sft import SFTConfig, SFTTrainer
-    from tests.test_sft import _model
+    from tests.test_sft import SFT_MODEL
 
     examples = [{"prompt": f"User: {a}+{b}\nAssistant:", "completion": f" {a + b}"} for a in range(8) for b in range(4)]
-    model = _model(tok)
+    model = tiny_model(tok, **SFT_MODEL)
     Poison(model, updates={3}, loss=True)
     cfg = SFTConfig(max_steps=5, batch_size=8, warmup_steps=0, log_every=1, max_length=64)
     res = SFTTrainer(model, tok, examples, cfg, progress=False).train()
     assert [h["sft/skipped_steps"] for h in res.history] == [0, 0, 1, 1, 1] and res.steps == 5
     assert res.final_loss == res.final_loss  # the EMA skips the NaN loss
 
-    model = _model(tok)
+    model = tiny_model(tok, **SFT_MODEL)
     Poison(model, updates={2, 3, 4}, loss=True)
     trainer = SFTTrainer(model, tok, examples, cfg.model_copy(update={"max_bad_steps": 3}), output_dir=tmp_path,
                          progress=False)
@@ -130,14 +130,14 @@ def test_sft_skips_nan_steps_and_stops_after_several(tok, tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
 
 
-def test_checkpoint_of_another_architecture_is_refused_naming_the_file(tok, dataset, tmp_path):
+def test_checkpoint_of_another_architecture_is_refused_naming_the_file(tiny_model, tok, dataset, tmp_path):
     from grpo.trainer import GRPOTrainer
 
     cfg = small_config(steps_per_iteration=1)
     GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("r", _len_reward, 1.0)], output_dir=tmp_path,
                 progress=False).train()
-    other = GRPOTrainer(tiny_model(tok, hidden=48), tok, cfg, dataset, [("r", _len_reward, 1.0)], output_dir=tmp_path,
-                        progress=False)
+    other = GRPOTrainer(tiny_model(tok, hidden_size=48, intermediate_size=96), tok, cfg, dataset,
+                        [("r", _len_reward, 1.0)], output_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointMismatchError, match=r"checkpoint-1 \(model_config.json\) belongs to a different "
                                                       r"model \(hidden_size: 32 in the checkpoint, 48 in the model"):
         other.train(resume_from="latest")

@@ -55,16 +55,13 @@ def model_dir(ws: Path, variant: str = "ok") -> str:
     """A small Hugging Face model folder (random weights, a trained tokenizer with the chat template), or a broken one."""
     base = ws / "models" / "ok"
     if not base.exists():
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
         from stages.tasks import clean_trace, make_problems
         from stages.tokenizer import train_tokenizer
+        from tests.conftest import build_tiny_model
 
         texts = [f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in make_problems("addition", 50, 0)]
         tok = train_tokenizer(texts, vocab_size=300)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model = build_tiny_model(tok, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
         model.save_pretrained(base)
         tok.save_pretrained(base)
     if variant == "ok":
@@ -120,18 +117,19 @@ def _other_model_checkpoint(ws: Path) -> None:
     from grpo.engine import TorchEngine, lr_lambda
     from grpo.trainer import GRPOTrainer
     from stages.models import load_tokenizer
-    from tests.test_grpo_trainer import small_config, tiny_model
+    from tests.conftest import build_tiny_model
+    from tests.test_grpo_trainer import small_config
     from tests.test_reliability_numerics import _len_reward
 
     tok = load_tokenizer(model_dir(ws))
-    small = tiny_model(tok, hidden=32)
+    small = build_tiny_model(tok)
     opt = __import__("torch").optim.AdamW(small.parameters())
     engine = TorchEngine(small, opt, __import__("torch").optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, 1, "constant")),
                          1.0)
     save_checkpoint(ws / "ckpt" / "checkpoint-1", engine, None, {"global_step": 1, "sampler": {}, "world_size": 1})
     rows = [{"prompt": "User: 1+2\nAssistant:"}]
-    GRPOTrainer(tiny_model(tok, hidden=48), tok, small_config(), rows, [("r", _len_reward, 1.0)],
-                output_dir=ws / "ckpt", progress=False).train(resume_from="latest")
+    GRPOTrainer(build_tiny_model(tok, hidden_size=48, intermediate_size=96), tok, small_config(), rows,
+                [("r", _len_reward, 1.0)], output_dir=ws / "ckpt", progress=False).train(resume_from="latest")
 
 
 REFUSALS = [

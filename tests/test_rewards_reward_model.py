@@ -44,26 +44,13 @@ def pair(rng, topic):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
+def trained(tmp_path_factory, tiny_model):
     rng = random.Random(0)
     train = [pair(rng, t) for t in TOPICS[:8] for _ in range(12)]
     held_out = [pair(rng, t) for t in TOPICS[8:] for _ in range(6)]  # topics never seen in training
     tok = train_tokenizer([p + c + r for p, c, r in train + held_out], vocab_size=400)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    cfg.pad_token_id = tok.pad_token_id
-    model = Qwen2ForSequenceClassification(cfg)
+    model = tiny_model(vocab_size=len(tok), pad_token_id=tok.pad_token_id, arch="qwen2_classifier", num_labels=1,
+                       num_hidden_layers=2, tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("rm")
     model.save_pretrained(root / "init")
     tok.save_pretrained(root / "init")

@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from grpo.config import GRPOConfig, VLLMConfig
 from grpo.rollout import SamplingParams, completion_seed, mix_seed
@@ -35,14 +35,9 @@ def dataset():
 
 
 @pytest.fixture
-def policy_dir(tok, tmp_path):
+def policy_dir(tok, tiny_model, tmp_path):
     """A tiny policy saved to a directory and loaded back, as stages load it (vLLM reads the architecture there)."""
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                         max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
-    model.save_pretrained(tmp_path / "policy")
+    tiny_model(tok).save_pretrained(tmp_path / "policy")
     return tmp_path / "policy"
 
 

@@ -15,14 +15,7 @@ def tok():
     return train_tokenizer([f"User: {p.question}\nAssistant: {clean_trace(p)}" for p in probs], vocab_size=400)
 
 
-def _model(tok, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    return Qwen2ForCausalLM(cfg)
+SFT_MODEL = {"num_attention_heads": 2, "num_key_value_heads": 1}  # the tiny model with 2 heads (1 KV)
 
 
 def test_collate_masks_prompt_and_padding():
@@ -63,11 +56,11 @@ def test_tokenize_examples_adds_eos_and_names_bad_examples(tok):
         tokenize_examples(tok, [{"prompt": "User: 12+34 and a much longer prompt", "completion": "b"}], 8)
 
 
-def test_sft_learns_the_responses(tok):
+def test_sft_learns_the_responses(tiny_model, tok):
     """A random model learns to answer three prompts with their fixed replies (greedy), response-only loss."""
     data = [{"prompt": f"User: {q}\nAssistant:", "completion": f" <answer>{a}</answer>"}
             for q, a in [("1+1", "2"), ("2+2", "4"), ("3+4", "7")]] * 8
-    model = _model(tok)
+    model = tiny_model(tok, **SFT_MODEL)
     cfg = SFTConfig(max_steps=60, batch_size=8, learning_rate=1e-2, warmup_steps=2, log_every=5)
     res = SFTTrainer(model, tok, data, cfg, progress=False).train()
     assert res.steps == 60
@@ -78,21 +71,21 @@ def test_sft_learns_the_responses(tok):
     assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "<answer>7</answer>"
 
 
-def test_resume_continues_exactly(tok, tmp_path):
+def test_resume_continues_exactly(tiny_model, tok, tmp_path):
     from stages.tasks import clean_trace, make_problems
 
     data = [{"prompt": f"User: {p.question}\nAssistant:", "completion": " " + clean_trace(p)}
             for p in make_problems("addition", 40, seed=2)]
     cfg = SFTConfig(max_steps=6, batch_size=4, learning_rate=5e-3, warmup_steps=1, checkpoint_every=3)
-    straight = _model(tok)
+    straight = tiny_model(tok, **SFT_MODEL)
     SFTTrainer(straight, tok, data, cfg, progress=False).train()
 
-    first = _model(tok)
+    first = tiny_model(tok, **SFT_MODEL)
     cut = SFTTrainer(first, tok, data, cfg.model_copy(update={"max_steps": 6}), output_dir=tmp_path, progress=False)
     cut.total_steps = 3  # stop after the first checkpoint, as a crash would
     cut.train()
     assert (tmp_path / "checkpoint-3" / "trainer_state.json").exists()
-    resumed = _model(tok, seed=99)  # different init: everything must come from the checkpoint
+    resumed = tiny_model(tok, seed=99, **SFT_MODEL)  # different init: everything must come from the checkpoint
     res = SFTTrainer(resumed, tok, data, cfg, output_dir=tmp_path, progress=False).train(resume_from="latest")
     assert res.steps == 6
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
