@@ -16,7 +16,8 @@ import pytest
 from flows.launch import LaunchError, LaunchSpec, launch_stage, slurm, supervise
 from flows.launch import stage as stage_launch
 from flows.launch.commands import deepspeed_command, entry_args, torchrun_command
-from flows.launch.kubernetes import K8S_TEMPLATE, fill_k8s_template, k8s_job_variables, r1_stage
+from flows.launch.kubernetes import K8S_TEMPLATE, fill_k8s_template, k8s_job_variables
+from flows.launch.pod import r1_stage
 from flows.launch.slurm import slurm_script
 from flows.launch.spec import recipe_obj
 from tests.launch_targets import FAIL_MESSAGE

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-
 from flows.launch.spec import INFRA_DIR, LaunchError, LaunchSpec, recipe_obj
 
 K8S_TEMPLATE = INFRA_DIR / "prefect" / "k8s-base-job-template.json"
@@ -67,14 +65,3 @@ def run_kubernetes(stage, recipe, overrides, parent_run_id, inputs, spec: Launch
         raise LaunchError(f"stage {stage}: flow run {fr.name} completed but its result could not be read ({e}); "
                           "the pods and this process need shared result storage (PREFECT_LOCAL_STORAGE_PATH on a "
                           "shared volume, or PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: see docs/scaling.md)") from e
-
-
-@flow(name="r1-stage", persist_result=True, log_prints=True)
-def r1_stage(stage: str, recipe: str | dict = "tiny", overrides: dict | None = None, parent_run_id: str | None = None,
-             launch: LaunchSpec | None = None, inputs: dict[str, str] | None = None) -> dict:
-    """One stage where this flow runs (a Kubernetes pod): in-process, or torchrun over the pod's GPUs.
-
-    inputs: the input URIs the pipeline planned ({"model": "runs:/<id>/model"}); missing ones resolve in MLflow."""
-    from flows.launch.stage import launch_stage  # the pod's own launch; stage.py dispatches here for kubernetes
-
-    return launch_stage(stage, recipe, overrides, parent_run_id, launch or LaunchSpec(), inputs=inputs or None)
