@@ -158,11 +158,11 @@ def table(rows: list[dict]) -> Table:
 
 
 def blocks(rows: list[dict]) -> list[Text]:
-    """One block per run for a terminal too narrow for the table: stage, run, finished, then the metrics."""
+    """One block per run for a terminal too narrow for the table: stage, run, finished, then the logged metrics."""
     out = []
     for row in rows:
         cells = _short(row)
-        metrics = [f"{label} {cells[label] or '-'}" for label, _ in KEY_METRICS.values()]
+        metrics = [f"{label} {cells[label]}" for label, _ in KEY_METRICS.values() if cells[label]]
         lines = [f"{cells['stage']}  {cells['run']}  {cells['finished']}"]
         lines += ["  " + "  ".join(metrics[i : i + 2]) for i in range(0, len(metrics), 2)]
         out.append(Text("\n".join(lines)))

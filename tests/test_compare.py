@@ -139,6 +139,7 @@ def test_unknown_experiment_lists_the_experiments(store):
 def test_missing_sqlite_store_is_refused_and_not_created(tmp_path, monkeypatch):
     db = tmp_path / "elsewhere" / "mlflow.db"
     _refused(r1("--set", f"tracking.uri=sqlite:///{db}"), f"no tracking store at {db}: run a pipeline first or pass")
+    _refused(r1("--set", f"tracking.uri=file://{tmp_path}/mlruns"), f"no tracking store at {tmp_path / 'mlruns'}")
     monkeypatch.chdir(tmp_path)  # the tiny preset's own sqlite:///mlflow.db, relative to here
     for args in [(), ("--stage", "r1_zero"), ("--pipeline-run", "abc"), ("--json",)]:
         _refused(r1(*args), f"no tracking store at {tmp_path / 'mlflow.db'}")
