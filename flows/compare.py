@@ -30,7 +30,8 @@ KEY_METRICS = {
 }
 FIELDS = ("run_id", "stage", "pipeline_run_id", "status", "started", "finished", *KEY_METRICS)
 
-# MLflow retries an unreachable server for minutes by default (7 retries, 120 s each); a listing should fail in seconds
+# MLflow retries a failing server for about 4 minutes by default (7 retries with backoff, 120 s timeout each);
+# a listing should fail in seconds
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
@@ -100,7 +101,8 @@ def _check_pipeline_run(client, exp, run_id: str) -> None:
 def compare_rows(recipe, stage: str | None = None, pipeline_run_id: str | None = None,
                  limit: int = 20) -> list[dict]:
     """One dict per stage run (newest first): FIELDS, times as ISO 8601, metrics by full name (None if not logged).
-    Raises CompareError before touching MLflow when the store, the stage or the pipeline run does not exist."""
+    CompareError for an unknown stage, a store that does not exist or does not answer (before MLflow would create
+    or retry it), an unknown experiment or pipeline run."""
     from stages.registry import ORDER
 
     if stage is not None and stage not in ORDER:
