@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -71,10 +72,9 @@ def test_table_fits_80_columns_with_key_columns_whole(store):
 def test_narrow_terminal_gets_one_block_per_run(store):
     res = r1(*store["args"], "--stage", "r1_zero", columns=40)
     assert res.exit_code == 0, res.output
-    assert res.stdout.splitlines() == [
-        f"r1_zero  {store['runs']['r1_zero'][:8]}  {res.stdout.split()[2]} {res.stdout.split()[3]}",
-        "  pass@1 0.123  greedy 0.500", "  format 0.750  lang 1.000", "  tokens 123"]
-    assert max(len(line) for line in res.stdout.splitlines()) <= 40
+    head, *metrics = res.stdout.splitlines()
+    assert re.fullmatch(rf"r1_zero  {store['runs']['r1_zero'][:8]}  \d\d-\d\d \d\d:\d\d", head)
+    assert metrics == ["  pass@1 0.123  greedy 0.500", "  format 0.750  lang 1.000", "  tokens 123"]
 
 
 def test_json_round_trips_the_logged_numbers(store):
