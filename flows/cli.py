@@ -265,23 +265,34 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 @app.command()
 def compare(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
             stage: str = typer.Option(None, help="only runs of this stage"),
-            pipeline_run: str = typer.Option(None, "--pipeline-run", help="only the stages of this pipeline run"),
-            limit: int = typer.Option(20, help="newest N runs"),
+            pipeline_run: str = typer.Option(None, "--pipeline-run", help="only the stages of this pipeline run (full id)"),
+            limit: int = typer.Option(20, min=1, help="newest N runs"),
+            as_json: bool = typer.Option(False, "--json", help="JSON list, full names and precision"),
+            as_csv: bool = typer.Option(False, "--csv", help="CSV with a header row, full names and precision"),
             set: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Compare stage runs: held-out pass@1, greedy accuracy, format rate, language consistency, completion length
-    (from the recipe's MLflow store). For plots, select the runs in the MLflow UI and press Compare."""
+    (from the recipe's MLflow store), newest first; one block per run when the terminal is too narrow for the table.
+    Exit 1 when no run matches, 2 when the store, stage or pipeline run does not exist. For plots, select the runs
+    in the MLflow UI and press Compare."""
+    if as_json and as_csv:
+        typer.echo("--json and --csv: pick one", err=True)
+        raise typer.Exit(2)
     cfg = _recipe(recipe, set)
-    from flows.compare import KEY_METRICS, compare_rows
+    from flows.compare import CompareError, compare_rows, print_rows, to_csv, to_json
 
-    rows = compare_rows(cfg, stage, pipeline_run, limit)
+    try:
+        rows = compare_rows(cfg, stage, pipeline_run, limit)
+    except CompareError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    if as_json or as_csv:
+        typer.echo(to_json(rows) if as_json else to_csv(rows), nl=as_json)
+    elif rows:
+        print_rows(Console(highlight=False), rows)  # a new Console: COLUMNS as it is now
+    else:
+        typer.echo(f"no stage runs in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
     if not rows:
-        console.print(f"no stage runs in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
         raise typer.Exit(1)
-    table = Table("run", "stage", "started", "status", *[m.split("/", 1)[1] for m in KEY_METRICS])
-    for r in rows:
-        table.add_row(r["run"], r["stage"], r["started"], r["status"],
-                      *["" if r[m] is None else f"{r[m]:.3f}" for m in KEY_METRICS])
-    console.print(table)
 
 
 def main() -> None:  # pragma: no cover
