@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stages.core import tracking
+
 KEY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency",
                "eval/mean_completion_tokens")
 
@@ -12,8 +14,6 @@ def compare_rows(recipe, stage: str | None = None, pipeline_run_id: str | None =
     import datetime
 
     import mlflow
-
-    from stages import tracking
 
     tracking.setup(recipe.tracking)
     exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)

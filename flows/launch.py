@@ -33,6 +33,9 @@ from typing import Any, Literal
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages import registry
+from stages.core.recipe import Recipe, load_recipe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INFRA_DIR = REPO_ROOT / "infra"
 K8S_TEMPLATE = INFRA_DIR / "prefect" / "k8s-base-job-template.json"
@@ -290,8 +293,6 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
 
 
 def _recipe_obj(recipe: Any, overrides: dict | None):
-    from stages.recipe import Recipe, load_recipe
-
     if isinstance(recipe, (str, Path)):
         return load_recipe(recipe, overrides)
     if isinstance(recipe, dict):
@@ -316,9 +317,7 @@ def _dump_recipe(cfg, path: Path) -> Path:
 
 
 def _run_local(stage, recipe, overrides, parent_run_id, inputs=None) -> dict:
-    from stages.registry import runnable
-
-    fns = runnable()
+    fns = registry.runnable()
     if stage not in fns:
         raise LaunchError(f"stage {stage!r} is not runnable; runnable stages: {list(fns)}")
     return fns[stage](_recipe_obj(recipe, overrides), inputs=inputs, parent_run_id=parent_run_id, progress=False)

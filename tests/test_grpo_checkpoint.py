@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from grpo.checkpoint import STATE_FILE, latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
-from stages.tasks import make_problems
+from stages.core.tasks import make_problems
 
 
 def tiny_model(tok, seed=0):

@@ -27,8 +27,8 @@ def setup(aggregation: str = "sequence_mean"):
 
     from grpo.config import GRPOConfig
     from grpo.rollout import rollout_from_completions
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
 
     problems = make_problems("addition", 100, seed=0)
     tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)

@@ -13,7 +13,7 @@ from grpo.logprobs import completion_logprobs, position_ids_from_mask
 from grpo.loss import grpo_loss
 from grpo.rewards_io import RewardError, char_offsets_to_token_ends
 from grpo.trainer import GRPOTrainer, PromptSampler
-from stages.tasks import make_problems
+from stages.core.tasks import make_problems
 
 
 @pytest.fixture(scope="module")

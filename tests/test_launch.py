@@ -122,7 +122,7 @@ def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
 
 
 def test_local_accepts_a_validated_recipe(monkeypatch):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     seen = []
     monkeypatch.setattr("stages.registry.runnable",
@@ -135,7 +135,7 @@ def test_local_accepts_a_validated_recipe(monkeypatch):
 
 
 def test_spec_from_cluster_and_validation():
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     spec = LaunchSpec.from_cluster(load_recipe("qwen2.5-7b").cluster, hostfile="/etc/hostfile")
     assert (spec.target, spec.nodes, spec.nproc_per_node) == ("deepspeed", 4, 8)
@@ -320,7 +320,7 @@ def test_stage_flow_parameters_accept_a_launch_spec():
 
 
 def test_deepspeed_launch_passes_a_recipe_object_as_a_file_and_reports_the_traceback(tmp_path, monkeypatch):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     seen = {}
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from rewards import build_rewards, call_reward, process_reward_model
 from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
-from stages.tokenizer import train_tokenizer
+from stages.core.tokenizer import train_tokenizer
 
 TOPICS = [
     "the weather",
