@@ -109,8 +109,8 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
     return edges
 
 
-def find_cycles(edges: list[Edge]) -> list[list[str]]:
-    """One cycle (as a path a -> ... -> a) per strongly connected component with more than one module."""
+def find_cycles(edges: list[Edge]) -> list[tuple[list[str], set[str]]]:
+    """Each tangle (strongly connected component of more than one module) with one cycle through it (a -> ... -> a)."""
     graph: dict[str, set[str]] = {}
     for e in edges:
         graph.setdefault(e.src, set()).add(e.dst)
@@ -141,7 +141,7 @@ def find_cycles(edges: list[Edge]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    return [_cycle_in(graph, comp) for comp in comps]
+    return [(_cycle_in(graph, comp), comp) for comp in comps]
 
 
 def _cycle_in(graph: dict[str, set[str]], comp: set[str]) -> list[str]:
@@ -190,7 +190,9 @@ EDGES = import_edges(source_modules())
 
 def test_no_import_cycle():
     cycles = find_cycles(EDGES)
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert not cycles, "import cycles:\n" + "\n".join(
+        f"{' -> '.join(cycle)} (one of the cycles through these {len(comp)} modules: {', '.join(sorted(comp))})"
+        for cycle, comp in cycles)
 
 
 def test_imports_go_down_the_layers():
@@ -221,7 +223,7 @@ def test_the_checks_can_fail(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     edges = import_edges(source_modules(tmp_path))
-    assert {tuple(c[:-1]) for c in find_cycles(edges)} >= {("grpo.a", "grpo.b"),
+    assert {tuple(c[:-1]) for c, _ in find_cycles(edges)} >= {("grpo.a", "grpo.b"),
                                                          ("stages.core.x", "stages.r1_zero")}
     bad = layer_violations(edges)
     assert any("rewards:1 imports stages.core" in b for b in bad)
