@@ -11,7 +11,8 @@ import pytest
 
 from flows.launch import LaunchSpec
 from grpo.checkpoint import STATE_FILE, CheckpointWorldSizeError, load_checkpoint
-from stages.core import distributed, entry
+from stages import entry
+from stages.core import distributed
 from stages.core.recipe import load_recipe
 
 
