@@ -104,8 +104,8 @@ def build_mini_model(out: Path, hidden: int = 32, layers: int = 1) -> Path:
     """A random-init Qwen2 model and a tokenizer trained on a few hundred problems: the --smoke workload."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
 
     problems = make_problems("addition", 300, seed=0)
     tok = train_tokenizer([f"User: {p.question}\nAssistant: {clean_trace(p)}" for p in problems], vocab_size=512)
@@ -136,7 +136,7 @@ def ensure_base_model(path: Path) -> Path:
     if (path / "model.safetensors").exists():
         return path
     from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     print(f"building the tiny base model into {path} (once; about 3 minutes on 2 idle cores) ...", flush=True)
     res = build_base_model(load_recipe("tiny"), path, progress=False)
@@ -145,7 +145,7 @@ def ensure_base_model(path: Path) -> Path:
 
 
 def load(path: Path):
-    from stages.models import load_model_and_tokenizer
+    from stages.core.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(path), "cpu", False)
     return model, tok
@@ -153,8 +153,8 @@ def load(path: Path):
 
 def workload_rows(n: int | None = None) -> tuple[list[dict], list]:
     """The tiny recipe's r1_zero prompts (train split) and its reward functions (name, fn, weight)."""
-    from stages.grpo_stage import reward_functions, train_rows
-    from stages.recipe import load_recipe
+    from stages.core.grpo_runner import reward_functions, train_rows
+    from stages.core.recipe import load_recipe
 
     recipe = load_recipe("tiny")
     rows = train_rows(recipe, recipe.r1_zero)
@@ -510,9 +510,9 @@ def ab_run(model_dir: Path, work: Workload, rows, rewards, quiet: bool = False) 
 
 def heldout_eval(models: dict, n_prompts: int = 128, samples: int = 4) -> dict[str, float]:
     """Held-out pass@1 and greedy accuracy of both trained models, with the same evaluation code."""
-    from stages.base_model import heldout_problems
-    from stages.evaluate import evaluate
-    from stages.recipe import load_recipe
+    from stages.core.evaluate import evaluate
+    from stages.core.heldout import heldout_problems
+    from stages.core.recipe import load_recipe
 
     recipe = load_recipe("tiny")
     cfg = recipe.eval.model_copy(update={"num_prompts": n_prompts, "samples_per_prompt": samples})

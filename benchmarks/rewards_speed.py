@@ -1,6 +1,6 @@
 """How long the reasoning-RL rewards (accuracy + format + language consistency) take on one GRPO batch.
 
-1,024 completions (128 prompts x 8) built from `stages.tasks`: addition traces with the tiny preset's noise (wrong
+1,024 completions (128 prompts x 8) built from `stages.core.tasks`: addition traces with the tiny preset's noise (wrong
 answers, missing tags, Chinese words mixed in) and reasoning-gym rows (scored by reasoning-gym), plus optionally a share
 of LaTeX answers that only math-verify can judge (`--latex-share`). Prints the median seconds of a few runs.
 
@@ -17,7 +17,7 @@ import time
 from grpo.rewards_io import call_reward
 from rewards import build_rewards
 from rewards.math_verifier import shared_verifier
-from stages.tasks import TraceNoise, _mix_language, make_problems, noisy_trace
+from stages.core.tasks import TraceNoise, _mix_language, make_problems, noisy_trace
 
 RG_FAMILIES = ["rg:basic_arithmetic", "rg:chain_sum", "rg:fraction_simplification", "rg:word_sorting"]
 

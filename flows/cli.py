@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 console = Console()
 
+# Each command imports the stages and flows it runs inside its function: `r1 --help` and `r1 validate` must start fast.
+
 RECIPE_HELP = "recipe preset name (see `r1 presets`) or path to a YAML recipe"
 SET_HELP = "override a recipe value, e.g. --set eval.num_prompts=32 (repeatable)"
 
@@ -39,7 +41,8 @@ def _overrides(sets: list[str] | None) -> dict:
 
 
 def _recipe(recipe: str, sets: list[str] | None):
-    from stages.recipe import RecipeError, load_recipe
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.recipe import RecipeError, load_recipe
 
     try:
         return load_recipe(recipe, _overrides(sets))
@@ -56,8 +59,9 @@ def _logging(verbose: bool) -> None:
 @app.command()
 def presets() -> None:
     """List the recipe presets shipped with the package."""
-    from stages.recipe import PRESET_DIR
-    from stages.recipe import presets as names
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.recipe import PRESET_DIR
+    from stages.core.recipe import presets as names
 
     for n in names():
         first = (PRESET_DIR / f"{n}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -87,6 +91,7 @@ def base_model_cmd(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     if cfg.base_model.source != "build":
         console.print("[red]base_model.source is 'pretrained': nothing to build[/red]")
         raise typer.Exit(2)
+    # lazy: fast `r1 --help` (see top)
     from stages.base_model import build_base_model
 
     res = build_base_model(cfg, out)
@@ -103,9 +108,10 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
     language consistency."""
     _logging(verbose)
     cfg = _recipe(recipe, set)
-    from stages.base_model import heldout_problems
-    from stages.evaluate import evaluate as run_eval
-    from stages.models import ModelInputError, load_model_and_tokenizer
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.evaluate import evaluate as run_eval
+    from stages.core.heldout import heldout_problems
+    from stages.core.models import ModelInputError, load_model_and_tokenizer
 
     try:
         m, tok = load_model_and_tokenizer(model, trust_remote_code=cfg.base_model.trust_remote_code)
@@ -132,7 +138,9 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
     """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
     the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose)
-    from stages.registry import check_stages, runnable
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.order import check_stages
+    from stages.registry import runnable
 
     try:
         check_stages([name])
@@ -146,7 +154,8 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
             raise typer.BadParameter(f"--input {item!r}: expected KEY=URI")
         key, uri = item.split("=", 1)
         given[key.strip()] = uri.strip()
-    from stages.common import StageInputError
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.lineage import StageInputError
 
     try:
         out = runnable()[name](cfg, inputs={k: v for k, v in given.items() if v})
@@ -168,9 +177,11 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     sqlite:///mlflow.db`."""
     _logging(verbose)
     cfg = _recipe(recipe, set)  # validate before Prefect starts
+    # lazy: fast `r1 --help` (see top)
     from flows.pipeline import configure_local_prefect
-    from stages.preflight import preflight
-    from stages.registry import check_stages, runnable
+    from stages.core.order import check_stages
+    from stages.core.preflight import preflight
+    from stages.registry import runnable
 
     try:
         check_stages(force or [])
@@ -179,6 +190,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     configure_local_prefect()
+    # lazy: fast `r1 --help` (see top)
     from flows.pipeline import r1_pipeline
 
     result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
@@ -199,6 +211,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     127.0.0.1, until Ctrl-C. Then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and run `r1 serve` or
     `r1 pipeline` in another terminal."""
     cfg = _recipe(recipe, set)
+    # lazy: fast `r1 --help` (see top)
     from flows.servers import ServerError, local_servers, raise_on_signals, start, stop, wait_ready, watch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -243,8 +256,9 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     r1-reasoning-rl/tiny, ...) with the recipe's cron schedules, on the Prefect server at PREFECT_API_URL (see
     `r1 up`), and run what the UI, the API or a schedule triggers until Ctrl-C. Flow runs start in this folder."""
     cfg = _recipe(recipe, set)
+    # lazy: fast `r1 --help` (see top)
     from flows.deployments import ServeError, build_deployments, check_server
-    from stages.recipe import RecipeError
+    from stages.core.recipe import RecipeError
 
     try:
         url = check_server()
@@ -278,6 +292,7 @@ def compare(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         typer.echo("--json and --csv: pick one", err=True)
         raise typer.Exit(2)
     cfg = _recipe(recipe, set)
+    # lazy: fast `r1 --help` (see top)
     from flows.compare import CompareError, compare_rows, print_rows, to_csv, to_json
 
     try:

@@ -20,6 +20,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from stages.core.order import ORDER
+from stages.core.tracking import PIPELINE_TAG, STAGE_TAG, TrackingError, check_tracking
+
 # full MLflow name -> (short label, format) for the table
 KEY_METRICS = {
     "eval/pass_at_1": ("pass@1", "{:.3f}"),
@@ -58,8 +61,6 @@ def fail_fast_http():
 def check_store(tracking) -> None:
     """Refuse a local store that does not exist (MLflow would create one just to read it) or a server that does
     not answer /health."""
-    from stages.tracking import TrackingError, check_tracking
-
     uri = tracking.uri
     hint = "run a pipeline first or pass --set tracking.uri=... (sqlite:///path/mlflow.db or http://host:port)"
     if uri.startswith("sqlite:///"):
@@ -86,8 +87,6 @@ def _time(ms: int | None) -> str | None:
 def _check_pipeline_run(client, exp, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    from stages.tracking import STAGE_TAG
-
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -103,15 +102,11 @@ def compare_rows(recipe, stage: str | None = None, pipeline_run_id: str | None =
     """One dict per stage run (newest first): FIELDS, times as ISO 8601, metrics by full name (None if not logged).
     CompareError for an unknown stage, a store that does not exist or does not answer (before MLflow would create
     or retry it), an unknown experiment or pipeline run."""
-    from stages.registry import ORDER
-
     if stage is not None and stage not in ORDER:
         raise CompareError(f"unknown stage {stage!r}; stages: {', '.join(ORDER)}")
     check_store(recipe.tracking)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from stages.tracking import PIPELINE_TAG, STAGE_TAG
 
     uri, name = recipe.tracking.uri, recipe.tracking.experiment
     with fail_fast_http():

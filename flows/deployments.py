@@ -14,7 +14,7 @@ from prefect.schedules import Cron, validate_cron_string
 
 from flows.pipeline import r1_pipeline
 from flows.stage_flows import STAGE_FLOWS
-from stages.recipe import PRESET_DIR, Recipe, RecipeError
+from stages.core.recipe import PRESET_DIR, Recipe, RecipeError
 
 
 class ServeError(RuntimeError):

@@ -12,9 +12,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.launch import LaunchSpec, launch_stage
-from stages import tracking
-from stages.recipe import Recipe, load_recipe
-from stages.registry import check_stages, pipeline_inputs, runnable
+from stages.core import tracking
+from stages.core.lineage import OUTPUTS_TAG, finished_run_with_key, resolve_input, stage_key
+from stages.core.order import check_stages, inputs_of, pipeline_inputs
+from stages.core.preflight import preflight
+from stages.core.recipe import Recipe, load_recipe
+from stages.registry import runnable
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,6 @@ def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, s
 def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
     """Inputs of every stage whose upstream is not in `chain`: a `given` URI or run id, else the newest finished upstream
     run in MLflow, resolved now, so a sub-chain with a missing upstream fails before any stage starts."""
-    from stages.common import resolve_input
-    from stages.registry import inputs_of
-
     planned = {}
     for name in chain:
         planned[name] = {key: resolve_input(cfg, given, key, up, art)
@@ -47,8 +47,6 @@ def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = No
 def reusable_outputs(cfg: Recipe, name: str, inputs: dict[str, str]) -> dict[str, str] | None:
     """Outputs of a finished run of this stage with the same config and inputs (its stage key), or None."""
     import json
-
-    from stages.common import OUTPUTS_TAG, finished_run_with_key, stage_key
 
     run = finished_run_with_key(cfg, stage_key(name, getattr(cfg, name), inputs, cfg))
     return json.loads(run.data.tags[OUTPUTS_TAG]) if run else None
@@ -61,8 +59,6 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     cfg = load_recipe(recipe, overrides)
     chain = check_stages(stages or list(runnable()))
     forced = set(check_stages(force or []))
-    from stages.preflight import preflight
-
     preflight(cfg, chain, inputs)  # everything that can refuse the run before a model loads (names, files, data, ...)
     import mlflow
 

@@ -12,7 +12,7 @@ from prefect import Flow, flow
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows.pipeline import run_chain
-from stages.registry import INPUTS, ORDER
+from stages.core.order import INPUTS, ORDER
 
 
 class StageRequest(BaseModel):

@@ -32,7 +32,7 @@ _stage: str | None = None
 
 
 def set_stage(name: str | None) -> None:
-    """The stage now running in this process (stages.common.stage_context sets it)."""
+    """The stage now running in this process (stages.core.context.stage_context sets it)."""
     global _stage
     _stage = name
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from grpo.decoding import _linear_add, _rms_norm, fused_weights, supports
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face `generate` computes them (so training sees what sampling saw)."""
@@ -121,8 +123,6 @@ def packed_completion_logprobs(
     padded positions: rows are re-laid out as [prompt, completion, padding] and run in length buckets. For a
     Llama-family model (and share_prompts) each distinct prompt is computed once: `shared_prompt_logprobs`.
     """
-    from grpo.decoding import supports
-
     if share_prompts and supports(model):
         return shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
                                       chunk_size, max_buckets, with_entropy)
@@ -162,8 +162,6 @@ def _attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, 
     """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under the additive
     `mask` (n*nkv, groups*L, S) (`grouped_mask`). Returns the new x and this layer's (keys, values) of x, each
     (n, nkv, L, hd). The same operations as the decoding step (grpo.decoding), with autograd."""
-    from grpo.decoding import _linear_add, _rms_norm
-
     nh, nkv, hd = dims
     n, L, H = x.shape
     a, m = layer.self_attn, layer.mlp
@@ -209,8 +207,6 @@ def shared_prompt_logprobs(
     not depend on what follows it), so prompt tokens cost 1/G of a padded batch's. Completions then run in length
     buckets, their queries attending to [their prompt's keys | their own causal keys]. Same values and gradients
     as the padded layout, up to floating-point summation order."""
-    from grpo.decoding import fused_weights
-
     base = model.model
     cfg = model.config
     nh = cfg.num_attention_heads

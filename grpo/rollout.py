@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from grpo import decoding
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -146,8 +148,6 @@ class HFGenerateBackend:
         self.fast_decoding = fast_decoding
 
     def uses_fast_decoding(self) -> bool:
-        from grpo import decoding
-
         return self.fast_decoding and not self.synced_gpus and decoding.supports(self.model)
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +182,6 @@ class HFGenerateBackend:
         model.eval()
         try:
             if self.uses_fast_decoding():
-                from grpo import decoding
-
                 completion_ids = decoding.sample(
                     model, prompt_ids, prompt_mask, sampling.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
                     do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -108,7 +108,7 @@ class GRPOTrainer:
             )
         self.rank, self.world = rank_and_world()
         if backend is None and cfg.rollout_backend == "vllm":
-            from grpo.rollout_vllm import check_vllm_installed
+            from grpo.rollout_vllm import check_vllm_installed  # lazy: only the vLLM backend needs it
 
             check_vllm_installed()  # before DeepSpeed or vLLM touch the model
         if cfg.prompts_per_step % self.world:
@@ -259,7 +259,7 @@ class GRPOTrainer:
         which takes the policy's weights before the first rollout after each step's updates."""
         cfg = self.cfg
         if cfg.rollout_backend == "vllm":
-            from grpo.rollout_vllm import VLLMBackend
+            from grpo.rollout_vllm import VLLMBackend  # lazy: only the vLLM backend needs it
 
             return VLLMBackend(self.engine.module, self.tokenizer, cfg.vllm, max_prompt_length=cfg.max_prompt_length,
                                max_completion_length=cfg.max_completion_length, seed=cfg.seed,

@@ -14,7 +14,7 @@ from rewards.registry import REGISTRY, RewardSpec, build_rewards
 
 def __getattr__(name):  # the reward-model side imports torch/transformers: only on first use
     if name in ("RewardModelScorer", "train_bradley_terry", "pairwise_accuracy"):
-        from rewards import reward_model
+        from rewards import reward_model  # lazy: imports torch/transformers
 
         return getattr(reward_model, name)
     raise AttributeError(f"module 'rewards' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def _bind(name: str, fn: Callable, process: bool = False) -> Callable[..., Rewar
 
 
 def _reward_model(**params) -> RewardFn:
-    from rewards.reward_model import RewardModelScorer  # imports transformers: only when asked for
+    from rewards.reward_model import RewardModelScorer  # lazy: imports transformers, only when asked for
 
     allowed = [p for p in inspect.signature(RewardModelScorer.__init__).parameters if p != "self"]
     for p in params:

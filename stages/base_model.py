@@ -1,50 +1,32 @@
 """Stage 0: the `tiny` base model, a stand-in for a pretrained base since no hub is reachable.
 
 Build a BPE tokenizer and a small Qwen2-architecture model, and pretrain it on deliberately flawed R1-formatted traces
-(stages.tasks.noisy_trace): some answers wrong, some traces without tags, some steps with Chinese words. The result
+(stages.core.tasks.noisy_trace): some answers wrong, some traces without tags, some steps with Chinese words. The result
 shows R1-Zero's flaws, so every later stage has something real to fix.
 
 Pretraining is bounded by optimiser steps, which keeps the build deterministic for a seed; `pretrain_seconds` is only a
 safety cap (hitting it is logged, since the result then depends on machine speed).
+
+torch, transformers and mlflow are imported inside functions: the registry imports every stage, and `r1 validate`
+must start fast.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.recipe import BaseModelConfig, Recipe
-from stages.tasks import Problem, TraceNoise, noisy_trace
+from stages.core import tracking
+from stages.core.context import finish_with_model, stage_context
+from stages.core.heldout import pretraining_texts
+from stages.core.models import check_model_dir, load_model, load_tokenizer, resolve_model_uri
+from stages.core.recipe import Recipe
+from stages.core.sft import SFTConfig, SFTTrainer
+from stages.core.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
-
-EVAL_BUCKETS = 10  # one question in ten (by a stable hash) is held out for evaluation, never trained on
-
-
-def split_of(question: str) -> str:
-    """'eval' or 'train', stable across runs and processes (crc32 of the question text)."""
-    return "eval" if zlib.crc32(question.encode()) % EVAL_BUCKETS == 0 else "train"
-
-
-def problems_for(cfg: BaseModelConfig, split: str, n: int, seed: int) -> list[Problem]:
-    """n problems of the recipe's task family from one split (the other split's questions are never returned)."""
-    from stages.data import load_problems
-    from stages.stage_configs import DataSource
-
-    return load_problems(DataSource(task=cfg.task, max_digits=cfg.max_digits), split, n, seed)
-
-
-def pretraining_texts(recipe: Recipe) -> list[tuple[str, str]]:
-    """(prompt, noisy completion) pairs for pretraining, from the train split only."""
-    cfg = recipe.base_model
-    rng = random.Random(recipe.seed)
-    noise = TraceNoise(**cfg.noise.model_dump())
-    probs = problems_for(cfg, "train", cfg.train_problems, recipe.seed)
-    return [(recipe.prompt.template.format(question=p.question), " " + noisy_trace(p, rng, noise)) for p in probs]
 
 
 @dataclass
@@ -61,8 +43,6 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     """Build, pretrain and save the tiny base model to `out_dir` (a Hugging Face directory, safetensors)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from stages.tokenizer import train_tokenizer
 
     cfg = recipe.base_model
     if cfg.threads:
@@ -89,8 +69,6 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     model.generation_config.pad_token_id = tok.pad_token_id
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model: %d parameters, vocab %d, %d pretraining traces", n_params, len(tok), len(pairs))
-
-    from stages.sft import SFTConfig, SFTTrainer
 
     sft_cfg = SFTConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                         warmup_steps=max(1, cfg.max_steps // 20), weight_decay=0.01, max_grad_norm=1.0,
@@ -139,11 +117,6 @@ class _StepCallback:
 STAGE = "base_model"
 
 
-def heldout_problems(recipe: Recipe, n: int | None = None) -> list[Problem]:
-    """The evaluation split: problems whose questions no stage ever trains on."""
-    return problems_for(recipe.base_model, "eval", n or recipe.eval.num_prompts, recipe.eval.seed)
-
-
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
         progress: bool = True) -> dict[str, str]:
     """The base-model stage: build (or adopt) the base model, evaluate it, log everything to one MLflow run.
@@ -152,10 +125,6 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     has no upstream, so `inputs` is unused.
     """
     import mlflow
-
-    from stages import tracking
-    from stages.common import finish_with_model, stage_context
-    from stages.models import check_model_dir, load_model, load_tokenizer, resolve_model_uri
 
     cfg = recipe.base_model
     tracking.check_tracking(recipe.tracking)

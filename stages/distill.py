@@ -3,8 +3,11 @@
 A student is built from its architecture with the teacher's tokenizer (same vocabulary), or taken from a path. A student
 not smaller than the teacher is refused before anything trains (parameter counts from config.json, no weights read).
 The baseline of a built student has the same architecture and initial weights, and is pretrained the way the base model
-is (its noisy traces, `stages.base_model.pretraining_texts`) for the same number of steps; the baseline of a given
+is (its noisy traces, `stages.core.heldout.pretraining_texts`) for the same number of steps; the baseline of a given
 student is that model as it was given. Teacher, students and baselines are evaluated on the same held-out prompts.
+
+torch, transformers, datasets and mlflow are imported inside functions: the registry imports every stage, and
+`r1 validate` must start fast.
 """
 
 from __future__ import annotations
@@ -14,9 +17,23 @@ import logging
 import time
 from pathlib import Path
 
-from stages.common import StageInputError, log_evaluation, resolve_input, stage_context
-from stages.recipe import Recipe
-from stages.stage_configs import DistillConfig, StudentConfig
+from grpo.logging import MLflowLogger
+from stages.core.configs import DistillConfig, StudentConfig
+from stages.core.context import log_evaluation, stage_context
+from stages.core.heldout import pretraining_texts
+from stages.core.jsonio import write_json_atomic
+from stages.core.lineage import StageInputError, resolve_input, use_tracking_for
+from stages.core.models import (
+    ModelInputError,
+    check_model_dir,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    pick_device,
+    resolve_model_uri,
+)
+from stages.core.recipe import Recipe
+from stages.core.sft import SFTTrainer
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +45,10 @@ class StudentSizeError(ValueError):
     """A student that is not smaller than its teacher."""
 
 
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
-
-
-def use_tracking_for(recipe: Recipe, *uris: str | None) -> None:
-    """Point MLflow at the recipe's store when an input is an MLflow URI read before the stage's run opens."""
-    if any(u and u.startswith(MLFLOW_SCHEMES) for u in uris):
-        from stages import tracking
-
-        tracking.check_tracking(recipe.tracking)
-        tracking.setup(recipe.tracking)
-
-
 # ---- sizes from configs, no weights
 
 def read_model_config(uri: str) -> dict:
     """config.json of a model URI or path; for a runs:/ URI only that file is downloaded."""
-    from stages.models import ModelInputError, check_model_dir, resolve_model_uri
 
     if uri.startswith("runs:/"):
         import mlflow
@@ -97,7 +101,6 @@ def _estimate_parameters(c: dict) -> int:
 
 def student_config(student: StudentConfig, teacher_config: dict) -> dict:
     if student.path is not None:
-        from stages.models import ModelInputError
 
         try:
             return read_model_config(student.path)
@@ -129,8 +132,6 @@ def load_sft_examples(uri: str, template: str) -> list[dict]:
     """SFT examples ({prompt, completion} or {messages}) from the synthesized data artifact: a `save_to_disk` folder
     (or a folder of them), parquet or JSON lines, as a local path or a runs:/ URI."""
     import datasets
-
-    from stages.models import ModelInputError, resolve_model_uri
 
     try:
         path = resolve_model_uri(uri)
@@ -190,14 +191,11 @@ def build_student(arch_cfg: dict, seed: int):
 
 def sft_or_reuse(model, tok, examples: list[dict], sft_cfg, folder: Path, ctx, tag: str):
     """SFT `model` into `folder/model`, resuming from its checkpoints; a finished folder is loaded instead."""
-    from stages.models import load_model
-    from stages.sft import SFTTrainer
 
     done = folder / "done.json"
     if done.exists():
         log.info("distill %s: reusing %s", tag, folder / "model")
         return load_model(folder / "model"), json.loads(done.read_text())
-    from grpo.logging import MLflowLogger
 
     logger = MLflowLogger(run_id=ctx.run_id, prefix=f"{tag}/")
     trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=folder / "checkpoints", logger=logger,
@@ -207,7 +205,6 @@ def sft_or_reuse(model, tok, examples: list[dict], sft_cfg, folder: Path, ctx, t
     trained.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     info = {"steps": res.steps, "final_loss": res.final_loss, "seconds": res.seconds}
-    from stages.entry import write_json_atomic
 
     write_json_atomic(done, info)  # the marker a rerun trusts: whole or absent
     return trained.eval(), info
@@ -216,9 +213,6 @@ def sft_or_reuse(model, tok, examples: list[dict], sft_cfg, folder: Path, ctx, t
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
         progress: bool = True) -> dict[str, str]:
     import mlflow
-
-    from stages.base_model import pretraining_texts
-    from stages.models import load_model, load_model_and_tokenizer, load_tokenizer, pick_device, resolve_model_uri
 
     cfg = recipe.distill
     data_uri = resolve_input(recipe, inputs, "data", *UPSTREAM["data"])

@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+from stages import registry
+from stages.core import distributed
+from stages.core.jsonio import write_json_atomic
+from stages.core.order import check_stages
+from stages.core.recipe import load_recipe
 
 
 def _record(fn):
@@ -42,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stages import distributed
-    from stages.recipe import load_recipe
-    from stages.registry import check_stages, runnable
-
     check_stages([args.stage])
     recipe = load_recipe(args.recipe, json.loads(args.overrides))
     if distributed.launched_world_size() > 1:
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).info("stage %s runs on rank 0 alone (it has no multi-rank path)", args.stage)
         else:
             distributed.init_from_env()
-    out = runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
+    out = registry.runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
                                  progress=sys.stderr.isatty())
     if args.result_file and distributed.launched_rank() == 0:
         write_json_atomic(args.result_file, out)

@@ -1,13 +1,21 @@
 """General SFT (R1 §2.3.3): fine-tune the BASE model (DeepSeek-V3-Base in the paper) on the synthesized set — reasoning
-samples rejection-sampled from the RL checkpoint plus general samples — for a few epochs."""
+samples rejection-sampled from the RL checkpoint plus general samples — for a few epochs.
+
+mlflow is imported inside functions: the registry imports every stage, and `r1 validate` must start fast.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from stages.common import resolve_input, stage_context
-from stages.recipe import Recipe
+from stages.core import tracking
+from stages.core.context import stage_context
+from stages.core.data import DataInputError, load_rows
+from stages.core.lineage import resolve_input
+from stages.core.models import load_model_and_tokenizer, pick_device
+from stages.core.recipe import Recipe
+from stages.core.sft_runner import train_and_finish
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +27,6 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
         progress: bool = True) -> dict[str, str]:
     import mlflow
 
-    from stages.cold_start_sft import train_and_finish
-
     cfg = recipe.general_sft
     base_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])
     data_uri = resolve_input(recipe, inputs, "data", *UPSTREAM["data"])
@@ -31,8 +37,6 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
             kinds[r.get("kind") or "unknown"] = kinds.get(r.get("kind") or "unknown", 0) + 1
         if ctx.main:
             mlflow.log_metrics({"data/examples": len(rows)} | {f"data/{k}_examples": n for k, n in kinds.items()})
-        from stages.models import load_model_and_tokenizer, pick_device
-
         model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
         return train_and_finish(ctx, cfg.sft, model, tok, rows)
 
@@ -40,9 +44,6 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
 def load_sft_rows(recipe: Recipe, data_uri: str) -> list[dict]:
     """Rows with `prompt` and `completion` from a data URI (runs:/<id>/data, an mlflow-artifacts URI) or a local
     save_rows folder; an error names the URI and the missing column."""
-    from stages import tracking
-    from stages.data import DataInputError, load_rows
-
     if data_uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
         import mlflow
 

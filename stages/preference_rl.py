@@ -7,6 +7,9 @@ scored by one family of rewards only and GRPO's per-group statistics stay per pr
 
 A reward model not given in the config is trained here (Bradley-Terry on synthetic pairs of the `general` family) and
 logged as `reward_models/<name>/`, with its held-out pairwise accuracy.
+
+torch, transformers and mlflow are imported inside functions: the registry imports every stage, and `r1 validate`
+must start fast.
 """
 
 from __future__ import annotations
@@ -17,9 +20,22 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.common import resolve_input, stage_context
-from stages.recipe import Recipe
-from stages.stage_configs import PreferenceRLConfig
+from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
+from stages.core.configs import PreferenceRLConfig
+from stages.core.context import stage_context
+from stages.core.data import load_problems, prompt_rows
+from stages.core.grpo_runner import reward_functions, train_grpo
+from stages.core.lineage import resolve_input, use_tracking_for
+from stages.core.models import (
+    ModelInputError,
+    check_model_dir,
+    load_model,
+    load_model_and_tokenizer,
+    pick_device,
+    resolve_model_uri,
+)
+from stages.core.recipe import Recipe
+from stages.core.tasks import bad_reply
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +83,6 @@ def mix_counts(n_reasoning: int, n_general: int, share: float) -> tuple[int, int
 
 def mixed_rows(recipe: Recipe, cfg: PreferenceRLConfig) -> list[dict]:
     """Reasoning and general prompt rows (tagged `kind`), in the configured proportion, shuffled."""
-    from stages.data import load_problems, prompt_rows
 
     template = recipe.prompt.template
     reasoning = general = []
@@ -98,9 +113,6 @@ def all_rewards(rule_rewards: list[tuple[str, Callable, float]], scorers: dict[s
 
 def preference_pairs(recipe: Recipe, cfg: PreferenceRLConfig, which: str, split: str, n: int):
     """(prompt, chosen, rejected) from the `general` family, with each side as the reward model reads it."""
-    from rewards.reward_model import response_text
-    from stages.data import load_problems
-    from stages.tasks import bad_reply
 
     mode, harmful = REWARD_MODELS[which]
     seed = recipe.seed + (1 if split == "train" else 2) * 1009 + (7 if harmful else 0)
@@ -118,8 +130,6 @@ def train_reward_model(recipe: Recipe, cfg: PreferenceRLConfig, tokenizer, which
     already holds a finished one."""
     import torch
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-    from rewards.reward_model import train_bradley_terry
 
     if (out_dir / "done.json").exists():
         log.info("reward model %s: reusing %s", which, out_dir)
@@ -142,7 +152,6 @@ def train_reward_model(recipe: Recipe, cfg: PreferenceRLConfig, tokenizer, which
 
 def check_reward_model_inputs(cfg: PreferenceRLConfig) -> dict[str, str]:
     """Given reward models, checked before any model loads (a bad path fails naming the field)."""
-    from stages.models import ModelInputError, check_model_dir, resolve_model_uri
 
     given = {}
     for which in REWARD_MODELS:
@@ -164,7 +173,7 @@ def general_scores(model, tokenizer, prompts: list[str], scorers: dict[str, Call
     """Mean score of each reward model on sampled replies to held-out general prompts."""
     import torch
 
-    from grpo.rollout import HFGenerateBackend, SamplingParams
+    from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
     model.eval()
     torch.manual_seed(recipe.eval.seed)
@@ -181,12 +190,6 @@ def general_scores(model, tokenizer, prompts: list[str], scorers: dict[str, Call
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
         progress: bool = True) -> dict[str, str]:
     import mlflow
-
-    from rewards.reward_model import RewardModelScorer, pairwise_accuracy
-    from stages.data import load_problems
-    from stages.distill import use_tracking_for
-    from stages.grpo_stage import reward_functions, train_grpo
-    from stages.models import load_model, load_model_and_tokenizer, pick_device, resolve_model_uri
 
     cfg = recipe.preference_rl
     model_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stages.recipe import Recipe
+from stages.core.grpo_runner import run_stage
+from stages.core.recipe import Recipe
 
 STAGE = "r1_zero"
 UPSTREAM = {"model": ("base_model", "model")}
@@ -10,6 +11,4 @@ UPSTREAM = {"model": ("base_model", "model")}
 
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
         progress: bool = True) -> dict[str, str]:
-    from stages.grpo_stage import run_stage
-
     return run_stage(STAGE, recipe.r1_zero, UPSTREAM["model"][0], recipe, inputs, parent_run_id, progress)

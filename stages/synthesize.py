@@ -7,6 +7,8 @@ a folder (its rows, plus `state.json` with the position reached: next generation
 yet in a shard, the cumulative counts) written under a temporary name and renamed, so it either exists whole or not at
 all. A rerun (same config and input, hence the same work dir) reads the finished shards and continues from the last
 one's position; since each generation batch is seeded by its index, the final rows equal an uninterrupted run's.
+
+mlflow and tqdm are imported inside functions: the registry imports every stage, and `r1 validate` must start fast.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-from stages.common import resolve_input, stage_context
-from stages.recipe import Recipe
-from stages.rejection import Counts, Filters
+from grpo.faults import fault_point
+from stages.core.context import stage_context
+from stages.core.data import load_problems, load_rows, save_rows
+from stages.core.lineage import resolve_input
+from stages.core.models import load_model_and_tokenizer, pick_device
+from stages.core.recipe import Recipe
+from stages.core.rejection import Counts, Filters, RejectionSampler
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +50,6 @@ def filters_of(cfg) -> Filters:
 
 
 def reasoning_problems(recipe: Recipe):
-    from stages.data import load_problems
-
     cfg = recipe.synthesize
     if cfg.reasoning_target == 0:
         return []
@@ -60,8 +64,6 @@ def general_rows(recipe: Recipe) -> list[dict]:
     translation; a CoT only for the harder ones). Here the `general` task family (or a given dataset's answer column)
     supplies one good reply per request, taken as correct (reward 1).
     """
-    from stages.data import load_problems
-
     cfg = recipe.synthesize
     if cfg.general_target == 0:
         return []
@@ -77,8 +79,6 @@ def general_rows(recipe: Recipe) -> list[dict]:
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
         progress: bool = True) -> dict[str, str]:
     import mlflow
-
-    from stages.data import save_rows
 
     cfg = recipe.synthesize
     if cfg.reasoning_target + cfg.general_target == 0:
@@ -132,9 +132,6 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
     """Rejection-sample up to reasoning_target rows, shard by shard, resuming from the work dir's finished shards."""
     from tqdm.auto import tqdm
 
-    from grpo.faults import fault_point
-    from stages.rejection import RejectionSampler
-
     cfg, recipe = ctx.recipe.synthesize, ctx.recipe
     shard_dir = ctx.workdir / "shards"
     rows, state = load_shards(shard_dir)
@@ -149,8 +146,6 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
     if state["shard"] >= 0:
         log.info("synthesize: resuming after shard %d (%d rows) at generation batch %d", state["shard"], len(rows),
                  state["next_batch"])
-
-    from stages.models import load_model_and_tokenizer, pick_device
 
     model, tok = load_model_and_tokenizer(model_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
     sampler = RejectionSampler(model, tok, problems, source_run=model_uri, template=recipe.prompt.template,
@@ -200,9 +195,6 @@ def shard_path(shard_dir: Path, i: int) -> Path:
 
 def write_shard(shard_dir: Path, i: int, rows: list[dict], state: dict) -> Path:
     """Rows and state into a temporary folder, then one rename: a shard is whole or absent."""
-    from grpo.faults import fault_point
-    from stages.data import save_rows
-
     final = shard_path(shard_dir, i)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +212,6 @@ def write_shard(shard_dir: Path, i: int, rows: list[dict], state: dict) -> Path:
 def load_shards(shard_dir: Path) -> tuple[list[dict], dict | None]:
     """Rows of the finished shards 0, 1, ... up to the first missing one, and the last one's state. Shards after a gap
     (and unfinished temporaries) are stale: removed, their batches are redone."""
-    from stages.data import load_rows
-
     rows, state, i = [], None, 0
     while (shard_path(shard_dir, i) / "state.json").exists():
         d = shard_path(shard_dir, i)

@@ -29,7 +29,7 @@ MINI = {
 
 @pytest.fixture
 def mini_recipe(tmp_path):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     return load_recipe("tiny", {**MINI, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
                                 "output_dir": str(tmp_path / "runs")})
@@ -39,7 +39,7 @@ def mini_recipe(tmp_path):
 def tiny_base(tmp_path_factory):
     """The real `tiny` preset base model, built once per test session (about 2-3 minutes on 2 cores)."""
     from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     recipe = load_recipe("tiny")
     out = tmp_path_factory.mktemp("tiny_base") / "model"
@@ -59,8 +59,8 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def tok():
     """The engine tests' tokenizer: byte-level BPE (vocab 320) trained on clean addition traces."""
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
 
     problems = make_problems("addition", 200, seed=0)
     return train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in problems], vocab_size=320)
@@ -97,7 +97,7 @@ def tiny_model():
 def mini_base(tmp_path_factory) -> str:
     """A mini base model folder (seconds to build): plumbing, not quality. Stages read it; no test writes to it."""
     from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("mini_base") / "model"
     build_base_model(load_recipe("tiny", MINI), out, progress=False)

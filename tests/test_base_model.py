@@ -5,9 +5,11 @@ import random
 import pytest
 import torch
 
-from stages.base_model import build_base_model, heldout_problems, pretraining_texts, split_of
-from stages.models import ModelInputError, check_model_dir, load_model, load_tokenizer, resolve_model_uri
-from stages.tasks import TraceNoise, clean_trace, make_problems, noisy_trace
+from stages.base_model import build_base_model
+from stages.core.data import split_of
+from stages.core.heldout import heldout_problems, pretraining_texts
+from stages.core.models import ModelInputError, check_model_dir, load_model, load_tokenizer, resolve_model_uri
+from stages.core.tasks import TraceNoise, clean_trace, make_problems, noisy_trace
 
 TRICKY = [
     "User: 12+34\nAssistant: <think>2+4=6, write 6. 所以 答案 是 46.</think><answer>46</answer>",
@@ -20,7 +22,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def mini_model_dir(tmp_path_factory):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     recipe = load_recipe("tiny", MINI)
@@ -32,7 +34,7 @@ def mini_model_dir(tmp_path_factory):
 def test_tokenizer_roundtrips_through_auto_classes(mini_model_dir):
     from transformers import AutoTokenizer
 
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tokenizer import train_tokenizer
 
     _, path = mini_model_dir
     reloaded = AutoTokenizer.from_pretrained(path)
@@ -63,7 +65,7 @@ def test_saved_model_reloads_with_identical_outputs(mini_model_dir):
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     recipe = load_recipe("tiny", MINI)
@@ -79,7 +81,7 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_heldout_questions_are_never_pretrained_on():
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     recipe = load_recipe("tiny", {"base_model.train_problems": 3000})
     held = heldout_problems(recipe, 100)
@@ -100,7 +102,7 @@ def test_noisy_traces_have_the_configured_flaws():
     assert abs(no_tags - 0.2) < 0.03 and abs(mixed - 0.25) < 0.03
     assert abs(wrong / len(tagged) - 0.3) < 0.03
     # a clean trace is correct, well-formed and English; 37+48 carries once
-    from stages.tasks import Problem, _addition_steps
+    from stages.core.tasks import Problem, _addition_steps
 
     p = Problem("37+48", "85", "addition", _addition_steps(37, 48))
     assert clean_trace(p) == ("<think>7+8=15, write 5 carry 1. 3+4+1=8, write 8. so the answer is 85.</think>"

@@ -3,7 +3,8 @@
 import mlflow
 import pytest
 
-from stages import base_model, tracking
+from stages import base_model
+from stages.core import tracking
 
 
 def _runs(recipe):
@@ -22,7 +23,7 @@ def test_stage_run_logs_params_metrics_samples_and_model(mini_recipe):
         assert 0.0 <= run.data.metrics[k] <= 1.0
     assert run.data.metrics["base/steps"] == 8
     # the model artifact is a loadable Hugging Face directory, resolved through its runs:/ URI
-    from stages.models import check_model_dir, load_model_and_tokenizer, resolve_model_uri
+    from stages.core.models import check_model_dir, load_model_and_tokenizer, resolve_model_uri
 
     check_model_dir(resolve_model_uri(out["model"]), need_chat_template=True)
     model, tok = load_model_and_tokenizer(out["model"])
@@ -53,7 +54,7 @@ def test_pipeline_flow_nests_stage_runs_under_one_parent(prefect_harness, mini_r
 
 
 def test_pipeline_refuses_unknown_stage_before_starting():
-    from stages.registry import check_stages
+    from stages.core.order import check_stages
 
     with pytest.raises(ValueError, match="unknown stage 'r2_zero'"):
         check_stages(["r2_zero"])
@@ -63,9 +64,9 @@ def test_pipeline_refuses_unknown_stage_before_starting():
 def test_tiny_base_model_shows_r1_zero_flaws(tiny_base):
     """Good enough to learn from (greedy mostly right), flawed enough to leave RL room: wrong samples, broken format,
     mixed languages. Band measured at 46% pass@1, 77% format, 86% language-clean (seed 0, 128 held-out prompts)."""
-    from stages.base_model import heldout_problems
-    from stages.evaluate import evaluate
-    from stages.models import load_model, load_tokenizer
+    from stages.core.evaluate import evaluate
+    from stages.core.heldout import heldout_problems
+    from stages.core.models import load_model, load_tokenizer
 
     recipe, res = tiny_base
     res_eval = evaluate(load_model(res.path), load_tokenizer(res.path), heldout_problems(recipe), recipe.eval,

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.recipe import RecipeError, load_recipe
+from stages.core.recipe import RecipeError, load_recipe
 from tests.conftest import MINI
 from tests.test_flows import SMALL_RL, _stage_runs
 
@@ -23,7 +23,7 @@ def test_stage_flows_take_pydantic_forms_with_one_field_per_input():
     from pydantic import ValidationError
 
     from flows.stage_flows import STAGE_FLOWS, StageRequest
-    from stages.registry import INPUTS, ORDER
+    from stages.core.order import INPUTS, ORDER
 
     assert list(STAGE_FLOWS) == ORDER
     for stage, fl in STAGE_FLOWS.items():
@@ -131,7 +131,7 @@ def test_stage_flow_resolves_upstream_and_takes_run_ids_and_aliases(prefect_harn
     forced = STAGE_FLOWS["r1_zero"](request=request.model_copy(update={"force": True}))
     assert forced["skipped"] == [] and len([r for r in _stage_runs(uri) if r.data.tags["r1.stage"] == "r1_zero"]) == 2
 
-    from stages.common import StageInputError
+    from stages.core.lineage import StageInputError
 
     with pytest.raises(StageInputError, match="no such registered model version"):
         STAGE_FLOWS["r1_zero"](request=request, inputs={"model": "models:/r1-tiny-base_model@nightly"})

@@ -6,7 +6,7 @@ import json
 import mlflow
 import pytest
 
-from stages.registry import ORDER
+from stages.core.order import ORDER
 
 
 @pytest.mark.slow

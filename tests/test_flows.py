@@ -3,7 +3,7 @@
 import mlflow
 import pytest
 
-from stages.common import StageInputError
+from stages.core.lineage import StageInputError
 from tests.conftest import MINI
 
 # r1_zero small enough for seconds
@@ -31,14 +31,14 @@ def test_unchanged_stages_are_skipped_and_changes_rerun_downstream_only(prefect_
     assert first["skipped"] == [] and len(_stage_runs(uri)) == 2
     assert first["stages"]["r1_zero"]["model"].startswith("runs:/")
     # each stage's model is registered, and the alias resolves to a loadable model
-    from stages.models import check_model_dir, resolve_model_uri
+    from stages.core.models import check_model_dir, resolve_model_uri
 
     check_model_dir(resolve_model_uri("models:/r1-tiny-r1_zero@current"), need_chat_template=True)
     # the pipeline's summary names every stage with its evaluation; compare sees both runs
     summary = mlflow.artifacts.load_text(f"runs:/{first['pipeline_run_id']}/summary.md")
     assert "| base_model |" in summary and "| r1_zero |" in summary and "pass_at_1" in summary
     from flows.compare import compare_rows
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     rows = compare_rows(load_recipe("tiny", base), pipeline_run_id=first["pipeline_run_id"])
     assert sorted(r["stage"] for r in rows) == stages and all(0 <= r["eval/pass_at_1"] <= 1 for r in rows)
@@ -99,7 +99,7 @@ def test_a_failing_rank_fails_the_stage_task_with_its_message(prefect_harness, m
 
     from flows import pipeline
     from flows.launch import LaunchSpec
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.launch_targets import FAIL_MESSAGE
 
     recipe = load_recipe("tiny", {"output_dir": str(tmp_path), "cluster.launcher": "torchrun",

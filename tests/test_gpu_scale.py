@@ -19,8 +19,8 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_model):
     """A ~100M-parameter Qwen2 model (random weights) with the tiny recipe's tokenizer, saved as a model directory."""
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
 
     tok = train_tokenizer([f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in make_problems("addition", 500, 0)],
                           vocab_size=512)
@@ -45,7 +45,7 @@ def test_zero3_grpo_stage_on_all_local_gpus(model_dir, tmp_path):
     import mlflow
 
     from flows.launch import LaunchSpec, launch_stage
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     gpus = torch.cuda.device_count()
@@ -70,7 +70,7 @@ def test_vllm_backend_generates_and_follows_the_policy(model_dir):
 
     from grpo.config import GRPOConfig, VLLMConfig
     from grpo.trainer import GRPOTrainer
-    from stages.tasks import make_problems
+    from stages.core.tasks import make_problems
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir).cuda()

@@ -8,7 +8,7 @@ import torch
 from grpo.checkpoint import STATE_FILE, latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
-from stages.tasks import make_problems
+from stages.core.tasks import make_problems
 from tests.conftest import build_tiny_model
 
 

@@ -25,8 +25,8 @@ TEXTS = ["<think>1+2=3</think><answer>3</answer>", "12", "abc def", "<answer>7</
 def setup(aggregation: str = "sequence_mean"):
     from grpo.config import GRPOConfig
     from grpo.rollout import rollout_from_completions
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
     from tests.conftest import build_tiny_model
 
     problems = make_problems("addition", 100, seed=0)

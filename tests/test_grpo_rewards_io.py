@@ -103,8 +103,8 @@ def test_rewards_must_fit_the_advantage_mode():
      r"r1_zero\.rewards: advantage_mode 'process' needs at least one process reward"),
 ])
 def test_preflight_refuses_rewards_that_do_not_fit_the_mode(mode, rewards, match):
-    from stages.preflight import check_rewards
-    from stages.recipe import load_recipe
+    from stages.core.preflight import check_rewards
+    from stages.core.recipe import load_recipe
 
     recipe = load_recipe("tiny", {"r1_zero.grpo.advantage_mode": mode, "r1_zero.rewards": rewards})
     [problem] = check_rewards(recipe, ["r1_zero"])

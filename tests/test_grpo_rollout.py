@@ -11,8 +11,8 @@ from grpo.rollout import (
     completion_mask_from_eos,
     rollout_from_completions,
 )
-from stages.tasks import clean_trace, make_problems
-from stages.tokenizer import train_tokenizer
+from stages.core.tasks import clean_trace, make_problems
+from stages.core.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

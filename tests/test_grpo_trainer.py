@@ -14,7 +14,7 @@ from grpo.loss import grpo_loss
 from grpo.rewards_io import RewardError, char_offsets_to_token_ends
 from grpo.rollout import rollout_from_completions
 from grpo.trainer import GRPOTrainer, PromptSampler
-from stages.tasks import make_problems
+from stages.core.tasks import make_problems
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_process_mode_trains(tiny_model, tok, dataset):
         trainer.train()
 
 
-def test_process_advantage_reaches_eos(tok, dataset):
+def test_process_advantage_reaches_eos(tiny_model, tok, dataset):
     """The last step covers the EOS (decoded text has none): Â at EOS is the last step's normalised reward, not 0."""
     texts = ["12+34=46. so 46", "12+34=47. so 46"]
 

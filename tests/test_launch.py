@@ -127,7 +127,7 @@ def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
 
 
 def test_local_accepts_a_validated_recipe(monkeypatch):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     seen = []
     monkeypatch.setattr("stages.registry.runnable",
@@ -140,7 +140,7 @@ def test_local_accepts_a_validated_recipe(monkeypatch):
 
 
 def test_spec_from_cluster_and_validation():
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     spec = LaunchSpec.from_cluster(load_recipe("qwen2.5-7b").cluster, hostfile="/etc/hostfile")
     assert (spec.target, spec.nodes, spec.nproc_per_node) == ("deepspeed", 4, 8)
@@ -326,7 +326,7 @@ def test_stage_flow_parameters_accept_a_launch_spec():
 def test_kubernetes_launch_hands_the_planned_inputs_to_the_stage_in_the_pod(monkeypatch):
     """What the pipeline's stage task passes (a Recipe, planned input URIs, the parent run) reaches the stage the pod
     runs: the deployment's parameters, validated the way Prefect validates them, into r1_stage and its local launch."""
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     planned = {"model": "runs:/0123abcd/model", "data": "runs:/4567ef01/cot_data"}
     sent, ran = {}, {}
@@ -358,7 +358,7 @@ def test_kubernetes_launch_hands_the_planned_inputs_to_the_stage_in_the_pod(monk
 
 
 def test_deepspeed_launch_passes_a_recipe_object_as_a_file_and_reports_the_traceback(tmp_path, monkeypatch):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     seen = {}
 

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from stages.recipe import RecipeError, flatten, load_recipe, presets
+from stages.core.recipe import RecipeError, flatten, load_recipe, presets
 
 
 def test_presets_validate():

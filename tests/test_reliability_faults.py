@@ -25,7 +25,7 @@ CHAIN = ["r1_zero", "synthesize", "general_sft"]
 def mini_model(tmp_path_factory):
     """A mini model pretrained just enough to stop before max_new_tokens now and then (synthesis keeps those)."""
     from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("faults_model") / "model"
     build_base_model(load_recipe("tiny", {**MINI, "base_model.max_steps": 40, "base_model.learning_rate": 1e-2}), out,
@@ -49,8 +49,8 @@ def overrides(root: Path) -> dict:
 
 def seed_upstream(uri: str, model_dir: str, stages=("base_model", "reasoning_rl")) -> None:
     """Finished runs of the stages upstream of CHAIN, each with `model_dir` as its model artifact."""
-    from stages import tracking
-    from stages.recipe import TrackingConfig
+    from stages.core import tracking
+    from stages.core.recipe import TrackingConfig
 
     for stage in stages:
         with tracking.stage_run(TrackingConfig(uri=uri, experiment="r1-tiny"), stage, {}, "tiny"):
@@ -120,7 +120,7 @@ def final_weights(run) -> dict:
 
 def test_killed_stages_resume_when_the_pipeline_reruns(prefect_harness, mini_model, tmp_path):
     from flows.pipeline import r1_pipeline
-    from stages.data import load_rows
+    from stages.core.data import load_rows
 
     over, ref_over = overrides(tmp_path / "faulty"), overrides(tmp_path / "ref")
     seed_upstream(over["tracking.uri"], mini_model)

@@ -17,7 +17,7 @@ from tests.test_grpo_trainer import small_config
 
 @pytest.fixture(scope="module")
 def dataset():
-    from stages.tasks import make_problems
+    from stages.core.tasks import make_problems
 
     return [{"prompt": f"User: {p.question}\nAssistant:", "answer": p.answer} for p in make_problems("addition", 32, 1)]
 
@@ -110,7 +110,7 @@ def test_grpo_stops_after_max_bad_steps_with_a_checkpoint(tiny_model, tok, datas
 
 
 def test_sft_skips_nan_steps_and_stops_after_several(tiny_model, tok, tmp_path):
-    from stages.sft import SFTConfig, SFTTrainer
+    from stages.core.sft import SFTConfig, SFTTrainer
     from tests.test_sft import SFT_MODEL
 
     examples = [{"prompt": f"User: {a}+{b}\nAssistant:", "completion": f" {a + b}"} for a in range(8) for b in range(4)]

@@ -31,7 +31,7 @@ class Refusal:
 
 
 def _recipe(ws: Path, **over):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     return load_recipe("tiny", {**MINI, "tracking.uri": f"sqlite:///{ws}/mlflow.db", "output_dir": str(ws / "runs"),
                                 **over})
@@ -46,7 +46,7 @@ def _stage(name: str, ws: Path, inputs: dict | None = None, **over) -> None:
 
 def _pipeline(stages: list[str], ws: Path, **over) -> None:
     """What the pipeline flow runs before its first stage."""
-    from stages.preflight import preflight
+    from stages.core.preflight import preflight
 
     preflight(_recipe(ws, **over), stages)
 
@@ -55,8 +55,8 @@ def model_dir(ws: Path, variant: str = "ok") -> str:
     """A small Hugging Face model folder (random weights, a trained tokenizer with the chat template), or a broken one."""
     base = ws / "models" / "ok"
     if not base.exists():
-        from stages.tasks import clean_trace, make_problems
-        from stages.tokenizer import train_tokenizer
+        from stages.core.tasks import clean_trace, make_problems
+        from stages.core.tokenizer import train_tokenizer
         from tests.conftest import build_tiny_model
 
         texts = [f"User: {p.question}\nAssistant:{clean_trace(p)}" for p in make_problems("addition", 50, 0)]
@@ -88,7 +88,7 @@ def model_dir(ws: Path, variant: str = "ok") -> str:
 
 
 def data_file(ws: Path, drop: tuple[str, ...] = (), name: str = "prompts.jsonl") -> str:
-    from stages.tasks import clean_trace, make_problems
+    from stages.core.tasks import clean_trace, make_problems
 
     path = ws / name
     with open(path, "w") as f:
@@ -104,7 +104,7 @@ def _pretrained(ws: Path, variant: str = "ok") -> dict:
 
 def _busy(ws: Path) -> None:
     """A second run of a stage while the first still holds its work dir."""
-    from stages.attempts import work_lock
+    from stages.core.attempts import work_lock
 
     work = ws / "runs" / "r1_zero" / "k"
     work.mkdir(parents=True)
@@ -116,7 +116,7 @@ def _other_model_checkpoint(ws: Path) -> None:
     from grpo.checkpoint import save_checkpoint
     from grpo.engine import TorchEngine, lr_lambda
     from grpo.trainer import GRPOTrainer
-    from stages.models import load_tokenizer
+    from stages.core.models import load_tokenizer
     from tests.conftest import build_tiny_model
     from tests.test_grpo_trainer import small_config
     from tests.test_reliability_numerics import _len_reward
@@ -146,7 +146,7 @@ REFUSALS = [
             lambda ws: _recipe(ws, **{"prompt.template": "Solve it.\nAssistant:"})),
     Refusal("no_recipe", "a recipe file that does not exist", "recipe load",
             r"recipe '.*/nope\.yaml' is neither a file nor a preset",
-            lambda ws: __import__("stages.recipe").recipe.load_recipe(str(ws / "nope.yaml"))),
+            lambda ws: __import__("stages.core.recipe").core.recipe.load_recipe(str(ws / "nope.yaml"))),
     Refusal("unknown_stage", "an unknown stage name: `r1 pipeline --stage r2_zero`", "preflight (CLI, before Prefect "
             "starts)", r"unknown stage 'r2_zero'", lambda ws: _cli(ws, ["pipeline", "--stage", "r2_zero"])),
     Refusal("unknown_reward", "an unknown reward name: `r1_zero.rewards: [{name: acuracy}]`", "preflight",
@@ -246,12 +246,16 @@ def no_model_loads(monkeypatch):
     import transformers
 
     import stages.base_model
-    import stages.models
+    import stages.core.context
+    import stages.core.models
+    import stages.distill
+    import stages.preference_rl
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(stages.models, "load_model", boom)
+    for module in (stages.core.models, stages.core.context, stages.base_model, stages.distill, stages.preference_rl):
+        monkeypatch.setattr(module, "load_model", boom)  # where it is looked up
     monkeypatch.setattr(stages.base_model, "build_base_model", boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
 

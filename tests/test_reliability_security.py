@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("preset", ["tiny", "qwen2.5-7b"])
 def test_trust_remote_code_is_off_in_every_preset(preset):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
 
     assert load_recipe(preset).base_model.trust_remote_code is False
 
@@ -22,7 +22,7 @@ def test_trust_remote_code_is_off_in_every_preset(preset):
 def test_models_load_from_safetensors_without_remote_code_unless_asked(monkeypatch):
     import transformers
 
-    from stages import models
+    from stages.core import models
 
     calls = []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",

@@ -8,7 +8,7 @@ import pytest
 
 import rewards.accuracy as acc
 from rewards.accuracy import accuracy_reward, as_number, normalize_answer
-from stages.tasks import clean_trace, make_problems
+from stages.core.tasks import clean_trace, make_problems
 
 
 def R(ans: str) -> str:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from rewards.language import language_consistency_reward, target_language_share, words_by_script
-from stages.tasks import TraceNoise, make_problems, noisy_trace
+from stages.core.tasks import TraceNoise, make_problems, noisy_trace
 
 
 def T(think: str) -> str:

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rewards.process import arithmetic_claims, completion_steps, process_arithmetic_reward, split_steps
-from stages.tasks import TraceNoise, make_problems, noisy_trace
+from stages.core.tasks import TraceNoise, make_problems, noisy_trace
 
 GOOD = " <think>7+8=15, write 5 carry 1. 3+4+1=8, write 8. so the answer is 85.</think><answer>85</answer>"
 BAD = "<think>7+8=16, write 6 carry 1. 3+4+1=8, write 8. so the answer is 86.</think><answer>86</answer>"

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from grpo.rewards_io import call_reward
 from rewards import build_rewards, process_reward_model
 from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
-from stages.tokenizer import train_tokenizer
+from stages.core.tokenizer import train_tokenizer
 
 TOPICS = [
     "the weather",

@@ -19,8 +19,8 @@ from grpo.config import GRPOConfig, VLLMConfig
 from grpo.rollout import SamplingParams, completion_seed, mix_seed
 from grpo.rollout_vllm import VLLMNotInstalledError, rollout_from_token_ids
 from grpo.trainer import GRPOTrainer
-from stages.tasks import clean_trace, make_problems
-from stages.tokenizer import train_tokenizer
+from stages.core.tasks import clean_trace, make_problems
+from stages.core.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +210,12 @@ def test_vllm_missing_fails_naming_the_gpu_extra_before_the_model_is_touched(tok
 
 def test_a_vllm_stage_without_vllm_fails_before_loading_its_model(mini_recipe, monkeypatch):
     """The stage checks before it opens its MLflow run or loads anything."""
-    from stages import r1_zero, stage_configs  # noqa: F401  (the stage's modules import fine without vLLM)
+    from stages import r1_zero
 
     _without_vllm(monkeypatch)
-    monkeypatch.setattr("stages.models.load_model_and_tokenizer",
+    monkeypatch.setattr("stages.core.grpo_runner.load_model_and_tokenizer",
                         lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr("stages.common.stage_context", lambda *a, **k: pytest.fail("an MLflow run was opened"))
+    monkeypatch.setattr("stages.core.grpo_runner.stage_context", lambda *a, **k: pytest.fail("an MLflow run was opened"))
     recipe = mini_recipe.model_copy(update={"r1_zero": mini_recipe.r1_zero.model_copy(update={
         "grpo": mini_recipe.r1_zero.grpo.model_copy(update={"rollout_backend": "vllm"})})})
     with pytest.raises(VLLMNotInstalledError, match="gpu"):

@@ -11,8 +11,9 @@ import pytest
 
 from flows.launch import LaunchSpec
 from grpo.checkpoint import STATE_FILE, CheckpointWorldSizeError, load_checkpoint
-from stages import distributed, entry
-from stages.recipe import load_recipe
+from stages import entry
+from stages.core import distributed
+from stages.core.recipe import load_recipe
 
 
 def test_checkpoint_from_another_world_size_is_refused_before_loading(tmp_path):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from stages.sft import SFTConfig, SFTTrainer, collate, length_grouped_order, tokenize_examples
+from stages.core.sft import SFTConfig, SFTTrainer, collate, length_grouped_order, tokenize_examples
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from stages.tasks import clean_trace, make_problems
-    from stages.tokenizer import train_tokenizer
+    from stages.core.tasks import clean_trace, make_problems
+    from stages.core.tokenizer import train_tokenizer
 
     probs = make_problems("addition", 300, seed=0)
     return train_tokenizer([f"User: {p.question}\nAssistant: {clean_trace(p)}" for p in probs], vocab_size=400)
@@ -72,7 +72,7 @@ def test_sft_learns_the_responses(tiny_model, tok):
 
 
 def test_resume_continues_exactly(tiny_model, tok, tmp_path):
-    from stages.tasks import clean_trace, make_problems
+    from stages.core.tasks import clean_trace, make_problems
 
     data = [{"prompt": f"User: {p.question}\nAssistant:", "completion": " " + clean_trace(p)}
             for p in make_problems("addition", 40, seed=2)]

@@ -13,7 +13,7 @@ TINY_STUDENT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads"
 
 
 def _recipe(mini_recipe, students, **overrides):
-    from stages.recipe import Recipe, _set_dotted
+    from stages.core.recipe import Recipe, _set_dotted
 
     data = mini_recipe.model_dump()
     for k, v in {"distill.students": students, "distill.sft.max_steps": 3, "distill.sft.warmup_steps": 1,
@@ -32,9 +32,9 @@ def teacher(mini_recipe, tmp_path):
 @pytest.fixture
 def synthesized(mini_recipe, tmp_path):
     """A stand-in for the synthesize stage's data/: clean (correct, well-formed) traces plus general replies."""
-    from stages.data import load_problems, save_rows
-    from stages.stage_configs import DataSource
-    from stages.tasks import clean_trace
+    from stages.core.configs import DataSource
+    from stages.core.data import load_problems, save_rows
+    from stages.core.tasks import clean_trace
 
     t = mini_recipe.prompt.template
     rows = [{"prompt": t.format(question=p.question), "completion": " " + clean_trace(p), "kind": "reasoning"}
@@ -45,7 +45,7 @@ def synthesized(mini_recipe, tmp_path):
 
 
 def test_parameter_count_from_config_matches_the_built_model():
-    from stages.config_base import ModelArch
+    from stages.core.config_base import ModelArch
 
     arch = distill.arch_config(ModelArch(**TINY_STUDENT), 323, 1, 0)
     model = distill.build_student(arch, 0)
@@ -56,12 +56,12 @@ def test_parameter_count_from_config_matches_the_built_model():
 
 def test_student_not_smaller_than_teacher_is_refused_before_anything_trains(mini_recipe, teacher, synthesized,
                                                                             monkeypatch):
-    import stages.sft
+    import stages.core.sft
 
     def no_training(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(stages.sft.SFTTrainer, "__init__", no_training)
+    monkeypatch.setattr(stages.core.sft.SFTTrainer, "__init__", no_training)
     big = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
            "intermediate_size": 128}
     recipe = _recipe(mini_recipe, [{"name": "small", "model": TINY_STUDENT}, {"name": "too-big", "model": big}])
@@ -72,7 +72,7 @@ def test_student_not_smaller_than_teacher_is_refused_before_anything_trains(mini
     with pytest.raises(distill.StudentSizeError, match="'same'"):
         distill.run(recipe, inputs={"data": str(synthesized), "teacher": str(teacher)}, progress=False)
     # the teacher as a runs:/ URI: only its config.json is read, from the recipe's store whatever MLflow pointed at
-    from stages import tracking
+    from stages.core import tracking
 
     with tracking.stage_run(recipe.tracking, "preference_rl", {}, recipe.name) as prev:
         mlflow.log_artifacts(str(teacher), "model")
@@ -89,7 +89,7 @@ def test_student_not_smaller_than_teacher_is_refused_before_anything_trains(mini
 def test_student_names_and_configs_are_checked():
     from pydantic import ValidationError
 
-    from stages.stage_configs import DistillConfig
+    from stages.core.configs import DistillConfig
 
     with pytest.raises(ValidationError, match="unique"):
         DistillConfig.model_validate({"students": [{"name": "a", "model": {}}, {"name": "a", "model": {}}]})
@@ -100,8 +100,8 @@ def test_student_names_and_configs_are_checked():
 
 
 def test_synthesized_data_is_read_or_refused_naming_the_columns(tmp_path, synthesized):
-    from stages.common import StageInputError
-    from stages.data import save_rows
+    from stages.core.data import save_rows
+    from stages.core.lineage import StageInputError
 
     rows = distill.load_sft_examples(str(synthesized), "User: {question}\nAssistant:")
     assert len(rows) == 32 and set(rows[0]) == {"prompt", "completion"}
@@ -116,7 +116,7 @@ def test_synthesized_data_is_read_or_refused_naming_the_columns(tmp_path, synthe
 
 
 def test_distill_end_to_end_logs_students_baselines_and_teacher(mini_recipe, teacher, synthesized):
-    from stages.models import load_model_and_tokenizer
+    from stages.core.models import load_model_and_tokenizer
 
     students = [{"name": "s16", "model": TINY_STUDENT},
                 {"name": "s8", "model": {**TINY_STUDENT, "hidden_size": 8, "intermediate_size": 16}}]

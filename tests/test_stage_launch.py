@@ -36,7 +36,7 @@ def base(mini_base):
 
 @pytest.fixture(scope="module")
 def cot_file(tmp_path_factory):
-    from stages.tasks import clean_trace, make_problems
+    from stages.core.tasks import clean_trace, make_problems
 
     path = tmp_path_factory.mktemp("launch_cot") / "cot.jsonl"
     rows = [{"question": p.question, "answer": p.answer, "completion": " " + clean_trace(p)}
@@ -52,7 +52,7 @@ def store(tmp_path_factory):
 
 
 def recipe_for(store: str, output_dir, cot_file: str, **over):
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     values = {

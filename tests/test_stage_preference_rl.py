@@ -22,7 +22,7 @@ SMALL = {
 
 
 def _recipe(mini_recipe, **overrides):
-    from stages.recipe import Recipe, _set_dotted
+    from stages.core.recipe import Recipe, _set_dotted
 
     data = mini_recipe.model_dump()
     for k, v in {**SMALL, **overrides}.items():
@@ -95,7 +95,7 @@ def test_rows_are_tagged_and_mixed(mini_recipe):
 
 
 def test_bad_reward_model_path_fails_before_any_model_loads(mini_recipe, tmp_path):
-    from stages.models import ModelInputError
+    from stages.core.models import ModelInputError
 
     recipe = _recipe(mini_recipe, **{"preference_rl.helpfulness_model": str(tmp_path / "nope")})
     with pytest.raises(ModelInputError, match="preference_rl.helpfulness_model"):
@@ -105,7 +105,7 @@ def test_bad_reward_model_path_fails_before_any_model_loads(mini_recipe, tmp_pat
 def test_process_advantages_are_refused_in_the_config():
     from pydantic import ValidationError
 
-    from stages.stage_configs import PreferenceRLConfig
+    from stages.core.configs import PreferenceRLConfig
 
     with pytest.raises(ValidationError, match="advantage_mode"):
         PreferenceRLConfig.model_validate({"grpo": {"advantage_mode": "process"}})
@@ -113,7 +113,7 @@ def test_process_advantages_are_refused_in_the_config():
 
 def test_preference_rl_end_to_end_trains_and_logs_reward_models(mini_recipe, tmp_path):
     from stages.base_model import build_base_model
-    from stages.models import check_model_dir, resolve_model_uri
+    from stages.core.models import check_model_dir, resolve_model_uri
 
     recipe = _recipe(mini_recipe)
     base = build_base_model(recipe, tmp_path / "policy", progress=False).path

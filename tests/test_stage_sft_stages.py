@@ -8,7 +8,7 @@ import json
 import mlflow
 import pytest
 
-from stages.data import DataInputError
+from stages.core.data import DataInputError
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def base(mini_base):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One MLflow store for the module's stage runs (creating a sqlite store costs seconds)."""
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     root = tmp_path_factory.mktemp("sft_store")
@@ -34,7 +34,7 @@ def store(tmp_path_factory):
 
 
 def _cot_file(path, n=80, drop=()):
-    from stages.tasks import clean_trace, make_problems
+    from stages.core.tasks import clean_trace, make_problems
 
     with open(path, "w") as f:
         for p in make_problems("addition", n, seed=5):
@@ -57,13 +57,13 @@ def test_cold_start_on_a_given_dataset(store, base, tmp_path):
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(rid)}
     assert {"model", "data", "samples.json", "data_samples.json"} <= arts
 
-    from stages.data import load_rows
-    from stages.models import check_model_dir, resolve_model_uri
+    from stages.core.data import load_rows
+    from stages.core.models import check_model_dir, resolve_model_uri
 
     check_model_dir(resolve_model_uri(out["model"]))
     rows = load_rows(mlflow.artifacts.download_artifacts(artifact_uri=out["data"]))
     assert 0 < len(rows) <= 80 and rows[0]["prompt"] == f"User: {rows[0]['question']}\nAssistant:"
-    from stages.base_model import split_of
+    from stages.core.data import split_of
 
     assert all(split_of(r["question"]) == "train" for r in rows)  # held-out questions never trained on
 
@@ -105,7 +105,7 @@ def test_general_sft_from_a_synthesize_run(store, base, tmp_path):
     assert run.data.metrics["sft_final/steps"] == 10
     assert "model" in {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])}
 
-    from stages.data import save_rows
+    from stages.core.data import save_rows
 
     bad = save_rows([{"prompt": "User: hi\nAssistant:"}], tmp_path / "bad")
     with pytest.raises(DataInputError, match=r"missing column\(s\) \['completion'\]"):

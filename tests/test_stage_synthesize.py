@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.rejection import Counts, Filters, RejectionSampler, apply_filters, normalize_completion, score, to_row
+from stages.core.rejection import Counts, Filters, RejectionSampler, apply_filters, normalize_completion, score, to_row
 
 GOOD = " <think>1+2=3, write 3. so the answer is 3.</think><answer>3</answer>"
 
@@ -75,7 +75,7 @@ def test_counts_round_trip_json():
 def mini_model(tmp_path_factory):
     """A mini model pretrained long enough to write tags and stop (well-formed samples exist), in seconds."""
     from stages.base_model import build_base_model
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     recipe = load_recipe("tiny", {**MINI, "base_model.max_steps": 150, "base_model.batch_size": 32,
@@ -89,7 +89,7 @@ def mini_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One MLflow store for the module's stage runs (creating a sqlite store costs seconds)."""
-    from stages.recipe import load_recipe
+    from stages.core.recipe import load_recipe
     from tests.conftest import MINI
 
     root = tmp_path_factory.mktemp("synth_store")
@@ -110,9 +110,9 @@ def _workdir(recipe, run_id) -> Path:
 
 
 def test_sampler_batches_are_seeded_by_index(mini_model):
-    from stages.data import load_problems
-    from stages.models import load_model_and_tokenizer
-    from stages.stage_configs import DataSource
+    from stages.core.configs import DataSource
+    from stages.core.data import load_problems
+    from stages.core.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(mini_model)
     probs = load_problems(DataSource(num_prompts=8), "train", seed=0)
@@ -127,7 +127,7 @@ def test_sampler_batches_are_seeded_by_index(mini_model):
 
 def test_synthesize_end_to_end_and_resume_from_a_shard(store, mini_model):
     from stages import synthesize
-    from stages.data import load_rows
+    from stages.core.data import load_rows
 
     recipe = store()
     out = synthesize.run(recipe, {"model": mini_model}, progress=False)

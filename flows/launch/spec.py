@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.core.recipe import Recipe, load_recipe
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
 RESULT_FILE = "result.json"
@@ -74,8 +76,6 @@ class LaunchSpec(BaseModel):
 
 def recipe_obj(recipe: Any, overrides: dict | None):
     """The validated Recipe: from a preset name or YAML path, or a Recipe (or its dict) with `overrides` applied."""
-    from stages.recipe import Recipe, load_recipe
-
     if isinstance(recipe, (str, Path)):
         return load_recipe(recipe, overrides)
     if isinstance(recipe, dict):

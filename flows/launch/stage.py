@@ -14,6 +14,7 @@ from flows.launch.kubernetes import run_kubernetes
 from flows.launch.slurm import scancel, slurm_script
 from flows.launch.spec import RESULT_FILE, LaunchError, LaunchSpec, dump_recipe, recipe_obj
 from flows.launch.supervise import read_result, stream, torchrun_failure, traceback_tail
+from stages.registry import runnable
 
 
 def default_log() -> Callable[[str], None]:
@@ -82,8 +83,6 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
 
 def run_local(stage, recipe, overrides, parent_run_id, inputs=None) -> dict:
     """In this process, no subprocess: the registry's stage function on the validated recipe."""
-    from stages.registry import runnable
-
     fns = runnable()
     if stage not in fns:
         raise LaunchError(f"stage {stage!r} is not runnable; runnable stages: {list(fns)}")

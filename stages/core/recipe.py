@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from stages.config_base import ModelArch, Strict
-from stages.stage_configs import (
+from stages.core.config_base import ModelArch, Strict
+from stages.core.configs import (
     ColdStartConfig,
     DistillConfig,
     GeneralSFTConfig,
@@ -22,8 +22,9 @@ from stages.stage_configs import (
     ReasoningRLConfig,
     SynthesizeConfig,
 )
+from stages.core.order import ORDER
 
-PRESET_DIR = Path(__file__).parent / "recipes"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class TrackingConfig(Strict):
@@ -49,7 +50,7 @@ class BaseModelConfig(Strict):
     path: str | None = Field(None, description="model path, hub id or runs:/ URI when source=pretrained")
     trust_remote_code: bool = Field(False, description="only for a model you trust: runs code shipped with it")
     model: ModelArch = ModelArch()
-    task: str = Field("addition", description="problem family for pretraining (see stages.tasks)")
+    task: str = Field("addition", description="problem family for pretraining (see stages.core.tasks)")
     max_digits: int = Field(2, ge=1, le=6)
     noise: NoiseConfig = NoiseConfig()
     train_problems: int = Field(20000, ge=100)
@@ -137,8 +138,6 @@ class ScheduleConfig(Strict):
 
     @model_validator(mode="after")
     def _known_flow(self):
-        from stages.registry import ORDER
-
         if self.flow != "pipeline" and self.flow not in ORDER:
             raise ValueError(f"unknown flow {self.flow!r}; choose 'pipeline' or a stage: {ORDER}")
         if len(self.cron.split()) != 5:

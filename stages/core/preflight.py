@@ -7,7 +7,9 @@ model directories (config, safetensors weights, tokenizer, chat template, custom
 lengths against the base tokenizer, the tracking store, the output directory, the launcher's files and tools. It reports
 every problem it finds at once, each naming the recipe field or the file.
 
-(The recipe schema itself refuses unknown keys and bad values when the recipe loads: stages.recipe.RecipeError.)
+(The recipe schema itself refuses unknown keys and bad values when the recipe loads: stages.core.recipe.RecipeError.)
+
+torch and pyarrow are imported inside functions: preflight runs before any model loads, and must start fast.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.common import StageInputError
-from stages.recipe import Recipe
+from grpo.rewards_io import check_reward_funcs
+from rewards import build_rewards
+from stages.core.data import REQUIRED, load_cot_dataset, load_problems
+from stages.core.distributed import DISTRIBUTED_STAGES, REPO_ROOT
+from stages.core.lineage import RUN_ID, StageInputError
+from stages.core.models import ModelInputError, check_model_dir, load_tokenizer, resolve_model_uri
+from stages.core.order import check_stages
+from stages.core.recipe import Recipe
+from stages.core.tracking import TrackingError, check_tracking
 
 GRPO_STAGES = ("r1_zero", "reasoning_rl", "preference_rl")
 MODEL_INPUTS = ("model", "teacher", "r1_zero_model")
@@ -40,8 +49,6 @@ class PreflightError(StageInputError):
 def preflight(recipe: Recipe, stages: list[str], inputs: dict[str, str] | None = None) -> None:
     """Raise PreflightError listing every problem of running `stages` (pipeline order) of `recipe`; `inputs` are the
     URIs given to a single stage (e.g. {"model": "/models/x"})."""
-    from stages.registry import check_stages
-
     try:
         stages = check_stages(list(stages))
     except ValueError as e:
@@ -80,8 +87,6 @@ def check_output_dir(recipe: Recipe) -> list[str]:
 
 
 def check_tracking_store(recipe: Recipe) -> list[str]:
-    from stages.tracking import TrackingError, check_tracking
-
     try:
         check_tracking(recipe.tracking)
     except TrackingError as e:
@@ -94,9 +99,6 @@ def check_tracking_store(recipe: Recipe) -> list[str]:
 def check_rewards(recipe: Recipe, stages: list[str]) -> list[str]:
     """Every reward of every GRPO stage builds (a known name, known params of the right types) and fits the stage's
     grpo.advantage_mode (process rewards with process supervision)."""
-    from grpo.rewards_io import check_reward_funcs
-    from rewards import build_rewards
-
     problems = []
     for stage in (s for s in stages if s in GRPO_STAGES):
         cfg, built = getattr(recipe, stage), []
@@ -164,14 +166,10 @@ def check_other_models(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def _remote(uri: str) -> bool:
-    from stages.common import RUN_ID
-
     return uri.startswith(REMOTE_PREFIXES) or bool(RUN_ID.fullmatch(uri))
 
 
 def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_template: bool = False) -> list[str]:
-    from stages.models import ModelInputError, check_model_dir, resolve_model_uri
-
     if not uri:
         return [f"{field}: not set"]
     if _remote(uri):
@@ -204,8 +202,6 @@ def _custom_code_problems(field: str, path: Path, trusted: bool) -> list[str]:
 
 def check_data(recipe: Recipe, stages: list[str]) -> list[str]:
     """Local data sets exist and have the columns their stage reads (hub data sets are checked when they load)."""
-    from stages.data import REQUIRED
-
     sources = []  # (field, DataSource, required columns (ours), alternatives)
     for stage in stages:
         cfg = getattr(recipe, stage, None)
@@ -238,7 +234,7 @@ def check_data(recipe: Recipe, stages: list[str]) -> list[str]:
 
 def _missing_columns(field: str, src, have: list[str], required) -> list[str]:
     name = {ours: src.columns.get(ours, ours) for ours in ("prompt", "completion", "question", "answer")}
-    if required == "cot":  # completion, and prompt or question + answer (stages.cold_start_sft.load_cot_dataset)
+    if required == "cot":  # completion, and prompt or question + answer (stages.core.data.load_cot_dataset)
         need = ["completion"] + ([] if name["prompt"] in have else ["question", "answer"])
     else:
         need = list(required)
@@ -303,8 +299,6 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
     if tool and not (shutil.which(tool) or (Path(sys.executable).parent / tool).exists()):
         problems.append(f"cluster.launcher: {c.launcher} needs `{tool}` on PATH, and there is none here")
     if c.launcher in ("torchrun", "deepspeed", "slurm"):
-        from stages.distributed import DISTRIBUTED_STAGES
-
         world = c.nodes * (getattr(c, "nproc_per_node", None) or max(c.gpus_per_node, 1))
         for s in (s for s in stages if s in DISTRIBUTED_STAGES):
             cfg = getattr(recipe, s)
@@ -317,8 +311,6 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def _json_file_problems(field: str, path: str) -> list[str]:
-    from stages.distributed import REPO_ROOT
-
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists():
         p = REPO_ROOT / p
@@ -339,8 +331,6 @@ def check_lengths(recipe: Recipe, stages: list[str]) -> list[str]:
     tok_dir = _base_tokenizer_dir(recipe)
     if tok_dir is None:
         return []
-    from stages.models import load_tokenizer
-
     try:
         tok = load_tokenizer(tok_dir, recipe.base_model.trust_remote_code)
     except Exception:  # noqa: BLE001 - an unusable tokenizer is reported by check_base_model
@@ -354,8 +344,6 @@ def check_lengths(recipe: Recipe, stages: list[str]) -> list[str]:
                             f"prompt of {stage}.data is {longest} tokens ({prompt[:60]!r}...); raise it")
     cs = recipe.cold_start_sft
     if "cold_start_sft" in stages and cs.data is not None and cs.data.source == "path":
-        from stages.cold_start_sft import load_cot_dataset
-
         try:
             examples = load_cot_dataset(cs.data, recipe.prompt.template, cs.target_size)
         except (ValueError, OSError):
@@ -377,8 +365,6 @@ def _base_tokenizer_dir(recipe: Recipe) -> Path | None:
 
 
 def _stage_prompts(recipe: Recipe, src) -> list[str]:
-    from stages.data import load_problems
-
     try:
         problems = load_problems(src, "train", seed=recipe.seed)
     except (ValueError, OSError):

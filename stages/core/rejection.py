@@ -21,7 +21,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from stages.tasks import Problem
+from rewards import accuracy_reward, format_reward, language_consistency_reward
+from stages.core.tasks import Problem
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def normalize_completion(text: str) -> str:
 def score(candidates: Sequence[dict], target_language: str) -> list[dict]:
     """Add `accuracy`, `format` and `language` scores to candidate rows (prompt, completion, answer, task, metadata,
     question)."""
-    from rewards import accuracy_reward, format_reward, language_consistency_reward
-
     prompts = [c["prompt"] for c in candidates]
     texts = [c["completion"] for c in candidates]
     cols = {k: [c.get(k) for c in candidates] for k in ("answer", "task", "metadata", "question")}
@@ -145,7 +144,7 @@ class RejectionSampler:
     def __init__(self, model, tokenizer, problems: Sequence[Problem], *, source_run: str, template: str,
                  target_language: str, samples_per_prompt: int, temperature: float, max_new_tokens: int,
                  filters: Filters, batch_prompts: int, seed: int = 0, prompt_prefix: str = "r"):
-        from grpo.rollout import HFGenerateBackend, SamplingParams
+        from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
         self.backend = HFGenerateBackend(model, tokenizer) if model is not None else None
         self.problems = list(problems)

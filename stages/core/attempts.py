@@ -23,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 
+from grpo.logging import MLflowLogger
+
 log = logging.getLogger(__name__)
 
 RESUMED_FROM = "r1.resumed_from"
@@ -139,8 +141,6 @@ def _log_batch(client, run_id: str, metrics=(), params=()) -> None:
 
 def stage_logger(run_id: str, prefix: str = ""):
     """The per-step metric logger of a stage run: an MLflowLogger that first takes over the earlier attempts' steps."""
-    from grpo.logging import MLflowLogger
-
     class ResumingLogger(MLflowLogger):
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:
             backfill(self.run_id, self.prefix, before=step)

@@ -12,7 +12,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from stages.recipe import TrackingConfig
+from stages.core.recipe import TrackingConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,34 @@
 """Prompts and data sets: from a generated task family, a local dataset, or a hub id; templating; held-out splits.
 
-Every source goes through the same held-out rule (stages.base_model.split_of on the question text), so no stage ever
-trains on an evaluation question, whatever the source.
+Every source goes through the same held-out rule (`split_of` on the question text), so no stage ever trains on an
+evaluation question, whatever the source.
+
+datasets is imported inside functions: preflight imports this module, and `r1 validate` must start fast.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
+import zlib
 from pathlib import Path
 
-from stages.stage_configs import DataSource
-from stages.tasks import Problem, make_problems
+from stages.core.configs import DataSource
+from stages.core.tasks import Problem, make_problems
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("question", "answer")
+COT_COLUMNS = ("prompt", "completion", "question", "answer")
+EVAL_BUCKETS = 10  # one question in ten (by a stable hash) is held out for evaluation, never trained on
+
+
+def split_of(question: str) -> str:
+    """'eval' or 'train', stable across runs and processes (crc32 of the question text)."""
+    return "eval" if zlib.crc32(question.encode()) % EVAL_BUCKETS == 0 else "train"
 
 
 class DataInputError(ValueError):
@@ -24,8 +37,6 @@ class DataInputError(ValueError):
 
 def load_problems(src: DataSource, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
     """Up to n problems of one split ('train' or 'eval') from the source."""
-    from stages.base_model import split_of
-
     n = n or src.num_prompts
     if src.source == "generated":
         out: list[Problem] = []
@@ -97,9 +108,6 @@ def prompt_rows(problems: list[Problem], template: str, prefix: str = "p") -> li
 
 def save_rows(rows: list[dict], path: str | Path) -> Path:
     """A Hugging Face dataset on disk (written to a temporary name, then renamed)."""
-    import os
-    import shutil
-
     import datasets
 
     path = Path(path)
@@ -116,3 +124,57 @@ def load_rows(path: str | Path) -> list[dict]:
     import datasets
 
     return datasets.load_from_disk(str(path)).to_list()
+
+
+def load_cot_dataset(src, template: str, limit: int | None = None) -> list[dict]:
+    """Prompt/completion examples from a CoT dataset: columns `prompt` + `completion`, or `question` + `answer` +
+    `completion` (the prompt is then the recipe template around the question). `src.columns` maps these names to the
+    dataset's. Rows whose question is held out for evaluation are dropped (the prompt is matched against the template
+    when there is no question column). The completion follows the prompt as is."""
+    ds, where = read_dataset(src, "CoT dataset"), src.path
+    names = {ours: src.columns.get(ours, ours) for ours in COT_COLUMNS}
+    have = set(ds.column_names)
+
+    def missing(*ours):
+        return [f"{names[c]!r}" + (f" (for {c})" if names[c] != c else "") for c in ours if names[c] not in have]
+
+    if missing("completion"):
+        raise DataInputError(f"CoT dataset {where}: missing column {missing('completion')[0]}; it has "
+                             f"{ds.column_names}. Map it with data.columns: {{completion: <col>}}")
+    if names["prompt"] not in have and missing("question", "answer"):
+        raise DataInputError(f"CoT dataset {where}: missing column(s) {', '.join(missing('question', 'answer'))} "
+                             f"(needed without a {names['prompt']!r} column); it has {ds.column_names}")
+    pattern = _template_pattern(template)
+    out, held_out = [], 0
+    for i, row in enumerate(ds):
+        completion = row[names["completion"]]
+        question = row.get(names["question"])
+        if names["prompt"] in have:
+            prompt = row[names["prompt"]]
+            if question is None and (m := pattern.fullmatch(str(prompt))):
+                question = m.group(1)
+        else:
+            prompt = template.format(question=question)
+        if prompt is None or completion is None or not str(completion).strip():
+            raise DataInputError(f"CoT dataset {where}: row {i} has an empty prompt or completion")
+        if question is not None and split_of(str(question)) == "eval":
+            held_out += 1
+            continue
+        answer = row.get(names["answer"])
+        out.append({"prompt": str(prompt), "completion": str(completion),
+                    "question": "" if question is None else str(question),
+                    "answer": "" if answer is None else str(answer), "kind": "reasoning", "source_run": where,
+                    "prompt_id": f"d{i}"})
+        if limit and len(out) >= limit:
+            break
+    if held_out:
+        log.info("CoT dataset %s: %d rows with held-out (eval) questions dropped", where, held_out)
+    if not out:
+        raise DataInputError(f"CoT dataset {where}: no usable rows ({held_out} held out for evaluation)")
+    return out
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    head, _, tail = template.partition("{question}")
+    return re.compile(re.escape(head) + "(.*)" + re.escape(tail), re.DOTALL)
+

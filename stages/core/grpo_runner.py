@@ -1,22 +1,28 @@
 """The one runner behind every GRPO stage (r1_zero, reasoning_rl, preference_rl): load the input model, build the
-prompts and rewards from the recipe, train with grpo.GRPOTrainer, resume from the work dir's checkpoints, finish."""
+prompts and rewards from the recipe, train with grpo.GRPOTrainer, resume from the work dir's checkpoints, finish.
+
+mlflow is imported inside functions: the stage modules import this one, and `r1 validate` must start fast.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from stages.common import StageContext, finish_with_model, resolve_input, stage_context
-from stages.recipe import Recipe
-from stages.stage_configs import GRPOStageConfig
+from rewards import build_rewards
+from stages.core.configs import GRPOStageConfig
+from stages.core.context import StageContext, finish_with_model, stage_context
+from stages.core.data import load_problems, prompt_rows
+from stages.core.distributed import deepspeed_config
+from stages.core.lineage import resolve_input
+from stages.core.models import load_model_and_tokenizer, pick_device
+from stages.core.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
 def reward_functions(recipe: Recipe, cfg: GRPOStageConfig) -> list[tuple[str, Callable, float]]:
     """(name, callable, weight) from the recipe's reward specs; the language reward targets the recipe's language."""
-    from rewards import build_rewards
-
     specs = []
     for spec in cfg.rewards:
         if spec.name == "language_consistency" and "target_language" not in spec.params:
@@ -31,9 +37,9 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     """Train `model` on `rows` with GRPO inside an open stage context; resumes from the newest checkpoint."""
     import mlflow
 
+    # lazy: the trainer and checkpoints import torch
     from grpo import GRPOTrainer
     from grpo.checkpoint import latest_checkpoint
-    from stages.distributed import deepspeed_config
 
     ds_config = deepspeed_config(ctx.recipe, cfg.deepspeed_config)  # the stage's own, else the cluster's
     ckpt_dir = ctx.workdir / "checkpoints"
@@ -53,8 +59,6 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
-    from stages.data import load_problems, prompt_rows
-
     return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt.template)
 
 
@@ -62,11 +66,9 @@ def run_stage(stage: str, cfg: GRPOStageConfig, upstream: str, recipe: Recipe, i
               parent_run_id: str | None, progress: bool) -> dict[str, str]:
     """A reasoning GRPO stage from end to end: resolve the input model, build rewards and prompts (cheap checks
     first), then load and train inside the stage's MLflow run."""
-    from stages.models import load_model_and_tokenizer, pick_device
-
     model_uri = resolve_input(recipe, inputs, "model", upstream, "model")
     if cfg.grpo.rollout_backend == "vllm":
-        from grpo.rollout_vllm import check_vllm_installed
+        from grpo.rollout_vllm import check_vllm_installed  # lazy: imports torch
 
         check_vllm_installed()  # a missing vLLM fails before any model loads
     rewards = reward_functions(recipe, cfg)  # a bad reward spec fails before any model loads

@@ -8,8 +8,8 @@ from pydantic import Field, model_validator
 
 from grpo.config import GRPOConfig
 from rewards.registry import RewardSpec
-from stages.config_base import ModelArch, Strict
-from stages.sft import SFTConfig
+from stages.core.config_base import ModelArch, Strict
+from stages.core.sft import SFTConfig
 
 
 class DataSource(Strict):
@@ -20,7 +20,7 @@ class DataSource(Strict):
     """
 
     source: Literal["generated", "path", "hub"] = "generated"
-    task: str = Field("addition", description="task family when source=generated (stages.tasks)")
+    task: str = Field("addition", description="task family when source=generated (stages.core.tasks)")
     max_digits: int = Field(2, ge=1, le=6)
     path: str | None = Field(None, description="dataset folder/file (source=path) or hub id (source=hub)")
     split: str = Field("train", description="split name for hub datasets")

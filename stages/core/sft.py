@@ -18,7 +18,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.config_base import Strict
+# torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
+from grpo.faults import fault_point
+from grpo.logging import NullLogger
+from stages.core.config_base import Strict
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +128,7 @@ class SFTTrainer:
                  logger=None, deepspeed_config: dict | None = None, progress: bool = True):
         import torch
 
-        from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world
-        from grpo.logging import NullLogger
+        from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world  # lazy: imports torch
 
         if not examples:
             raise ValueError("SFT needs at least one example")
@@ -169,8 +171,7 @@ class SFTTrainer:
     def train(self, resume_from: str | Path | None = None) -> SFTResult:
         from tqdm.auto import tqdm
 
-        from grpo.checkpoint import latest_checkpoint, load_checkpoint
-        from grpo.faults import fault_point
+        from grpo.checkpoint import latest_checkpoint, load_checkpoint  # lazy: imports torch
 
         if resume_from == "latest":
             resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
@@ -226,7 +227,7 @@ class SFTTrainer:
         if self.world == 1:
             loss = model(**inputs).loss
             return loss, loss.item()
-        from grpo.engine import mean_over_ranks
+        from grpo.engine import mean_over_ranks  # lazy: imports torch
 
         tokens = mean_over_ranks((labels[:, 1:] != -100).sum().float().to(dev))
         loss = model(**inputs, num_items_in_batch=tokens).loss
@@ -241,14 +242,14 @@ class SFTTrainer:
             self.tokenizer.save_pretrained(directory)
 
     def save(self) -> Path:
-        from grpo.checkpoint import save_checkpoint
+        from grpo.checkpoint import save_checkpoint  # lazy: imports torch
 
         state = {"step": self.step, "skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
         return save_checkpoint(self.output_dir / f"checkpoint-{self.step}", self.engine, None, state)
 
     def _stop_non_finite(self) -> None:
         """Several steps in a row with NaN/inf: save the (still finite: nothing non-finite was applied) state, stop."""
-        from grpo.engine import NonFiniteError
+        from grpo.engine import NonFiniteError  # lazy: imports torch
 
         path = self.save() if self.output_dir else None
         first = self.step - self.bad_in_a_row + 1

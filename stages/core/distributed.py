@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # stages/core/distributed.py -> the repository
 
 # Stages whose run() works on N ranks (their trainer shards the batch under DeepSpeed ZeRO; rank 0 logs). The others
 # (base_model, synthesize, preference_rl, distill) run on rank 0 alone when launched on several: the rest exit at once.

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from stages.recipe import EvalConfig
-from stages.tasks import Problem
+from rewards import accuracy_reward, format_reward, language_consistency_reward
+from stages.core.recipe import EvalConfig
+from stages.core.tasks import Problem
 
 
 @dataclass
@@ -37,8 +38,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
              progress: bool = False) -> EvalResult:
     import torch
 
-    from grpo.rollout import HFGenerateBackend, SamplingParams
-    from rewards import accuracy_reward, format_reward, language_consistency_reward
+    from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
     if not problems:
         raise ValueError("evaluation needs at least one held-out problem")

@@ -1,0 +1,119 @@
+"""What every stage does around its own work: open its MLflow run, keep a work directory, and finish by saving,
+evaluating and logging its model.
+
+The work directory is keyed by the stage key (stages.core.lineage), not by run id: a rerun of the same stage on the
+same inputs finds the checkpoints or shards a killed run left, and resumes from them.
+
+mlflow is imported inside functions: the stage modules import this one, and `r1 validate` must start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from grpo import faults
+from stages.core import attempts, distributed, tracking
+from stages.core.evaluate import evaluate
+from stages.core.heldout import heldout_problems
+from stages.core.lineage import KEY_TAG, register_model, stage_key
+from stages.core.models import load_model
+from stages.core.recipe import Recipe, flatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    name: str
+    recipe: Recipe
+    run_id: str
+    key: str
+    workdir: Path
+    inputs: dict[str, str]
+    progress: bool
+    main: bool = True  # rank 0 (or the only process): the one that writes to MLflow
+
+    @property
+    def logger(self):
+        """Per-step metrics into the stage's run (a resumed attempt first takes over the killed one's steps)."""
+        return attempts.stage_logger(self.run_id)
+
+
+@contextlib.contextmanager
+def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, str], parent_run_id: str | None,
+                  progress: bool):
+    """Open the stage's MLflow run (nested under the pipeline's) and its keyed work directory.
+
+    On several ranks only rank 0 opens the run; the others get its id and no active MLflow run (`ctx.main` is False),
+    so whatever they would log must be guarded by `ctx.main`.
+    """
+    tracking.check_tracking(recipe.tracking)
+    key = stage_key(name, cfg, inputs, recipe)
+    workdir = Path(recipe.output_dir) / name / key[:16]
+    workdir.mkdir(parents=True, exist_ok=True)
+    faults.set_stage(name)
+    if not distributed.is_main():
+        yield StageContext(name, recipe, distributed.broadcast(None), key, workdir, inputs, progress, main=False)
+        return
+    params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
+    params |= {f"input.{k}": v for k, v in inputs.items()}
+    tags = {KEY_TAG: key} | {f"r1.input.{k}": v for k, v in inputs.items()}
+    with attempts.work_lock(workdir, name), \
+            tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
+        log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
+        attempts.begin(run.info.experiment_id, KEY_TAG, key, run.info.run_id)  # after a crash: takes over its steps
+        distributed.broadcast(run.info.run_id)
+        yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
+        attempts.finish(run.info.run_id)
+
+
+def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = True,
+                      extra_outputs: dict[str, str] | None = None, save=None) -> dict[str, str]:
+    """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts.
+
+    save: a callable(dir) that writes the model (e.g. a trainer's, which gathers ZeRO-3 shards; every rank calls it);
+    default save_pretrained of `model` and `tokenizer`. On several ranks the others return after the save: rank 0
+    alone logs, registers and evaluates (a ZeRO-3 model, whose weights are sharded, through its saved copy).
+    """
+    import mlflow
+
+    out = ctx.workdir / "model"
+    outputs = {"run_id": ctx.run_id, "model": f"runs:/{ctx.run_id}/model", **(extra_outputs or {})}
+    if save is not None:
+        save(out)
+    elif ctx.main:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    if not ctx.main:
+        return outputs
+    mlflow.log_artifacts(str(out), artifact_path="model")
+    register_model(ctx.recipe, ctx.name, ctx.run_id, ctx.key)
+    if evaluate_it:
+        log_evaluation(ctx, _whole_model(model, out), tokenizer)
+    return outputs
+
+
+def _whole_model(model, saved: Path):
+    """`model`, or when its weights are ZeRO-3 shards (a forward would need every rank) its saved copy, reloaded."""
+    param = next(model.parameters(), None)
+    if param is None or not hasattr(param, "ds_id"):
+        return model
+    return load_model(saved, str(param.device))
+
+
+def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", table: str = "samples.json"):
+    import mlflow
+
+    r = ctx.recipe
+    res = evaluate(model, tokenizer, heldout_problems(r), r.eval, r.prompt.template, r.prompt.target_language,
+                   progress=ctx.progress)
+    mlflow.log_metrics(res.metrics(prefix))
+    if table:
+        mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
+    log.info("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
+    return res
