@@ -1,8 +1,8 @@
 """Rollouts: prompts in, G sampled completions per prompt out, as padded tensors plus decoded text.
 
 A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` samples
-from a Hugging Face model: with `grpo.decoding` (static KV cache, finished rows leave the batch) for Qwen2/Llama
-models, with Hugging Face `generate` and its KV cache otherwise; `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
+from a Hugging Face model: with the fast path's `grpo.fast.sample` (static KV cache, finished rows leave the batch) for
+Qwen2/Llama models, with Hugging Face `generate` and its KV cache otherwise (`grpo.fast.use_fast_path` decides); `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
 
 Seeded completions: given `seeds=` (one int per prompt), completion j of prompt i is drawn from its own random stream
 `completion_seed(seeds[i], j)`, so a completion does not depend on which batch or rank it was generated in. The trainer
@@ -136,8 +136,8 @@ class HFGenerateBackend:
     def __init__(self, model, tokenizer, max_prompt_length: int | None = None, synced_gpus: bool = False,
                  fast_decoding: bool = True):
         """synced_gpus: keep every rank stepping until all are done (needed under ZeRO-3, where each forward is collective).
-        fast_decoding: sample with `grpo.decoding` (static KV cache, finished rows dropped) where it supports the model;
-        False, or an unsupported model, or synced_gpus: Hugging Face `generate`."""
+        fast_decoding: sample with `grpo.fast.sample` (static KV cache, finished rows dropped) where it supports the
+        model; False, or an unsupported model, or synced_gpus: Hugging Face `generate`."""
         check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
@@ -146,9 +146,14 @@ class HFGenerateBackend:
         self.fast_decoding = fast_decoding
 
     def uses_fast_decoding(self) -> bool:
-        from grpo import decoding
+        from grpo.fast import use_fast_path
 
-        return self.fast_decoding and not self.synced_gpus and decoding.supports(self.model)
+        off = None
+        if not self.fast_decoding:
+            off = "fast_decoding=False"
+        elif self.synced_gpus:
+            off = "synced_gpus (ZeRO-3 over several ranks: every rank steps generate together)"
+        return use_fast_path(self.model, off)
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
@@ -182,9 +187,9 @@ class HFGenerateBackend:
         model.eval()
         try:
             if self.uses_fast_decoding():
-                from grpo import decoding
+                from grpo import fast
 
-                completion_ids = decoding.sample(
+                completion_ids = fast.sample(
                     model, prompt_ids, prompt_mask, sampling.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
                     do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
                     row_seeds=row_seeds,

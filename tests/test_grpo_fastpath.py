@@ -1,5 +1,6 @@
-"""The fast paths of a GRPO step give the reference paths' results: `grpo.decoding` (static KV cache, finished rows
-dropped) against Hugging Face `generate`, and packed log-probs against the left-padded ones, loss and gradient included."""
+"""The fast paths of a GRPO step give the reference paths' results: `grpo.fast.sample` (static KV cache, finished rows
+dropped) against Hugging Face `generate`, and packed log-probs (the Hugging Face forward in length buckets, and the fast
+path's shared-prompt pass) against the left-padded ones, loss and gradient included."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from grpo import decoding
+from grpo import fast
 from grpo.logprobs import completion_logprobs, packed_completion_logprobs
 from grpo.loss import grpo_loss
 from grpo.rollout import HFGenerateBackend, SamplingParams, SeededSampling, completion_mask_from_eos, completion_seed
@@ -53,9 +54,9 @@ def test_greedy_tokens_equal_generate(tok, prompts, kind, compact):
     ids, mask = encode(tok, prompts)
     ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
-    fast = decoding.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
-    assert fast.shape == ref.shape  # stops when every row has ended, like generate
-    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    got = fast.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
+    assert got.shape == ref.shape  # stops when every row has ended, like generate
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
     assert torch.equal(a, b)
     if kind == "qwen2":  # rows really end at different steps, so compaction and early stop are exercised
         lengths = ma.sum(1)
@@ -75,9 +76,9 @@ def test_seeded_sampling_equals_generate_with_the_same_row_seeds(tok, prompts, t
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          logits_processor=LogitsProcessorList([SeededSampling(seeds, temperature, top_p, "cpu")]))
     ref = ref[:, ids.shape[1]:]
-    fast = decoding.sample(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, temperature=temperature,
-                           top_p=top_p, row_seeds=seeds)
-    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    got = fast.sample(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, temperature=temperature,
+                      top_p=top_p, row_seeds=seeds)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
     assert torch.equal(a[:, : b.shape[1]], b) and a.shape[1] == b.shape[1]
     assert ma.sum(1).min() < 20  # some rows ended early
 
@@ -85,9 +86,9 @@ def test_seeded_sampling_equals_generate_with_the_same_row_seeds(tok, prompts, t
 def test_backend_seeds_give_the_same_rollout_on_both_paths(tok, prompts):
     model = model_for(tok)
     sp = SamplingParams(temperature=0.9, max_new_tokens=16)
-    fast, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
-    assert fast.uses_fast_decoding() and not slow.uses_fast_decoding()
-    a = fast.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    quick, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
+    assert quick.uses_fast_decoding() and not slow.uses_fast_decoding()
+    a = quick.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
     b = slow.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
     assert a.completions == b.completions
     assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
@@ -96,7 +97,7 @@ def test_backend_seeds_give_the_same_rollout_on_both_paths(tok, prompts):
 def test_draw_follows_the_probabilities():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)
-    counts = torch.bincount(decoding.draw(probs), minlength=6).float() / 40_000
+    counts = torch.bincount(fast.draw(probs), minlength=6).float() / 40_000
     assert counts[1] == 0 and counts[5] == 0  # probability 0: never drawn, the last token included
     assert torch.allclose(counts, probs[0], atol=0.01)
 
@@ -109,7 +110,7 @@ def test_sampled_first_tokens_follow_the_model(tok, prompts):
     n = 4000
     ids, mask = encode(tok, prompts[1:2], repeat=n)
     torch.manual_seed(0)
-    first = decoding.sample(model, ids, mask, 1, tok.eos_token_id, tok.pad_token_id, temperature=0.8)[:, 0]
+    first = fast.sample(model, ids, mask, 1, tok.eos_token_id, tok.pad_token_id, temperature=0.8)[:, 0]
     with torch.no_grad():
         p = torch.softmax(model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1] / 0.8, dim=-1)
     freq = torch.bincount(first, minlength=p.numel()).float() / n
@@ -133,9 +134,26 @@ def test_fast_rollout_masks_after_eos_and_counts_lengths(tok, prompts):
 def test_unsupported_models_fall_back_to_generate(tok):
     model = model_for(tok)
     model.config.hidden_act = "gelu"
-    assert not decoding.supports(model)
+    assert fast.unsupported_reason(model) == "hidden_act 'gelu' is not silu"
     assert not HFGenerateBackend(model, tok).uses_fast_decoding()
     assert not HFGenerateBackend(model_for(tok), tok, synced_gpus=True).uses_fast_decoding()
+
+
+def test_dispatch_logs_one_line_per_model_class_and_reason(tok, caplog):
+    """One decision for sampling and log-probs, announced once per process per (model class, reason)."""
+    model = model_for(tok)
+    model.__class__ = type("AnnouncedQwen2", (type(model),), {})  # a class no other test has announced
+    with caplog.at_level("INFO", logger="grpo.fast"):
+        assert fast.use_fast_path(model) and fast.use_fast_path(model)
+        assert HFGenerateBackend(model, tok).uses_fast_decoding()
+        assert not HFGenerateBackend(model, tok, fast_decoding=False).uses_fast_decoding()
+        model.config.hidden_act = "gelu"
+        assert not fast.use_fast_path(model) and not HFGenerateBackend(model, tok).uses_fast_decoding()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AnnouncedQwen2")]
+    assert len(lines) == 3, lines
+    assert "fast path" in lines[0]
+    assert "reference" in lines[1] and "fast_decoding=False" in lines[1]
+    assert "reference" in lines[2] and "hidden_act 'gelu' is not silu" in lines[2]
 
 
 def batch_for(tok, prompts, seed=0):
@@ -152,19 +170,19 @@ def test_packed_logprobs_equal_the_padded_ones(tok, prompts):
     m = r.completion_mask.bool()
     assert r.lengths.min() < T and r.prompt_mask.sum(1).min() < r.prompt_ids.shape[1]  # padding on both sides
     ref, ref_ent = completion_logprobs(model, r.input_ids, r.attention_mask, T, temperature=0.9)
-    for share in (False, True):
+    for packed in (packed_completion_logprobs, fast.shared_prompt_logprobs):
         args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-        got, ent = packed_completion_logprobs(*args, temperature=0.9, chunk_size=64, share_prompts=share)
+        got, ent = packed(*args, temperature=0.9, chunk_size=64)
         assert torch.allclose(got[m], ref[m], atol=1e-5)
         assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
         assert (got[~m] == 0).all()
-        frozen, _ = packed_completion_logprobs(*args, temperature=0.9, with_entropy=False, share_prompts=share)
+        frozen, _ = packed(*args, temperature=0.9, with_entropy=False)
         assert torch.allclose(frozen[m], ref[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("share_prompts", [False, True])
+@pytest.mark.parametrize("packed", [packed_completion_logprobs, fast.shared_prompt_logprobs])
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "dr_grpo"])
-def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation, share_prompts):
+def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation, packed):
     model, r = batch_for(tok, prompts, seed=1)
     T = r.completion_ids.shape[1]
     adv = torch.linspace(-1.5, 1.5, len(r.completion_ids))
@@ -178,8 +196,7 @@ def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregati
 
     a, ga = loss_and_grad(completion_logprobs(model, r.input_ids, r.attention_mask, T)[0])
     b, gb = loss_and_grad(
-        packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                   share_prompts=share_prompts)[0]
+        packed(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
     )
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     for x, y in zip(ga, gb):
@@ -193,7 +210,7 @@ def test_lm_head_checkpointing_above_the_threshold_gives_the_same_gradient(tok, 
     args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
 
     def grads():
-        logp, _ = lp.packed_completion_logprobs(*args, chunk_size=32)
+        logp, _ = fast.shared_prompt_logprobs(*args, chunk_size=32)
         return torch.autograd.grad(logp.sum(), list(model.parameters()))
 
     plain = grads()
