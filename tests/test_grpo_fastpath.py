@@ -3,6 +3,7 @@ dropped) against Hugging Face `generate`, and packed log-probs (the Hugging Face
 path's shared-prompt pass) against the left-padded ones, loss and gradient included."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def prompts():
     ]
 
 
-def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
+def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0, dtype=torch.float32):
     """A random 2-layer model whose EOS logit is scaled up, so that rows end early, at different steps."""
     torch.manual_seed(seed)
     kw = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -34,7 +35,7 @@ def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
     model = Qwen2ForCausalLM(Qwen2Config(**kw)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] *= eos_scale
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def encode(tok, prompts, repeat=1):
@@ -137,6 +138,74 @@ def test_unsupported_models_fall_back_to_generate(tok):
     assert fast.unsupported_reason(model) == "hidden_act 'gelu' is not silu"
     assert not HFGenerateBackend(model, tok).uses_fast_decoding()
     assert not HFGenerateBackend(model_for(tok), tok, synced_gpus=True).uses_fast_decoding()
+
+
+# Log-prob tolerance per dtype against the Hugging Face forward in the same dtype. bf16 keeps 8 significant bits
+# (eps 2^-8 = 0.0039), fp16 11 (eps 2^-11 = 0.00049); a log-prob comes out of a few dozen roundings of O(1)
+# activations summed in a different order (shared prompt keys, length buckets), so ~4 eps: 0.016 and 0.002.
+LOGP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fast_logprobs_match_the_reference_in_each_dtype(tok, prompts, dtype):
+    """The shared-prompt pass in bf16/fp16 (it crashed there: a float32 mask into bf16 scores) gives the reference's
+    log-probs in the same dtype, and is no further from the fp32 answer than the reference itself is."""
+    _, r = batch_for(tok, prompts)
+    model = model_for(tok, dtype=dtype).train()
+    model.set_attn_implementation("eager")
+    T, m = r.completion_ids.shape[1], r.completion_mask.bool()
+    assert fast.use_fast_path(model)
+    ref, _ = completion_logprobs(model, r.input_ids, r.attention_mask, T)
+    exact, _ = completion_logprobs(model_for(tok), r.input_ids, r.attention_mask, T)
+    got, ent = fast.shared_prompt_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    assert got.dtype == torch.float32 and got[m].isfinite().all() and ent[m].isfinite().all()
+    assert (got[m] - ref[m]).abs().max() <= LOGP_ATOL[dtype]
+    assert (got[m] - exact[m]).abs().max() <= 2 * (ref[m] - exact[m]).abs().max() + 1e-5
+    grads = torch.autograd.grad(got[m].sum(), list(model.parameters()))
+    assert all(g.dtype == dtype and g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_greedy_tokens_equal_generate_in_low_precision(tok, prompts, dtype):
+    """In bf16/fp16 the decoder rounds where the Hugging Face modules round (projection, then residual add; softmax in
+    fp32), so greedy tokens equal `generate`'s with eager attention. (SDPA keeps the scores in fp32 inside its kernel:
+    against it tokens can part at near-ties of two logits.)"""
+    model = model_for(tok, dtype=dtype)
+    model.set_attn_implementation("eager")
+    ids, mask = encode(tok, prompts)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    got = fast.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
+    assert got.shape == ref.shape and torch.equal(a, b)
+    assert len(set(ma.sum(1).tolist())) >= 3  # rows end at different steps: compaction is exercised
+
+
+def test_a_grpo_step_in_bf16_runs_the_fast_path(tok, prompts):
+    """A whole GRPOTrainer step (sampling, reference and policy log-probs, backward, AdamW) on a bf16 model on CPU."""
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+
+    model = model_for(tok, dtype=torch.bfloat16).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=4, steps_per_iteration=1, beta=0.04, mu=2,
+                     learning_rate=1e-2, max_completion_length=12, max_prompt_length=32)
+    trainer = GRPOTrainer(model, tok, cfg, [{"prompt": p} for p in prompts],
+                          [("length", lambda p, c, **k: [float(len(x)) for x in c], 1.0)], progress=False)
+    assert trainer.backend.uses_fast_decoding() and fast.use_fast_path(model)
+    (metrics,) = trainer.train()
+    assert metrics["skipped_steps"] == 0 and math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_weights_in_an_untested_dtype_take_the_reference_path(tok, caplog):
+    model = model_for(tok, dtype=torch.float64)
+    assert fast.unsupported_reason(model) == "weights in float64 (the fast path runs one of float32, bfloat16, float16)"
+    mixed = model_for(tok)
+    mixed.model.norm.to(torch.bfloat16)
+    assert "weights in bfloat16, float32" in fast.unsupported_reason(mixed)
+    assert not HFGenerateBackend(model, tok).uses_fast_decoding()
 
 
 def test_dispatch_logs_one_line_per_model_class_and_reason(tok, caplog):

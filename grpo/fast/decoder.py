@@ -25,7 +25,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grpo.fast.ops import attention_dims, fused_weights, linear_add, rms_norm_nograd, rotary_tables, rotate
+from grpo.fast.ops import (
+    attention_dims,
+    attention_probs,
+    fused_weights,
+    linear_add,
+    rms_norm_nograd,
+    rotary_tables,
+    rotate,
+)
 
 COMPACT_FRACTION = 8  # compact when at least 1/8 of the live rows have ended
 
@@ -87,7 +95,7 @@ class StaticKVDecoder:
             # scale and the additive mask fused into the same call
             scores = torch.baddbmm(mask, qk[:, :nh].reshape(n * nkv, groups * L, hd),
                                    k_cache[:, :end].transpose(1, 2), alpha=self.scale)
-            attn = torch.bmm(torch.softmax(scores, dim=-1), v_cache[:, :end])
+            attn = torch.bmm(attention_probs(scores), v_cache[:, :end])
             attn = attn.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
             x = linear_add(x, attn, w_o, b_o)  # x + o_proj(attn)
             gate, up = F.linear(rms_norm_nograd(x, ln2), w_gu).chunk(2, dim=-1)

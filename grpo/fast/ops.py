@@ -52,8 +52,10 @@ def rms_norm_nograd(x: torch.Tensor, norm) -> torch.Tensor:
 
 
 def linear_add(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + inp @ weight.T (+ bias) for 2-D x and inp, the residual add done by the matmul (addmm, beta=1)."""
-    if bias is not None:
+    """x + inp @ weight.T (+ bias) for 2-D x and inp, the residual add done by the matmul (addmm, beta=1) in fp32.
+    In bf16/fp16 the projection is rounded to the dtype before the add, as the Hugging Face modules do (addmm rounds
+    once, which is other numbers: greedy tokens would part from `generate`'s at near-ties)."""
+    if bias is not None or x.dtype != torch.float32:
         return x + F.linear(inp, weight, bias)
     return torch.addmm(x, inp, weight.t())
 
@@ -76,8 +78,15 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def grouped_mask(allowed: torch.Tensor, nh: int, nkv: int) -> torch.Tensor:
-    """(n, L, S) allowed keys → the additive mask (n*nkv, groups*L, S) of grouped-query scores."""
+def grouped_mask(allowed: torch.Tensor, nh: int, nkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, L, S) allowed keys → the additive mask (n*nkv, groups*L, S) of grouped-query scores, in the scores' dtype
+    (baddbmm takes one dtype), its most negative finite value on masked keys (exp of it is 0 after the max is taken
+    off; every query keeps one allowed key, so no row is all masked)."""
     n, L, S = allowed.shape
-    add = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    add = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return add.unsqueeze(1).expand(n, nh, L, S).reshape(n * nkv, (nh // nkv) * L, S)
+
+
+def attention_probs(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over keys, computed in float32 and returned in the scores' dtype, as Hugging Face's eager attention."""
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

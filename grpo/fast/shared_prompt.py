@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from grpo.fast.decoder import distinct_prompts
 from grpo.fast.ops import (
     attention_dims,
+    attention_probs,
     fused_weights,
     grouped_mask,
     linear_add,
@@ -41,7 +42,7 @@ def attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, d
     S, g = keys.shape[2], nh // nkv
     scores = torch.baddbmm(mask, qk[:, :nh].reshape(n * nkv, g * L, hd), keys.reshape(n * nkv, S, hd).transpose(1, 2),
                            alpha=a.scaling)
-    o = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(n * nkv, S, hd))
+    o = torch.bmm(attention_probs(scores), values.reshape(n * nkv, S, hd))
     o = o.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
     x = linear_add(x.reshape(n * L, H), o, a.o_proj.weight, a.o_proj.bias)
     gate, up = F.linear(rms_norm(x, layer.post_attention_layernorm), w_gu).chunk(2, dim=-1)
@@ -59,7 +60,7 @@ def prompt_pass(model, prompts, prompt_mask, fused, rotary):
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(P, P, dtype=torch.bool, device=prompts.device).tril()
     eye = torch.eye(P, dtype=torch.bool, device=prompts.device)
-    mask = grouped_mask((causal & prompt_mask[:, None, :]) | eye, dims[0], dims[1])
+    mask = grouped_mask((causal & prompt_mask[:, None, :]) | eye, dims[0], dims[1], base.embed_tokens.weight.dtype)
     x = base.embed_tokens(prompts)
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     prompt_kv = []
@@ -79,7 +80,8 @@ def completion_pass(model, ids, start, prompt_kv, prompt_of_row, prompt_keys_ok,
     pos = start + torch.arange(w, device=ids.device)
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     own = torch.ones(w, w, dtype=torch.bool, device=ids.device).tril().expand(n, -1, -1)
-    keys_ok = grouped_mask(torch.cat([prompt_keys_ok[:, None, :].expand(-1, w, -1), own], dim=2), dims[0], dims[1])
+    allowed = torch.cat([prompt_keys_ok[:, None, :].expand(-1, w, -1), own], dim=2)
+    keys_ok = grouped_mask(allowed, dims[0], dims[1], base.embed_tokens.weight.dtype)
     x = base.embed_tokens(ids)
     for layer, fw, (pk, pv) in zip(base.layers, fused, prompt_kv):
         x, _ = attend(layer, fw, x, cos, sin, pk[prompt_of_row], pv[prompt_of_row], keys_ok, dims)

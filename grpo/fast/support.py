@@ -12,12 +12,14 @@ import torch
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # each tested against the reference in its dtype
 _announced: set[tuple[str, str]] = set()
 
 
 def unsupported_reason(model) -> str | None:
     """None for a plain Qwen2 or Llama causal LM (unpartitioned weights, SiLU MLP without bias, default RoPE, full
-    attention, no attention dropout, plain nn.Linear projections); otherwise what rules the fast path out."""
+    attention, no attention dropout, plain nn.Linear projections, every weight in one of SUPPORTED_DTYPES);
+    otherwise what rules the fast path out."""
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if cfg is None or model_type not in SUPPORTED_MODEL_TYPES:
@@ -38,6 +40,10 @@ def unsupported_reason(model) -> str | None:
         return f"rope_type {getattr(rotary, 'rope_type', None)!r} is not default"
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         return "ZeRO-3 partitioned weights"
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        return f"weights in {names} (the fast path runs one of float32, bfloat16, float16)"
     for layer in base.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -55,12 +61,13 @@ def use_fast_path(model, off: str | None = None) -> bool:
     """True when the fast path runs for `model`; `off` names a caller's reason to use the reference anyway."""
     reason = off or unsupported_reason(model)
     name = type(model).__name__
-    key = (name, reason or "")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if reason is None else ""
+    key = (name, reason or dtype)
     if key not in _announced:
         _announced.add(key)
         if reason is None:
             log.info("%s: hand-written fast path (static-KV sampling, shared-prompt log-probs): a supported "
-                     "Qwen2/Llama model", name)
+                     "Qwen2/Llama model in %s", name, dtype)
         else:
             log.info("%s: Hugging Face reference path (generate, forward): %s", name, reason)
     return reason is None
