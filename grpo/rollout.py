@@ -216,24 +216,35 @@ class HFGenerateBackend:
 
     def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None):
         """Completion ids (N, T) from Hugging Face `generate`; T = steps run."""
-        tok, device = self.tokenizer, prompt_ids.device
-        gen_kwargs = {
-            "do_sample": sampling.do_sample,
-            "max_new_tokens": sampling.max_new_tokens,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "use_cache": True,
-            "synced_gpus": self.synced_gpus,
-        }
+        device, model = prompt_ids.device, self.model
+        config = generation_config(sampling, self.tokenizer, row_seeds is not None)
+        processors = None
         if sampling.do_sample and row_seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
             from transformers import LogitsProcessorList
 
-            gen_kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
-                [SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)]))
-        elif sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+            processors = LogitsProcessorList([SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)])
+        # generate fills every field a passed config leaves unset from model.generation_config (repetition penalty,
+        # no_repeat_ngram_size, suppressed tokens...): while it runs, the model's own config is ours
+        saved, model.generation_config = model.generation_config, config
+        try:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 logits_processor=processors, synced_gpus=self.synced_gpus)
+        finally:
+            model.generation_config = saved
         return out[:, prompt_ids.shape[1] :]
+
+
+def generation_config(sampling: SamplingParams, tokenizer, seeded: bool = False):
+    """A GenerationConfig of our sampling parameters and nothing else, so that `generate` samples from the
+    distribution whose log-probs are trained: softmax(logits / T), nucleus top_p, no top-k, no penalties.
+    seeded: greedy decoding, the sampling being done by a SeededSampling processor."""
+    from transformers import GenerationConfig
+
+    kw = {"do_sample": sampling.do_sample and not seeded, "max_new_tokens": sampling.max_new_tokens,
+          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+    if kw["do_sample"]:
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    return GenerationConfig(**kw)
 
 
 def rollout_from_completions(

@@ -95,6 +95,25 @@ def test_backend_seeds_give_the_same_rollout_on_both_paths(tok, prompts):
     assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
 
 
+@pytest.mark.parametrize("seeded", [True, False])
+def test_generate_fallback_ignores_the_models_generation_config(tok, prompts, seeded):
+    """A checkpoint's generation_config (repetition penalty, n-gram ban, min length, suppressed tokens) must not change
+    what the `generate` fallback samples: its tokens equal the fast path's, which applies none of them."""
+    model = model_for(tok)
+    model.generation_config.update(repetition_penalty=2.0, no_repeat_ngram_size=2, min_new_tokens=4, top_k=5,
+                                   suppress_tokens=[tok.pad_token_id])
+    quick, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
+    if seeded:  # seeded sampling: same streams on both paths
+        sp = SamplingParams(temperature=0.9, max_new_tokens=16)
+        a, b = quick.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4]), slow.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    else:  # greedy
+        sp = SamplingParams(max_new_tokens=16, do_sample=False)
+        a, b = quick.generate(prompts, 1, sp), slow.generate(prompts, 1, sp)
+        assert a.lengths.min() < 4  # a row ends within min_new_tokens: the fallback must end it too
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.completions == b.completions
+    assert model.generation_config.repetition_penalty == 2.0  # the model's config is left as it was
+
+
 def test_draw_follows_the_probabilities():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)
