@@ -9,7 +9,8 @@ Seeded completions: given `seeds=` (one int per prompt), completion j of prompt 
 passes them with `rollout_seeding="prompt"`: then N ranks sample what one process samples.
 
 Layout: prompt i's completions are rows i*G .. i*G+G-1 (one group per prompt, consecutive). Prompts are left-padded,
-completions right-padded; `completion_mask` covers the tokens up to and including the first EOS.
+completions right-padded; `completion_mask` covers the tokens up to and including the first EOS. Every backend ends a
+completion on any of `eos_token_ids` (the tokenizer's EOS and every EOS id of the model's generation config).
 """
 
 from __future__ import annotations
@@ -118,9 +119,22 @@ def check_tokenizer(tokenizer) -> None:
         )
 
 
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, truncated): mask is 1 up to and including the first EOS of each row; truncated rows have no EOS."""
-    is_eos = completion_ids == eos_token_id
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, then each EOS id of the model's generation config
+    (an int or a list: chat models often stop on two)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [configured] if isinstance(configured, int) else list(configured or []):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | list[int]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask is 1 up to and including the first EOS (any of eos_token_ids) of each row; truncated
+    rows have no EOS."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_token_ids, device=completion_ids.device))
     T = completion_ids.shape[1]
     positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
     first_eos = torch.where(
@@ -183,6 +197,7 @@ class HFGenerateBackend:
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0).to(device)
 
         row_seeds = [completion_seed(s, j) for s in seeds for j in range(num_generations)] if seeds is not None else None
+        eos = eos_token_ids(model, tok)
         was_training = model.training
         model.eval()
         try:
@@ -190,16 +205,16 @@ class HFGenerateBackend:
                 from grpo import fast
 
                 completion_ids = fast.sample(
-                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, eos, tok.pad_token_id,
                     do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
                     row_seeds=row_seeds,
                 )
             else:
-                completion_ids = self.hf_generate(prompt_ids, prompt_mask, sampling, row_seeds)
+                completion_ids = self.hf_generate(prompt_ids, prompt_mask, sampling, row_seeds, eos)
         finally:
             model.train(was_training)
 
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(
@@ -214,10 +229,11 @@ class HFGenerateBackend:
             num_generations=num_generations,
         )
 
-    def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None):
+    def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None,
+                    eos: list[int]):
         """Completion ids (N, T) from Hugging Face `generate`; T = steps run."""
         device, model = prompt_ids.device, self.model
-        config = generation_config(sampling, self.tokenizer, row_seeds is not None)
+        config = generation_config(sampling, eos, self.tokenizer.pad_token_id, row_seeds is not None)
         processors = None
         if sampling.do_sample and row_seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
             from transformers import LogitsProcessorList
@@ -234,14 +250,14 @@ class HFGenerateBackend:
         return out[:, prompt_ids.shape[1] :]
 
 
-def generation_config(sampling: SamplingParams, tokenizer, seeded: bool = False):
+def generation_config(sampling: SamplingParams, eos: list[int], pad: int, seeded: bool = False):
     """A GenerationConfig of our sampling parameters and nothing else, so that `generate` samples from the
     distribution whose log-probs are trained: softmax(logits / T), nucleus top_p, no top-k, no penalties.
     seeded: greedy decoding, the sampling being done by a SeededSampling processor."""
     from transformers import GenerationConfig
 
     kw = {"do_sample": sampling.do_sample and not seeded, "max_new_tokens": sampling.max_new_tokens,
-          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+          "eos_token_id": eos, "pad_token_id": pad, "use_cache": True}
     if kw["do_sample"]:
         kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     return GenerationConfig(**kw)

@@ -114,6 +114,21 @@ def test_generate_fallback_ignores_the_models_generation_config(tok, prompts, se
     assert model.generation_config.repetition_penalty == 2.0  # the model's config is left as it was
 
 
+def test_a_second_eos_id_of_the_generation_config_ends_rows_on_both_paths(tok, prompts):
+    """generation_config.eos_token_id may be a list: the fast path and the generate fallback both stop on each id,
+    and the completion mask ends at it (the row is not truncated)."""
+    model = model_for(tok, eos_scale=1.0)
+    sp = SamplingParams(max_new_tokens=16)  # seeded: the same draws on both paths and in both runs
+    plain = HFGenerateBackend(model, tok).generate(prompts[:4], 2, sp, seeds=[1, 2, 3, 4])
+    i, row = next((i, r) for i, r in enumerate(plain.completion_ids.tolist()) if len(set(r[:8])) > 2)
+    k = next(k for k in range(1, len(row)) if row[k] not in row[:k])  # the first occurrence of a token
+    model.generation_config.eos_token_id = [tok.eos_token_id, row[k]]
+    for backend in (HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)):
+        r = backend.generate(prompts[:4], 2, sp, seeds=[1, 2, 3, 4])
+        assert r.completion_ids[i, : k + 1].tolist() == row[: k + 1]
+        assert r.lengths[i] == k + 1 and not r.truncated[i] and r.completion_mask[i].sum() == k + 1
+
+
 def test_draw_follows_the_probabilities():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)

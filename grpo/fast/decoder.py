@@ -184,7 +184,7 @@ def sample(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_ids: int | list[int],
     pad_token_id: int,
     do_sample: bool = True,
     temperature: float = 1.0,
@@ -194,10 +194,12 @@ def sample(
 ) -> torch.Tensor:
     """Completion tokens (N, T) for left-padded prompts (N, P); T = steps run (≤ max_new_tokens), as `generate`
     returns them. After a row's EOS its entries are junk: mask them with `completion_mask_from_eos`.
-    row_seeds: one seed per row, each row sampled from its own stream (see `next_tokens`)."""
+    A row ends on any of eos_token_ids. row_seeds: one seed per row, each row sampled from its own stream (see
+    `next_tokens`)."""
     N, P = prompt_ids.shape
     device = prompt_ids.device
     gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    eos = torch.as_tensor(eos_token_ids, device=device)
     uniq, group, first = distinct_prompts(prompt_ids)
     dec = StaticKVDecoder(model, len(uniq), P + max_new_tokens)
     logits, next_pos, key_mask = prefill(dec, uniq, group, first, prompt_mask, max_new_tokens)
@@ -210,7 +212,7 @@ def sample(
         tok = next_tokens(logits, do_sample, temperature, top_p, live_gens)
         out[rows, t] = tok
         steps = t + 1
-        done |= tok == eos_token_id
+        done |= torch.isin(tok, eos)
         n_done = int(done.sum())
         if n_done == len(rows) or steps == max_new_tokens:
             break
