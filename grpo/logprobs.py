@@ -5,15 +5,15 @@ projection + log-softmax runs over chunks of positions. When the batch's vocabul
 CHECKPOINT_ABOVE elements, 64 MB in fp32), each chunk runs under activation checkpointing: peak memory then holds one
 chunk of logits, never the whole batch's; below that, recomputing them in the backward pass would only cost time.
 Logits are divided by the sampling temperature, so that the ratio and the KL are measured on the distribution that was
-sampled.
+sampled. This module is the reference: the model's own Hugging Face forward, for every model.
 
-`packed_completion_logprobs` is the trainer's path: a rollout is left-padded prompts then right-padded completions, so a
-batch padded to the longest prompt and the longest completion spends a third of its positions on padding. It moves
-each row's tokens to the start of the row (plain causal attention, positions from 0, the same numbers as the padded
-layout), sorts rows by length into a few buckets each cut to its own longest row, and projects only the positions that
-predict a real completion token. It runs the model's own Hugging Face forward, so it serves every model; for
-Llama-family models the trainer uses the fast path's `grpo.fast.shared_prompt_logprobs`, which also computes each
-prompt once per group instead of once per completion (`grpo.fast.use_fast_path` decides).
+`packed_completion_logprobs` is the trainer's path when the fast path does not run: a rollout is left-padded prompts
+then right-padded completions, so a batch padded to the longest prompt and the longest completion spends a third of its
+positions on padding. It moves each row's tokens to the start of the row (plain causal attention, positions from 0, the
+same numbers as the padded layout), sorts rows by length into a few buckets each cut to its own longest row, and
+projects only the positions that predict a real completion token. For Llama-family models the trainer uses the fast
+path's `grpo.fast.shared_prompt_logprobs`, which also computes each prompt once per group instead of once per completion
+(`grpo.fast.use_fast_path` decides).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 shared ops in `ops`. `use_fast_path` decides, for sampling and log-probs alike, whether it runs or the Hugging Face
 reference does (`grpo.rollout`'s `generate`, `grpo.logprobs`).
 
-What the rest of grpo may use:"""
+The rest of grpo uses only these names: `use_fast_path` / `unsupported_reason` (the decision), `sample` (a rollout's
+completion tokens), `shared_prompt_logprobs` (the trainer's log-probs) and `draw` (inverse-CDF sampling)."""
 
 from grpo.fast.decoder import draw, sample
 from grpo.fast.shared_prompt import shared_prompt_logprobs
