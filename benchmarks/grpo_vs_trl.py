@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ours": work.ours().model_dump(),
             "trl": trl_config_dict(work),
             "notes": "TRL: gradient checkpointing off, fp32, no eval/saving/vLLM; ours: fast decoding on "
-                     "(grpo.decoding), packed log-probs (grpo.logprobs.packed_completion_logprobs)",
+                     "(grpo.fast.sample), shared-prompt packed log-probs (grpo.fast.shared_prompt_logprobs)",
         },
     }
     if heldouts:  # the mean over seeds of each side's held-out numbers

@@ -4,7 +4,8 @@
     trainer = GRPOTrainer(model, tokenizer, GRPOConfig(...), dataset, [("accuracy", fn, 1.0), ...], logger=...)
     trainer.train()
 
-Modules: config (GRPOConfig), rollout (generation backends), logprobs, advantages, loss, trainer (the loop),
+Modules: config (GRPOConfig), rollout (generation backends), logprobs (the Hugging Face reference), fast (the
+hand-written fast path for Qwen2/Llama: sampling and log-probs), advantages, loss, trainer (the loop),
 engine (plain torch or DeepSpeed), checkpoint, logging (metric loggers), rewards_io (calling reward functions).
 Names are imported lazily so that `grpo.config` validates without importing torch.
 """

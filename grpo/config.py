@@ -6,9 +6,13 @@ not TRL's defaults. A bad value fails naming its field.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+_warned_top_p = False
 
 
 class VLLMConfig(BaseModel):
@@ -61,7 +65,11 @@ class GRPOConfig(BaseModel):
 
     # --- generation
     temperature: float = Field(1.0, gt=0, description="sampling temperature (also applied to the log-probs)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="nucleus sampling. Below 1 completions are drawn from the truncated distribution, while the "
+        "ratio and the KL use the untruncated log-probs: the rollout is then slightly off-policy (warned once)",
+    )
     max_prompt_length: int = Field(256, ge=1, description="longer prompts are an error, not silently cut")
     max_completion_length: int = Field(256, ge=1, description="max new tokens; also the dr_grpo normaliser")
     rollout_backend: Literal["hf", "vllm"] = Field(
@@ -102,6 +110,16 @@ class GRPOConfig(BaseModel):
     def _mu_positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"mu (inner updates per rollout) must be >= 1, got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _warn_truncated_sampling(cls, v: float) -> float:
+        global _warned_top_p
+        if v < 1 and not _warned_top_p:
+            _warned_top_p = True
+            log.warning("grpo.top_p=%s: completions are sampled from the top-p truncated distribution, but the "
+                        "training log-probs (ratio, KL) are not truncated, so the samples are slightly off-policy", v)
         return v
 
     @field_validator("epsilon", "epsilon_high")

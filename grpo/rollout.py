@@ -1,15 +1,16 @@
 """Rollouts: prompts in, G sampled completions per prompt out, as padded tensors plus decoded text.
 
 A backend is anything with `generate(prompts, num_generations, sampling) -> Rollout`. `HFGenerateBackend` samples
-from a Hugging Face model: with `grpo.decoding` (static KV cache, finished rows leave the batch) for Qwen2/Llama
-models, with Hugging Face `generate` and its KV cache otherwise; `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
+from a Hugging Face model: with the fast path's `grpo.fast.sample` (static KV cache, finished rows leave the batch) for
+Qwen2/Llama models, with Hugging Face `generate` and its KV cache otherwise (`grpo.fast.use_fast_path` decides); `grpo.rollout_vllm.VLLMBackend` runs vLLM on the GPU.
 
 Seeded completions: given `seeds=` (one int per prompt), completion j of prompt i is drawn from its own random stream
 `completion_seed(seeds[i], j)`, so a completion does not depend on which batch or rank it was generated in. The trainer
 passes them with `rollout_seeding="prompt"`: then N ranks sample what one process samples.
 
 Layout: prompt i's completions are rows i*G .. i*G+G-1 (one group per prompt, consecutive). Prompts are left-padded,
-completions right-padded; `completion_mask` covers the tokens up to and including the first EOS.
+completions right-padded; `completion_mask` covers the tokens up to and including the first EOS. Every backend ends a
+completion on any of `eos_token_ids` (the tokenizer's EOS and every EOS id of the model's generation config).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from grpo import decoding
+from grpo import fast
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,22 @@ def check_tokenizer(tokenizer) -> None:
         )
 
 
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, truncated): mask is 1 up to and including the first EOS of each row; truncated rows have no EOS."""
-    is_eos = completion_ids == eos_token_id
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, then each EOS id of the model's generation config
+    (an int or a list: chat models often stop on two)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [configured] if isinstance(configured, int) else list(configured or []):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | list[int]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask is 1 up to and including the first EOS (any of eos_token_ids) of each row; truncated
+    rows have no EOS."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_token_ids, device=completion_ids.device))
     T = completion_ids.shape[1]
     positions = torch.arange(T, device=completion_ids.device).expand_as(completion_ids)
     first_eos = torch.where(
@@ -138,8 +152,8 @@ class HFGenerateBackend:
     def __init__(self, model, tokenizer, max_prompt_length: int | None = None, synced_gpus: bool = False,
                  fast_decoding: bool = True):
         """synced_gpus: keep every rank stepping until all are done (needed under ZeRO-3, where each forward is collective).
-        fast_decoding: sample with `grpo.decoding` (static KV cache, finished rows dropped) where it supports the model;
-        False, or an unsupported model, or synced_gpus: Hugging Face `generate`."""
+        fast_decoding: sample with `grpo.fast.sample` (static KV cache, finished rows dropped) where it supports the
+        model; False, or an unsupported model, or synced_gpus: Hugging Face `generate`."""
         check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
@@ -148,7 +162,12 @@ class HFGenerateBackend:
         self.fast_decoding = fast_decoding
 
     def uses_fast_decoding(self) -> bool:
-        return self.fast_decoding and not self.synced_gpus and decoding.supports(self.model)
+        off = None
+        if not self.fast_decoding:
+            off = "fast_decoding=False"
+        elif self.synced_gpus:
+            off = "synced_gpus (ZeRO-3 over several ranks: every rank steps generate together)"
+        return fast.use_fast_path(self.model, off)
 
     def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
@@ -178,21 +197,22 @@ class HFGenerateBackend:
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0).to(device)
 
         row_seeds = [completion_seed(s, j) for s in seeds for j in range(num_generations)] if seeds is not None else None
+        eos = eos_token_ids(model, tok)
         was_training = model.training
         model.eval()
         try:
             if self.uses_fast_decoding():
-                completion_ids = decoding.sample(
-                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                completion_ids = fast.sample(
+                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, eos, tok.pad_token_id,
                     do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
                     row_seeds=row_seeds,
                 )
             else:
-                completion_ids = self.hf_generate(prompt_ids, prompt_mask, sampling, row_seeds)
+                completion_ids = self.hf_generate(prompt_ids, prompt_mask, sampling, row_seeds, eos)
         finally:
             model.train(was_training)
 
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(
@@ -207,26 +227,38 @@ class HFGenerateBackend:
             num_generations=num_generations,
         )
 
-    def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None):
+    def hf_generate(self, prompt_ids, prompt_mask, sampling: SamplingParams, row_seeds: list[int] | None,
+                    eos: list[int]):
         """Completion ids (N, T) from Hugging Face `generate`; T = steps run."""
-        tok, device = self.tokenizer, prompt_ids.device
-        gen_kwargs = {
-            "do_sample": sampling.do_sample,
-            "max_new_tokens": sampling.max_new_tokens,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "use_cache": True,
-            "synced_gpus": self.synced_gpus,
-        }
+        device, model = prompt_ids.device, self.model
+        config = generation_config(sampling, eos, self.tokenizer.pad_token_id, row_seeds is not None)
+        processors = None
         if sampling.do_sample and row_seeds is not None:  # greedy over Gumbel-perturbed logits = seeded sampling
             from transformers import LogitsProcessorList
 
-            gen_kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
-                [SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)]))
-        elif sampling.do_sample:  # plain temperature / nucleus sampling: no top-k, no repetition penalty
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+            processors = LogitsProcessorList([SeededSampling(row_seeds, sampling.temperature, sampling.top_p, device)])
+        # generate fills every field a passed config leaves unset from model.generation_config (repetition penalty,
+        # no_repeat_ngram_size, suppressed tokens...): while it runs, the model's own config is ours
+        saved, model.generation_config = model.generation_config, config
+        try:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 logits_processor=processors, synced_gpus=self.synced_gpus)
+        finally:
+            model.generation_config = saved
         return out[:, prompt_ids.shape[1] :]
+
+
+def generation_config(sampling: SamplingParams, eos: list[int], pad: int, seeded: bool = False):
+    """A GenerationConfig of our sampling parameters and nothing else, so that `generate` samples from the
+    distribution whose log-probs are trained: softmax(logits / T), nucleus top_p, no top-k, no penalties.
+    seeded: greedy decoding, the sampling being done by a SeededSampling processor."""
+    from transformers import GenerationConfig
+
+    kw = {"do_sample": sampling.do_sample and not seeded, "max_new_tokens": sampling.max_new_tokens,
+          "eos_token_id": eos, "pad_token_id": pad, "use_cache": True}
+    if kw["do_sample"]:
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    return GenerationConfig(**kw)
 
 
 def rollout_from_completions(

@@ -30,6 +30,7 @@ from grpo.rollout import (
     SamplingParams,
     check_tokenizer,
     completion_seed,
+    eos_token_ids,
     rollout_from_token_rows,
 )
 
@@ -92,26 +93,40 @@ def _ensure_dist_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def stop_token(output, eos_ids: list[int]) -> int | None:
+    """The EOS id a vLLM completion output ended on (finish_reason "stop": its stop_reason when that is a token id,
+    else the first EOS id), or None when it ran into max_tokens."""
+    if output.finish_reason != "stop":
+        return None
+    reason = getattr(output, "stop_reason", None)
+    return reason if isinstance(reason, int) and reason in eos_ids else eos_ids[0]
+
+
 def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, prompt_ids: torch.Tensor,
-                           prompt_mask: torch.Tensor, completions: list[list[int]], stopped: list[bool]) -> Rollout:
+                           prompt_mask: torch.Tensor, completions: list[list[int]], stopped_on: list[int | None],
+                           eos_ids: list[int] | None = None) -> Rollout:
     """A Rollout from per-request completion token ids (N = len(prompts) * G, grouped by prompt).
 
-    prompt_ids / prompt_mask: the prompts left-padded, one row per prompt. stopped[k]: request k ended on EOS (a
-    completion that stopped is given its EOS if the engine left it out); the others hit max_tokens (truncated).
+    prompt_ids / prompt_mask: the prompts left-padded, one row per prompt. A row ends at its first EOS (any of
+    eos_ids, default the tokenizer's), as on the other backends, whatever the engine's finish reason (an EOS drawn as
+    the last allowed token is still an ending). stopped_on[k]: the EOS id request k stopped on (`stop_token`), appended
+    only if the engine left it out of the ids; None: it hit max_tokens, nothing is appended and, without an EOS in its
+    ids, the row is truncated.
     """
-    eos = tokenizer.eos_token_id
-    if len(completions) != len(prompts) * num_generations or len(stopped) != len(completions):
+    eos_ids = eos_ids or [tokenizer.eos_token_id]
+    if len(completions) != len(prompts) * num_generations or len(stopped_on) != len(completions):
         raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
-    rows = []
-    for ids, stop in zip(completions, stopped):
+    rows, truncated = [], []
+    for ids, stop in zip(completions, stopped_on):
         ids = list(ids)
-        if stop and eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-        elif stop:
-            ids.append(eos)
+        end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+        if end is not None:
+            ids = ids[: end + 1]
+        elif stop is not None:
+            ids.append(stop)
         rows.append(ids)
-    return rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, [not s for s in stopped],
-                                   num_generations)
+        truncated.append(end is None and stop is None)
+    return rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, truncated, num_generations)
 
 
 class VLLMBackend:
@@ -129,6 +144,7 @@ class VLLMBackend:
         self.vllm, self.policy, self.tokenizer = vllm, policy, tokenizer
         self.config = config or VLLMConfig()
         self.max_prompt_length = max_prompt_length
+        self.eos_ids = eos_token_ids(policy, tokenizer)
         self.weights_version = weights_version or (lambda: 0)
         self.synced_version: int | None = None  # nothing synced yet: the first rollout syncs
         path = model_path or getattr(policy, "name_or_path", "")
@@ -180,7 +196,7 @@ class VLLMBackend:
             top_p=sampling.top_p if sampling.do_sample else 1.0,
             max_tokens=sampling.max_new_tokens,
             seed=seed,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=self.eos_ids,
             detokenize=False,
         )
 
@@ -211,6 +227,6 @@ class VLLMBackend:
                 self.llm.sleep(level=2)  # weights are released too: the next rollout loads them again
                 self._weights_released = True
         completions = [list(o.outputs[0].token_ids) for o in outputs]
-        stopped = [o.outputs[0].finish_reason == "stop" for o in outputs]
+        stopped_on = [stop_token(o.outputs[0], self.eos_ids) for o in outputs]
         return rollout_from_token_ids(self.tokenizer, prompts, num_generations, prompt_ids, prompt_mask, completions,
-                                      stopped)
+                                      stopped_on, self.eos_ids)

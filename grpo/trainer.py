@@ -36,6 +36,7 @@ from grpo.engine import (
     mean_over_ranks,
     rank_and_world,
 )
+from grpo.fast import shared_prompt_logprobs, use_fast_path
 from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
 from grpo.logprobs import packed_completion_logprobs
@@ -341,8 +342,10 @@ class GRPOTrainer:
     # ---- μ inner updates on one rollout
     def logprobs(self, model, rollout: Rollout, rows: slice | torch.Tensor, with_entropy: bool = True):
         """(logp, entropy) of the completion tokens of `rows`, (n, T); 0 after each row's last completion token.
-        Padding is not computed (grpo.logprobs.packed_completion_logprobs)."""
-        return packed_completion_logprobs(
+        Padding is not computed: the fast path's shared-prompt pass where it supports the model, else the model's
+        own forward in length buckets (grpo.logprobs.packed_completion_logprobs)."""
+        packed = shared_prompt_logprobs if use_fast_path(model) else packed_completion_logprobs
+        return packed(
             model,
             rollout.prompt_ids[rows],
             rollout.prompt_mask[rows],

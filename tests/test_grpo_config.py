@@ -36,3 +36,17 @@ def test_bad_values_name_the_field(kwargs, field, value):
 
 def test_single_generation_allowed_without_std_scaling():
     assert GRPOConfig(num_generations=1, scale_rewards="none").num_generations == 1
+
+
+def test_top_p_below_one_warns_once_that_sampling_is_off_policy(caplog, monkeypatch):
+    import grpo.config
+
+    monkeypatch.setattr(grpo.config, "_warned_top_p", False)
+    with caplog.at_level("WARNING", logger="grpo.config"):
+        GRPOConfig(top_p=1.0)
+        assert not caplog.records
+        GRPOConfig(top_p=0.9)
+        GRPOConfig(top_p=0.8)
+    (record,) = caplog.records
+    assert "top_p=0.9" in record.getMessage() and "not truncated" in record.getMessage()
+    assert "off-policy" in GRPOConfig.model_fields["top_p"].description

@@ -1,12 +1,14 @@
-"""The fast paths of a GRPO step give the reference paths' results: `grpo.decoding` (static KV cache, finished rows
-dropped) against Hugging Face `generate`, and packed log-probs against the left-padded ones, loss and gradient included."""
+"""The fast paths of a GRPO step give the reference paths' results: `grpo.fast.sample` (static KV cache, finished rows
+dropped) against Hugging Face `generate`, and packed log-probs (the Hugging Face forward in length buckets, and the fast
+path's shared-prompt pass) against the left-padded ones, loss and gradient included."""
 
 import copy
+import math
 
 import pytest
 import torch
 
-from grpo import decoding
+from grpo import fast
 from grpo.logprobs import completion_logprobs, packed_completion_logprobs
 from grpo.loss import grpo_loss
 from grpo.rollout import HFGenerateBackend, SamplingParams, SeededSampling, completion_mask_from_eos, completion_seed
@@ -24,12 +26,12 @@ def prompts():
     ]
 
 
-def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0):
+def model_for(tok, kind="qwen2", seed=0, eos_scale=4.0, dtype=torch.float32):
     """A random 2-layer model whose EOS logit is scaled up, so that rows end early, at different steps."""
     model = build_tiny_model(tok, seed, arch=kind, num_hidden_layers=2)
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] *= eos_scale
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def encode(tok, prompts, repeat=1):
@@ -49,9 +51,9 @@ def test_greedy_tokens_equal_generate(tok, prompts, kind, compact):
     ids, mask = encode(tok, prompts)
     ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
-    fast = decoding.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
-    assert fast.shape == ref.shape  # stops when every row has ended, like generate
-    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    got = fast.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False, compact=compact)
+    assert got.shape == ref.shape  # stops when every row has ended, like generate
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
     assert torch.equal(a, b)
     if kind == "qwen2":  # rows really end at different steps, so compaction and early stop are exercised
         lengths = ma.sum(1)
@@ -71,9 +73,9 @@ def test_seeded_sampling_equals_generate_with_the_same_row_seeds(tok, prompts, t
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          logits_processor=LogitsProcessorList([SeededSampling(seeds, temperature, top_p, "cpu")]))
     ref = ref[:, ids.shape[1]:]
-    fast = decoding.sample(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, temperature=temperature,
-                           top_p=top_p, row_seeds=seeds)
-    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(fast, tok.eos_token_id)
+    got = fast.sample(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, temperature=temperature,
+                      top_p=top_p, row_seeds=seeds)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
     assert torch.equal(a[:, : b.shape[1]], b) and a.shape[1] == b.shape[1]
     assert ma.sum(1).min() < 20  # some rows ended early
 
@@ -81,18 +83,52 @@ def test_seeded_sampling_equals_generate_with_the_same_row_seeds(tok, prompts, t
 def test_backend_seeds_give_the_same_rollout_on_both_paths(tok, prompts):
     model = model_for(tok)
     sp = SamplingParams(temperature=0.9, max_new_tokens=16)
-    fast, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
-    assert fast.uses_fast_decoding() and not slow.uses_fast_decoding()
-    a = fast.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    quick, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
+    assert quick.uses_fast_decoding() and not slow.uses_fast_decoding()
+    a = quick.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
     b = slow.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
     assert a.completions == b.completions
     assert torch.equal(a.completion_mask, b.completion_mask) and torch.equal(a.completion_ids, b.completion_ids)
 
 
+@pytest.mark.parametrize("seeded", [True, False])
+def test_generate_fallback_ignores_the_models_generation_config(tok, prompts, seeded):
+    """A checkpoint's generation_config (repetition penalty, n-gram ban, min length, suppressed tokens) must not change
+    what the `generate` fallback samples: its tokens equal the fast path's, which applies none of them."""
+    model = model_for(tok)
+    model.generation_config.update(repetition_penalty=2.0, no_repeat_ngram_size=2, min_new_tokens=4, top_k=5,
+                                   suppress_tokens=[tok.pad_token_id])
+    quick, slow = HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)
+    if seeded:  # seeded sampling: same streams on both paths
+        sp = SamplingParams(temperature=0.9, max_new_tokens=16)
+        a, b = quick.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4]), slow.generate(prompts[:4], 3, sp, seeds=[1, 2, 3, 4])
+    else:  # greedy
+        sp = SamplingParams(max_new_tokens=16, do_sample=False)
+        a, b = quick.generate(prompts, 1, sp), slow.generate(prompts, 1, sp)
+        assert a.lengths.min() < 4  # a row ends within min_new_tokens: the fallback must end it too
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.completions == b.completions
+    assert model.generation_config.repetition_penalty == 2.0  # the model's config is left as it was
+
+
+def test_a_second_eos_id_of_the_generation_config_ends_rows_on_both_paths(tok, prompts):
+    """generation_config.eos_token_id may be a list: the fast path and the generate fallback both stop on each id,
+    and the completion mask ends at it (the row is not truncated)."""
+    model = model_for(tok, eos_scale=1.0)
+    sp = SamplingParams(max_new_tokens=16)  # seeded: the same draws on both paths and in both runs
+    plain = HFGenerateBackend(model, tok).generate(prompts[:4], 2, sp, seeds=[1, 2, 3, 4])
+    i, row = next((i, r) for i, r in enumerate(plain.completion_ids.tolist()) if len(set(r[:8])) > 2)
+    k = next(k for k in range(1, len(row)) if row[k] not in row[:k])  # the first occurrence of a token
+    model.generation_config.eos_token_id = [tok.eos_token_id, row[k]]
+    for backend in (HFGenerateBackend(model, tok), HFGenerateBackend(model, tok, fast_decoding=False)):
+        r = backend.generate(prompts[:4], 2, sp, seeds=[1, 2, 3, 4])
+        assert r.completion_ids[i, : k + 1].tolist() == row[: k + 1]
+        assert r.lengths[i] == k + 1 and not r.truncated[i] and r.completion_mask[i].sum() == k + 1
+
+
 def test_draw_follows_the_probabilities():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)
-    counts = torch.bincount(decoding.draw(probs), minlength=6).float() / 40_000
+    counts = torch.bincount(fast.draw(probs), minlength=6).float() / 40_000
     assert counts[1] == 0 and counts[5] == 0  # probability 0: never drawn, the last token included
     assert torch.allclose(counts, probs[0], atol=0.01)
 
@@ -105,7 +141,7 @@ def test_sampled_first_tokens_follow_the_model(tok, prompts):
     n = 4000
     ids, mask = encode(tok, prompts[1:2], repeat=n)
     torch.manual_seed(0)
-    first = decoding.sample(model, ids, mask, 1, tok.eos_token_id, tok.pad_token_id, temperature=0.8)[:, 0]
+    first = fast.sample(model, ids, mask, 1, tok.eos_token_id, tok.pad_token_id, temperature=0.8)[:, 0]
     with torch.no_grad():
         p = torch.softmax(model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1] / 0.8, dim=-1)
     freq = torch.bincount(first, minlength=p.numel()).float() / n
@@ -129,9 +165,94 @@ def test_fast_rollout_masks_after_eos_and_counts_lengths(tok, prompts):
 def test_unsupported_models_fall_back_to_generate(tok):
     model = model_for(tok)
     model.config.hidden_act = "gelu"
-    assert not decoding.supports(model)
+    assert fast.unsupported_reason(model) == "hidden_act 'gelu' is not silu"
     assert not HFGenerateBackend(model, tok).uses_fast_decoding()
     assert not HFGenerateBackend(model_for(tok), tok, synced_gpus=True).uses_fast_decoding()
+
+
+# Log-prob tolerance per dtype against the Hugging Face forward in the same dtype. bf16 keeps 8 significant bits
+# (eps 2^-8 = 0.0039), fp16 11 (eps 2^-11 = 0.00049); a log-prob comes out of a few dozen roundings of O(1)
+# activations summed in a different order (shared prompt keys, length buckets), so ~4 eps: 0.016 and 0.002.
+LOGP_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fast_logprobs_match_the_reference_in_each_dtype(tok, prompts, dtype):
+    """The shared-prompt pass in bf16/fp16 (it crashed there: a float32 mask into bf16 scores) gives the reference's
+    log-probs in the same dtype, and is no further from the fp32 answer than the reference itself is."""
+    _, r = batch_for(tok, prompts)
+    model = model_for(tok, dtype=dtype).train()
+    model.set_attn_implementation("eager")
+    T, m = r.completion_ids.shape[1], r.completion_mask.bool()
+    assert fast.use_fast_path(model)
+    ref, _ = completion_logprobs(model, r.input_ids, r.attention_mask, T)
+    exact, _ = completion_logprobs(model_for(tok), r.input_ids, r.attention_mask, T)
+    got, ent = fast.shared_prompt_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    assert got.dtype == torch.float32 and got[m].isfinite().all() and ent[m].isfinite().all()
+    assert (got[m] - ref[m]).abs().max() <= LOGP_ATOL[dtype]
+    assert (got[m] - exact[m]).abs().max() <= 2 * (ref[m] - exact[m]).abs().max() + 1e-5
+    grads = torch.autograd.grad(got[m].sum(), list(model.parameters()))
+    assert all(g.dtype == dtype and g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_greedy_tokens_equal_generate_in_low_precision(tok, prompts, dtype):
+    """In bf16/fp16 the decoder rounds where the Hugging Face modules round (projection, then residual add; softmax in
+    fp32), so greedy tokens equal `generate`'s with eager attention. (SDPA keeps the scores in fp32 inside its kernel:
+    against it tokens can part at near-ties of two logits.)"""
+    model = model_for(tok, dtype=dtype)
+    model.set_attn_implementation("eager")
+    ids, mask = encode(tok, prompts)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    got = fast.sample(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, do_sample=False)
+    (a, ma), (b, _) = masked(ref, tok.eos_token_id), masked(got, tok.eos_token_id)
+    assert got.shape == ref.shape and torch.equal(a, b)
+    assert len(set(ma.sum(1).tolist())) >= 3  # rows end at different steps: compaction is exercised
+
+
+def test_a_grpo_step_in_bf16_runs_the_fast_path(tok, prompts):
+    """A whole GRPOTrainer step (sampling, reference and policy log-probs, backward, AdamW) on a bf16 model on CPU."""
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+
+    model = model_for(tok, dtype=torch.bfloat16).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=4, steps_per_iteration=1, beta=0.04, mu=2,
+                     learning_rate=1e-2, max_completion_length=12, max_prompt_length=32)
+    trainer = GRPOTrainer(model, tok, cfg, [{"prompt": p} for p in prompts],
+                          [("length", lambda p, c, **k: [float(len(x)) for x in c], 1.0)], progress=False)
+    assert trainer.backend.uses_fast_decoding() and fast.use_fast_path(model)
+    (metrics,) = trainer.train()
+    assert metrics["skipped_steps"] == 0 and math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_weights_in_an_untested_dtype_take_the_reference_path(tok, caplog):
+    model = model_for(tok, dtype=torch.float64)
+    assert fast.unsupported_reason(model) == "weights in float64 (the fast path runs one of float32, bfloat16, float16)"
+    mixed = model_for(tok)
+    mixed.model.norm.to(torch.bfloat16)
+    assert "weights in bfloat16, float32" in fast.unsupported_reason(mixed)
+    assert not HFGenerateBackend(model, tok).uses_fast_decoding()
+
+
+def test_dispatch_logs_one_line_per_model_class_and_reason(tok, caplog):
+    """One decision for sampling and log-probs, announced once per process per (model class, reason)."""
+    model = model_for(tok)
+    model.__class__ = type("AnnouncedQwen2", (type(model),), {})  # a class no other test has announced
+    with caplog.at_level("INFO", logger="grpo.fast"):
+        assert fast.use_fast_path(model) and fast.use_fast_path(model)
+        assert HFGenerateBackend(model, tok).uses_fast_decoding()
+        assert not HFGenerateBackend(model, tok, fast_decoding=False).uses_fast_decoding()
+        model.config.hidden_act = "gelu"
+        assert not fast.use_fast_path(model) and not HFGenerateBackend(model, tok).uses_fast_decoding()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AnnouncedQwen2")]
+    assert len(lines) == 3, lines
+    assert "fast path" in lines[0]
+    assert "reference" in lines[1] and "fast_decoding=False" in lines[1]
+    assert "reference" in lines[2] and "hidden_act 'gelu' is not silu" in lines[2]
 
 
 def batch_for(tok, prompts, seed=0):
@@ -148,19 +269,19 @@ def test_packed_logprobs_equal_the_padded_ones(tok, prompts):
     m = r.completion_mask.bool()
     assert r.lengths.min() < T and r.prompt_mask.sum(1).min() < r.prompt_ids.shape[1]  # padding on both sides
     ref, ref_ent = completion_logprobs(model, r.input_ids, r.attention_mask, T, temperature=0.9)
-    for share in (False, True):
+    for packed in (packed_completion_logprobs, fast.shared_prompt_logprobs):
         args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-        got, ent = packed_completion_logprobs(*args, temperature=0.9, chunk_size=64, share_prompts=share)
+        got, ent = packed(*args, temperature=0.9, chunk_size=64)
         assert torch.allclose(got[m], ref[m], atol=1e-5)
         assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
         assert (got[~m] == 0).all()
-        frozen, _ = packed_completion_logprobs(*args, temperature=0.9, with_entropy=False, share_prompts=share)
+        frozen, _ = packed(*args, temperature=0.9, with_entropy=False)
         assert torch.allclose(frozen[m], ref[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("share_prompts", [False, True])
+@pytest.mark.parametrize("packed", [packed_completion_logprobs, fast.shared_prompt_logprobs])
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "dr_grpo"])
-def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation, share_prompts):
+def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregation, packed):
     model, r = batch_for(tok, prompts, seed=1)
     T = r.completion_ids.shape[1]
     adv = torch.linspace(-1.5, 1.5, len(r.completion_ids))
@@ -174,8 +295,7 @@ def test_packed_logprobs_give_the_same_loss_and_gradient(tok, prompts, aggregati
 
     a, ga = loss_and_grad(completion_logprobs(model, r.input_ids, r.attention_mask, T)[0])
     b, gb = loss_and_grad(
-        packed_completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                   share_prompts=share_prompts)[0]
+        packed(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
     )
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     for x, y in zip(ga, gb):
@@ -189,7 +309,7 @@ def test_lm_head_checkpointing_above_the_threshold_gives_the_same_gradient(tok, 
     args = (model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
 
     def grads():
-        logp, _ = lp.packed_completion_logprobs(*args, chunk_size=32)
+        logp, _ = fast.shared_prompt_logprobs(*args, chunk_size=32)
         return torch.autograd.grad(logp.sum(), list(model.parameters()))
 
     plain = grads()

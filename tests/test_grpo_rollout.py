@@ -9,6 +9,7 @@ from grpo.rollout import (
     RolloutBackend,
     SamplingParams,
     completion_mask_from_eos,
+    eos_token_ids,
     rollout_from_completions,
 )
 from stages.core.tasks import clean_trace, make_problems
@@ -28,6 +29,18 @@ def test_completion_mask_from_eos():
     mask, truncated = completion_mask_from_eos(ids, eos)
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
+
+
+def test_every_eos_id_ends_a_completion(tiny_model, tok):
+    ids = torch.tensor([[1, 9, 7, 3], [7, 1, 9, 1], [1, 2, 3, 4]])
+    mask, truncated = completion_mask_from_eos(ids, [7, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+    model = tiny_model(tok)
+    model.generation_config.eos_token_id = [9, tok.eos_token_id, 11]
+    assert eos_token_ids(model, tok) == [tok.eos_token_id, 9, 11]  # the tokenizer's first, no repeats
+    model.generation_config.eos_token_id = None
+    assert eos_token_ids(model, tok) == [tok.eos_token_id] == eos_token_ids(None, tok)
 
 
 def test_generate_groups_masks_and_texts(tiny_model, tok):

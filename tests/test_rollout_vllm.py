@@ -118,8 +118,8 @@ def test_token_ids_become_a_rollout_with_eos_masks(tok):
 
     prompt_ids, prompt_mask = HFGenerateBackend(None, tok).tokenize_prompts(prompts)
     completions = [[7, 8, eos], [7, 8, 9, 10], [eos], [9, 9]]  # 2 prompts x G=2
-    stopped = [True, False, True, True]  # the last stopped without its EOS in the ids: it gets one
-    r = rollout_from_token_ids(tok, prompts, 2, prompt_ids, prompt_mask, completions, stopped)
+    stopped_on = [eos, None, eos, eos]  # the last stopped without its EOS in the ids: it gets one
+    r = rollout_from_token_ids(tok, prompts, 2, prompt_ids, prompt_mask, completions, stopped_on)
     assert r.prompts == [prompts[0]] * 2 + [prompts[1]] * 2
     assert torch.equal(r.prompt_ids, prompt_ids.repeat_interleave(2, dim=0))
     assert r.completion_ids.tolist() == [[7, 8, eos, pad], [7, 8, 9, 10], [eos, pad, pad, pad], [9, 9, eos, pad]]
@@ -128,6 +128,32 @@ def test_token_ids_become_a_rollout_with_eos_masks(tok):
     assert r.lengths.tolist() == [3, 4, 1, 3]
     assert r.completions[2] == ""  # EOS alone decodes to nothing
     assert r.input_ids.shape == (4, prompt_ids.shape[1] + 4)
+
+
+def test_vllm_rows_end_at_any_eos_id_and_get_one_only_when_it_was_sampled(tok):
+    """Two EOS ids (the tokenizer's and a second one from the generation config, 11): a row ends at the first of either;
+    an EOS drawn as the last allowed token (finish_reason "length") still ends it; an EOS is appended only for a
+    request that stopped on one the engine left out, never to one that ran into max_tokens."""
+    from types import SimpleNamespace as Out
+
+    from grpo.rollout import HFGenerateBackend
+    from grpo.rollout_vllm import stop_token
+
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos_ids = [eos, 11]
+    prompts = ["User: 1+2=?\nAssistant:", "User: 10+20=?\nAssistant:"]
+    prompt_ids, prompt_mask = HFGenerateBackend(None, tok).tokenize_prompts(prompts)
+    outputs = [Out(token_ids=[7, 11], finish_reason="stop", stop_reason=11),  # stopped on the second EOS id
+               Out(token_ids=[7, 8, eos], finish_reason="length", stop_reason=None),  # EOS at max length
+               Out(token_ids=[9, 9], finish_reason="stop", stop_reason=11),  # stop token left out of the ids
+               Out(token_ids=[5, 5, 5], finish_reason="length", stop_reason=None)]  # truncated
+    stopped_on = [stop_token(o, eos_ids) for o in outputs]
+    assert stopped_on == [11, None, 11, None]
+    r = rollout_from_token_ids(tok, prompts, 2, prompt_ids, prompt_mask, [o.token_ids for o in outputs], stopped_on,
+                               eos_ids)
+    assert r.completion_ids.tolist() == [[7, 11, pad], [7, 8, eos], [9, 9, 11], [5, 5, 5]]
+    assert r.lengths.tolist() == [2, 3, 3, 3]
+    assert r.truncated.tolist() == [False, False, False, True]
 
 
 def test_weights_synced_before_each_rollout_after_an_update(tok, dataset, policy_dir, fake_vllm):
@@ -154,6 +180,7 @@ def test_weights_synced_before_each_rollout_after_an_update(tok, dataset, policy
     assert len(gens[0][1]) == 2 * 3  # B x G requests, one SamplingParams each
     sp = gens[1][2][0]
     assert sp.n == 1 and sp.max_tokens == 6 and sp.stop_token_ids == [tok.eos_token_id] and sp.temperature == 1.0
+    assert trainer.backend.eos_ids == [tok.eos_token_id]
     # requests carry the prompts' token ids without padding, seeded per completion from (seed, step, position)
     known = {tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in dataset}
     sent = [tuple(r["prompt_token_ids"]) for r in gens[0][1]]

@@ -17,7 +17,7 @@ Hugging Face `generate` spends most of a small model's decoding step outside the
 
 The numbers are the model's own (same RMSNorm, rotary tables from the model's rotary module, same masking of left
 padding): greedy tokens equal `generate`'s, sampled ones follow the same distribution (not the same random stream).
-`supports(model)` says when this path applies; the rollout backend falls back to `generate` otherwise.
+`grpo.fast.use_fast_path(model)` says when this path applies; the rollout backend uses `generate` otherwise.
 """
 
 from __future__ import annotations
@@ -25,89 +25,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from grpo.fast.ops import (
+    attention_dims,
+    attention_probs,
+    fused_weights,
+    linear_add,
+    rms_norm_nograd,
+    rotary_tables,
+    rotate,
+)
+
 COMPACT_FRACTION = 8  # compact when at least 1/8 of the live rows have ended
 
 
-def supports(model) -> bool:
-    """True for a plain Qwen2 or Llama causal LM: unpartitioned weights, SiLU MLP without bias, default RoPE, full
-    attention, no attention dropout. `grpo.logprobs.shared_prompt_logprobs` runs on the same condition."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
-    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_dropout", 0.0):  # not implemented here
-        return False
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return False
-    base = getattr(model, "model", None)
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is None or getattr(rotary, "rope_type", "default") != "default":
-        return False
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitioned weights: use generate
-        return False
-    # plain nn.Linear projections only: a wrapped one (LoRA, quantised) computes more than its .weight
-    for layer in base.layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(lin) is not torch.nn.Linear for lin in linears):
-            return False
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if not all(hasattr(n, "variance_epsilon") for n in norms):
-            return False
-    return type(model.get_output_embeddings()) is torch.nn.Linear and hasattr(base.norm, "variance_epsilon")
-
-
-def _cat_bias(*linears):
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
-        return None
-    return torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
-
-
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """Qwen2RMSNorm / LlamaRMSNorm: computed in float32, scaled in the input dtype."""
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * xf.to(x.dtype)
-
-
-def _rms_norm_nograd(x: torch.Tensor, norm) -> torch.Tensor:
-    """`_rms_norm` for fp32 without autograd, with in-place steps (the same operations in the same order)."""
-    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
-        return _rms_norm(x, norm)
-    r = x.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
-    return (x * r).mul_(norm.weight)
-
-
-def _linear_add(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + inp @ weight.T (+ bias) for 2-D x and inp, the residual add done by the matmul (addmm, beta=1)."""
-    if bias is not None:
-        return x + F.linear(inp, weight, bias)
-    return torch.addmm(x, inp, weight.t())
-
-
-def fused_weights(layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(q|k|v weight, its bias, gate|up weight) of a decoder layer, concatenated so each is one matmul. The training
-    pass builds them once and shares them across its buckets (autograd sums the buckets' gradients, then splits)."""
-    a, m = layer.self_attn, layer.mlp
-    return (
-        torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-        _cat_bias(a.q_proj, a.k_proj, a.v_proj),
-        torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-    )
-
-
-class _Decoder:
+class StaticKVDecoder:
     """The model's weights, fused for decoding, plus a static KV cache for one batch."""
 
     def __init__(self, model, batch: int, max_len: int):
-        base, cfg = model.model, model.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        base = model.model
+        self.n_heads, self.n_kv, self.head_dim = attention_dims(model.config)
         self.scale = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight
         self.norm = base.norm
@@ -117,26 +53,11 @@ class _Decoder:
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             w_qkv, b_qkv, w_gu = fused_weights(layer)
-            self.layers.append(
-                (
-                    layer.input_layernorm,
-                    w_qkv,
-                    b_qkv,
-                    a.o_proj.weight,
-                    a.o_proj.bias,
-                    layer.post_attention_layernorm,
-                    w_gu,
-                    m.down_proj.weight,
-                    m.down_proj.bias,
-                )
-            )
-        w = self.embed
+            self.layers.append((layer.input_layernorm, w_qkv, b_qkv, a.o_proj.weight, a.o_proj.bias,
+                                layer.post_attention_layernorm, w_gu, m.down_proj.weight, m.down_proj.bias))
         # cos/sin for every position this batch can reach, from the model's own rotary module
-        positions = torch.arange(max_len, device=w.device).unsqueeze(0)
-        cos, sin = base.rotary_emb(w[:1].unsqueeze(0), positions)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
-        half = self.head_dim // 2
-        self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+        self.cos, self.sin_signed = rotary_tables(model, max_len)  # (max_len, head_dim)
+        w = self.embed
         shape = (batch * self.n_kv, max_len, self.head_dim)
         self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
         self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
@@ -161,15 +82,12 @@ class _Decoder:
         n, L = ids.shape
         end = start + L
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        groups, half = nh // nkv, hd // 2
+        groups = nh // nkv
         x = F.embedding(ids, self.embed).view(n * L, -1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin_signed[pos].unsqueeze(1)  # (n, 1, L, hd)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down, b_down) in enumerate(self.layers):
-            qkv = F.linear(_rms_norm_nograd(x, ln1), w_qkv, b_qkv).view(n, L, nh + 2 * nkv, hd).transpose(1, 2)
-            # rotary on queries and keys at once (adjacent heads): x·cos + rotate_half(x)·sin, where
-            # rotate_half(x) = roll(x, half)·[-1 … 1 …], the sign folded into sin_signed
-            qk = qkv[:, : nh + nkv]
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
+            qkv = F.linear(rms_norm_nograd(x, ln1), w_qkv, b_qkv).view(n, L, nh + 2 * nkv, hd).transpose(1, 2)
+            qk = rotate(qkv[:, : nh + nkv], cos, sin)  # queries and keys at once (adjacent heads)
             k_cache, v_cache = self.k[i], self.v[i]  # (n*nkv, max_len, hd): each step reads them in place
             k_cache.view(n, nkv, -1, hd)[:, :, start:end] = qk[:, nh:]
             v_cache.view(n, nkv, -1, hd)[:, :, start:end] = qkv[:, nh + nkv :]
@@ -177,12 +95,12 @@ class _Decoder:
             # scale and the additive mask fused into the same call
             scores = torch.baddbmm(mask, qk[:, :nh].reshape(n * nkv, groups * L, hd),
                                    k_cache[:, :end].transpose(1, 2), alpha=self.scale)
-            attn = torch.bmm(torch.softmax(scores, dim=-1), v_cache[:, :end])
+            attn = torch.bmm(attention_probs(scores), v_cache[:, :end])
             attn = attn.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
-            x = _linear_add(x, attn, w_o, b_o)  # x + o_proj(attn)
-            gate, up = F.linear(_rms_norm_nograd(x, ln2), w_gu).chunk(2, dim=-1)
-            x = _linear_add(x, F.silu(gate).mul_(up), w_down, b_down)
-        return _rms_norm_nograd(x, self.norm).view(n, L, -1)
+            x = linear_add(x, attn, w_o, b_o)  # x + o_proj(attn)
+            gate, up = F.linear(rms_norm_nograd(x, ln2), w_gu).chunk(2, dim=-1)
+            x = linear_add(x, F.silu(gate).mul_(up), w_down, b_down)
+        return rms_norm_nograd(x, self.norm).view(n, L, -1)
 
     def grouped(self, mask: torch.Tensor, L: int) -> torch.Tensor:
         """(n, 1, L, S) additive mask → (n*nkv, groups*L, S), the layout of the grouped scores."""
@@ -194,7 +112,7 @@ class _Decoder:
         return F.linear(hidden, self.lm_w, self.lm_b).float()
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Hugging Face's TopPLogitsWarper: drop the least likely tokens whose cumulative mass is <= 1 - top_p."""
     sorted_scores, order = torch.sort(scores, descending=False)
     remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
@@ -220,7 +138,7 @@ def next_tokens(
         return logits.argmax(dim=-1)
     scores = logits / temperature
     if top_p < 1.0:
-        scores = _top_p_filter(scores, top_p)
+        scores = top_p_filter(scores, top_p)
     if generators is not None:
         V = scores.shape[1]
         u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in generators])
@@ -228,38 +146,23 @@ def next_tokens(
     return draw(torch.softmax(scores, dim=-1))
 
 
-@torch.no_grad()
-def sample(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    compact: bool = True,
-    row_seeds: list[int] | None = None,
-) -> torch.Tensor:
-    """Completion tokens (N, T) for left-padded prompts (N, P); T = steps run (≤ max_new_tokens), as `generate`
-    returns them. After a row's EOS its entries are junk: mask them with `completion_mask_from_eos`.
-    row_seeds: one seed per row, each row sampled from its own stream (see `next_tokens`)."""
-    N, P = prompt_ids.shape
-    gens = None
-    if row_seeds is not None:
-        gens = [torch.Generator(device=prompt_ids.device).manual_seed(s) for s in row_seeds]
-    # the G rows of a group share their prompt: prefill each distinct prompt once, then copy its cache to its rows
+def distinct_prompts(prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct prompts, each row's prompt index, the first row of each prompt): the G rows of a group share it."""
     uniq, group = torch.unique(prompt_ids, dim=0, return_inverse=True)
     first = torch.zeros(len(uniq), dtype=torch.long, device=prompt_ids.device)
-    first.scatter_(0, group, torch.arange(N, device=prompt_ids.device))
-    dec = _Decoder(model, len(uniq), P + max_new_tokens)
-    device, dtype = prompt_ids.device, dec.embed.dtype
+    first.scatter_(0, group, torch.arange(len(prompt_ids), device=prompt_ids.device))
+    return uniq, group, first
+
+
+def prefill(dec: StaticKVDecoder, uniq, group, first, prompt_mask, max_new_tokens: int):
+    """Run each distinct prompt once and copy its cache to its rows. Returns the rows' next-token logits, the rotary
+    position of their first new token and the additive key mask (N, 1, 1, P + max_new_tokens) of decoding."""
+    N, P = prompt_mask.shape
+    device, dtype = prompt_mask.device, dec.embed.dtype
     neg = torch.finfo(dtype).min
     # prompt positions skip left padding, as in `generate`; generated tokens continue from the last prompt token
     pos = prompt_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(prompt_mask == 0, 1)
-    next_pos = pos[:, -1:] + 1
     key_ok = torch.ones(N, P + max_new_tokens, dtype=torch.bool, device=device)
     key_ok[:, :P] = prompt_mask.bool()
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
@@ -269,10 +172,37 @@ def sample(
     key_mask = torch.zeros(N, 1, 1, P + max_new_tokens, dtype=dtype, device=device).masked_fill(
         ~key_ok[:, None, None, :], neg
     )
-
     hidden = dec.forward(uniq, pos[first], 0, dec.grouped(mask, P))
     logits = dec.logits(hidden[:, -1])[group]
     dec.keep(group, P)
+    return logits, pos[:, -1:] + 1, key_mask
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: int | list[int],
+    pad_token_id: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    compact: bool = True,
+    row_seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Completion tokens (N, T) for left-padded prompts (N, P); T = steps run (≤ max_new_tokens), as `generate`
+    returns them. After a row's EOS its entries are junk: mask them with `completion_mask_from_eos`.
+    A row ends on any of eos_token_ids. row_seeds: one seed per row, each row sampled from its own stream (see
+    `next_tokens`)."""
+    N, P = prompt_ids.shape
+    device = prompt_ids.device
+    gens = None if row_seeds is None else [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    eos = torch.as_tensor(eos_token_ids, device=device)
+    uniq, group, first = distinct_prompts(prompt_ids)
+    dec = StaticKVDecoder(model, len(uniq), P + max_new_tokens)
+    logits, next_pos, key_mask = prefill(dec, uniq, group, first, prompt_mask, max_new_tokens)
     out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(N, device=device)  # original row of each live batch slot
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -282,11 +212,11 @@ def sample(
         tok = next_tokens(logits, do_sample, temperature, top_p, live_gens)
         out[rows, t] = tok
         steps = t + 1
-        done |= tok == eos_token_id
+        done |= torch.isin(tok, eos)
         n_done = int(done.sum())
         if n_done == len(rows) or steps == max_new_tokens:
             break
-        if compact and n_done * COMPACT_FRACTION >= len(rows):
+        if compact and n_done * COMPACT_FRACTION >= len(rows):  # finished rows leave the batch
             live = (~done).nonzero().squeeze(1)
             dec.keep(live, P + t)
             rows, tok, next_pos, key_mask = rows[live], tok[live], next_pos[live], key_mask[live]
