@@ -82,10 +82,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-class NonFiniteError(RuntimeError):
-    """Too many optimiser steps in a row had a NaN or inf loss or gradient; the run stopped (a checkpoint is kept)."""
-
-
 class _SkipCounter:
     """Non-finite updates are skipped, not applied: `skipped_steps` counts them (all ranks agree), `last_skipped` says
     whether the latest `step()` was one."""

@@ -137,8 +137,8 @@ def nan_gradients_on_one_rank_skip_everywhere(out: str, aggregation: str, ds_con
     weights stay as they were, and after max_bad_steps steps every rank stops with NonFiniteError."""
     import torch.distributed as dist
 
-    from grpo.engine import NonFiniteError
     from grpo.trainer import GRPOTrainer
+    from grpo.training import NonFiniteError
 
     model, tok, cfg, dataset, funcs, backend = setup(aggregation)
     initial = {k: v.clone() for k, v in model.state_dict().items()}

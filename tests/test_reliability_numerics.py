@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from grpo.checkpoint import CheckpointMismatchError, latest_checkpoint
-from grpo.engine import NonFiniteError, TorchEngine, lr_lambda
+from grpo.engine import TorchEngine, lr_lambda
 from grpo.logging import ConsoleLogger
+from grpo.training import NonFiniteError
 from tests.test_grpo_trainer import small_config, tiny_model
 
 

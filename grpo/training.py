@@ -1,0 +1,140 @@
+"""Training scaffolding, written once for every loop (GRPO, SFT, base-model pretraining): the optimiser and its LR
+schedule, the Torch/DeepSpeed engine, the non-finite guard, checkpoints (save, resume, prune), fault points and the
+metric logger. A loop owns its loss and its data; everything around them is here.
+
+    run = Training(model, cfg, total_updates, loop="sft", output_dir=out, logger=logger, deepspeed_config=ds)
+    state = run.resume(path)                       # the trainer state dict it saved, counters restored
+    while ...:
+        run.start_step()
+        run.engine.backward(loss); run.engine.step()
+        run.end_step()                             # counts bad steps in a row
+        if due: run.save(path, state)
+        run.stop_if_non_finite(step, save)         # NonFiniteError (after a checkpoint) when too many
+        run.fault_point(step)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world
+from grpo.faults import fault_point
+from grpo.logging import MetricLogger, NullLogger
+
+log = logging.getLogger(__name__)
+
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a NaN or inf loss or gradient; the run stopped (a checkpoint is kept)."""
+
+
+class OptimizerSettings(Protocol):
+    """The fields a loop's config shares with every other loop's (GRPOConfig, SFTConfig)."""
+
+    learning_rate: float
+    adam_beta1: float
+    adam_beta2: float
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    max_grad_norm: float | None
+    max_bad_steps: int
+
+
+def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int,
+                 deepspeed_config: dict | None = None) -> TorchEngine | DeepSpeedEngine:
+    """AdamW (the config's lr, betas, weight decay) with warmup + constant/cosine LR over `total_updates`, behind plain
+    torch on one process or DeepSpeed ZeRO on any number of ranks."""
+    _, world = rank_and_world()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_updates,
+                                                                       cfg.lr_schedule))
+    if deepspeed_config is not None:
+        return DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config)
+    if world > 1:
+        raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
+    return TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
+
+
+class Training:
+    """The engine of one loop plus its bookkeeping: bad steps in a row, checkpoints in `output_dir`, metric logging.
+
+    loop: the loop's name in messages ("GRPO", "SFT") and its fault-point kind (lower case); config_prefix: where its
+    max_bad_steps lives in a recipe (e.g. "grpo."); advice: what to look at when the loss goes non-finite.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int, *, loop: str,
+                 output_dir: str | Path | None = None, logger: MetricLogger | None = None,
+                 deepspeed_config: dict | None = None, keep_checkpoints: int | None = None, advice: str = ""):
+        self.rank, self.world = rank_and_world()
+        self.cfg, self.loop, self.advice = cfg, loop, advice
+        self.engine = build_engine(model, cfg, total_updates, deepspeed_config)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.logger = logger or NullLogger()
+        self.keep_checkpoints = keep_checkpoints
+        self.bad_in_a_row = 0  # consecutive steps with at least one skipped (non-finite) update
+        self._skipped_before = 0
+
+    # ---- the non-finite guard: a step is bad when any of its updates was skipped
+    def start_step(self) -> None:
+        self._skipped_before = self.engine.skipped_steps
+
+    def end_step(self) -> None:
+        """Count the step that just ended as bad (any update skipped) or good."""
+        bad = self.engine.skipped_steps > self._skipped_before
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+
+    def stop_if_non_finite(self, step: int, save: Callable[[], Path | None]) -> None:
+        """After max_bad_steps bad steps in a row (the last one `step`, from 1): `save()` a checkpoint and raise
+        NonFiniteError."""
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            path = save() if self.output_dir is not None else None
+            first = step - self.bad_in_a_row + 1
+            raise NonFiniteError(
+                f"{self.loop} steps {first}-{step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
+                f"(max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped ({self.engine.skipped_steps} in "
+                "all) and the run stopped. "
+                + (f"Checkpoint of the last finite weights: {path}. " if path else "No output_dir: nothing saved. ")
+                + self.advice
+            )
+
+    # ---- checkpoints
+    def counters(self) -> dict:
+        return {"skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+
+    def save(self, path: str | Path, state: dict, reference: torch.nn.Module | None = None) -> Path:
+        """A checkpoint at `path` (engine, reference, RNG, `state` + the skip counters); the oldest pruned."""
+        saved = save_checkpoint(path, self.engine, reference, {**state, **self.counters()})
+        if self.rank == 0 and self.keep_checkpoints is not None:
+            prune_checkpoints(saved.parent, self.keep_checkpoints)
+        return saved
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.output_dir) if self.output_dir is not None else None
+
+    def resume(self, path: str | Path, reference: torch.nn.Module | None = None) -> dict:
+        """Load checkpoint `path` into the engine (and the reference); returns the saved trainer state."""
+        state = load_checkpoint(path, self.engine, reference)
+        self.engine.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        return state
+
+    # ---- metrics and faults
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0:
+            self.logger.log_metrics(metrics, step=step)
+
+    def log_params(self, params: dict) -> None:
+        if self.rank == 0:
+            self.logger.log_params(params)
+
+    def fault_point(self, step: int) -> None:
+        fault_point(self.loop.lower(), step)
