@@ -11,54 +11,8 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each metric over ranks (identity on one process)."""
-    _, world = rank_and_world()
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
-def all_reduce_weighted_mean(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Σ_r w_r·v_r / Σ_r w_r over ranks, e.g. per-token metrics weighted by each rank's token count."""
-    _, world = rank_and_world()
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / max(t[-1].item(), 1e-12) for k, v in zip(keys, t[:-1].tolist())}
-
-
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over ranks (identity on one process)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world
-
-
-def all_reduce_max(value: float) -> float:
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+from grpo.distributed import all_reduce_max, rank_and_world
 
 
 def lr_lambda(warmup_steps: int, total_updates: int, schedule: str):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages, process_advantages
 from grpo.config import GRPOConfig
-from grpo.engine import all_reduce_max, all_reduce_mean, all_reduce_weighted_mean, mean_over_ranks, rank_and_world
+from grpo.distributed import all_reduce_max, all_reduce_mean, all_reduce_weighted_mean, mean_over_ranks, rank_and_world
 from grpo.logging import MetricLogger
 from grpo.logprobs import packed_completion_logprobs
 from grpo.loss import grpo_loss, masked_mean

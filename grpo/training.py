@@ -23,7 +23,8 @@ from typing import Protocol
 import torch
 
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world
+from grpo.distributed import rank_and_world
+from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda
 from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
 

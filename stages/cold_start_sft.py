@@ -38,7 +38,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
         stage_inputs = {"model": base_uri, "r1_zero_model": r1_uri}
     with stage_context(recipe, STAGE, cfg, stage_inputs, parent_run_id, progress) as ctx:
         if examples is None:  # on several ranks: rank 0 samples the set, the others receive it
-            from stages.distributed import broadcast
+            from grpo.distributed import broadcast
 
             examples = broadcast(readable_samples(ctx, r1_uri, problems) if ctx.main else None)
         if ctx.main:

@@ -126,8 +126,8 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     On several ranks only rank 0 opens the run; the others get its id and no active MLflow run (`ctx.main` is False),
     so whatever they would log must be guarded by `ctx.main`.
     """
-    from grpo import faults
-    from stages import attempts, distributed
+    from grpo import distributed, faults
+    from stages import attempts
 
     tracking.check_tracking(recipe.tracking)
     key = stage_key(name, cfg, inputs, recipe)

@@ -60,8 +60,8 @@ def _recording(name: str, run: Callable) -> Callable:
     returned (what a later pipeline run reuses)."""
 
     def recorded(recipe, inputs=None, parent_run_id=None, progress=True):
+        from grpo.distributed import is_main
         from stages.common import record_outputs
-        from stages.distributed import is_main
         from stages.preflight import preflight
 
         preflight(recipe, [name], inputs)

@@ -126,7 +126,7 @@ class SFTTrainer:
                  logger=None, deepspeed_config: dict | None = None, progress: bool = True):
         import torch
 
-        from grpo.engine import rank_and_world
+        from grpo.distributed import rank_and_world
         from grpo.training import Training
 
         if not examples:
@@ -214,7 +214,7 @@ class SFTTrainer:
         if self.world == 1:
             loss = model(**inputs).loss
             return loss, loss.item()
-        from grpo.engine import mean_over_ranks
+        from grpo.distributed import mean_over_ranks
 
         tokens = mean_over_ranks((labels[:, 1:] != -100).sum().float().to(dev))
         loss = model(**inputs, num_items_in_batch=tokens).loss
