@@ -94,10 +94,8 @@ class GRPOTrainer:
             from grpo.rollout_vllm import check_vllm_installed
 
             check_vllm_installed()  # before DeepSpeed or vLLM touch the model
-        if cfg.prompts_per_step % self.world:
-            raise ValueError(
-                f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}"
-            )
+        if problems := cfg.world_problems(self.world):
+            raise ValueError("; ".join(problems))
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.reward_funcs = list(reward_funcs)

@@ -300,8 +300,10 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
         world = c.nodes * (getattr(c, "nproc_per_node", None) or max(c.gpus_per_node, 1))
         for s in (s for s in stages if s in DISTRIBUTED_STAGES):
             cfg = getattr(recipe, s)
-            field, n = (f"{s}.grpo.prompts_per_step", cfg.grpo.prompts_per_step) if s in GRPO_STAGES else \
-                (f"{s}.sft.batch_size", cfg.sft.batch_size)
+            if s in GRPO_STAGES:  # prompts and minibatches: the trainer's own check
+                problems += [f"{s}.grpo.{p}" for p in cfg.grpo.world_problems(world, f" of cluster ({c.nodes} node(s))")]
+                continue
+            field, n = f"{s}.sft.batch_size", cfg.sft.batch_size
             if n % world:
                 problems.append(f"{field}: {n} is not divisible by the {world} processes of cluster ({c.nodes} "
                                 f"node(s)); every rank takes an equal share")
