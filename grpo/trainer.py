@@ -14,6 +14,7 @@ One code path for 1 or N ranks: prompts are sharded across ranks, each rank keep
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -24,7 +25,14 @@ from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages, process_advantages
 from grpo.config import GRPOConfig
-from grpo.distributed import all_reduce_max, all_reduce_mean, all_reduce_weighted_mean, mean_over_ranks, rank_and_world
+from grpo.distributed import (
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    all_reduce_weighted_mean,
+    mean_over_ranks,
+    rank_and_world,
+)
 from grpo.logging import MetricLogger
 from grpo.logprobs import packed_completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
@@ -33,6 +41,23 @@ from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingPar
 from grpo.training import Training
 
 TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
+
+
+def pooled_std_metrics(metrics: dict[str, float], n: int) -> dict[str, float]:
+    """Each `<x>/std` beside an `<x>/mean` (this rank's unbiased std and mean of its n values) as the std over every
+    rank's values: the moments n, Σv = n·mean, Σv² = (n−1)·std² + n·mean² are summed over ranks. Identity on one rank."""
+    keys = [k for k in sorted(metrics) if k.endswith("/std") and k[:-4] + "/mean" in metrics]
+    if rank_and_world()[1] == 1 or not keys:
+        return metrics
+    rows = []
+    for k in keys:
+        mean, std = metrics[k[:-4] + "/mean"], metrics[k]
+        rows.append([n, n * mean, (n - 1) * std * std + n * mean * mean])
+    total = all_reduce_sum(torch.tensor(rows, dtype=torch.float64))
+    out = dict(metrics)
+    for k, (N, s, ss) in zip(keys, total.tolist()):
+        out[k] = math.sqrt(max(ss - s * s / N, 0.0) / max(N - 1, 1))
+    return out
 
 
 class PromptSampler:
@@ -199,7 +224,7 @@ class GRPOTrainer:
         }
         # per-token diagnostics are token means over the whole batch: weight each rank by its token count
         per_token = {k: metrics.pop(k) for k in TOKEN_METRICS if k in metrics}
-        metrics = all_reduce_mean(metrics)
+        metrics = all_reduce_mean(pooled_std_metrics(metrics, len(rollout.completions)))
         metrics.update(all_reduce_weighted_mean(per_token, rollout.completion_mask.sum().item()))
         metrics["completion_length/max"] = all_reduce_max(lengths.max().item())
         step_time = time.perf_counter() - t0
