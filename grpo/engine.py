@@ -78,6 +78,9 @@ class TorchEngine(_SkipCounter):
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+
     def make_reference(self) -> torch.nn.Module:
         return frozen_copy(self.module)
 
@@ -152,6 +155,11 @@ class DeepSpeedEngine(_SkipCounter):
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def weights_finite(self) -> bool:
+        """Every rank's weights (ZeRO-3: its shards) finite; the same answer on every rank."""
+        local = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        return all_reduce_max(float(not all(bool(torch.isfinite(t).all()) for t in local))) == 0
 
     def make_reference(self) -> torch.nn.Module:
         """π_ref ← π_θ. ZeRO-2: a frozen full copy (every rank holds the whole weights anyway).

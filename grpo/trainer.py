@@ -407,7 +407,8 @@ class GRPOTrainer:
     def trainer_state(self) -> dict:
         return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world}
 
-    def save(self, path: str | Path | None = None) -> Path:
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """A checkpoint (at `path`, default output_dir/checkpoint-<step>); None when the weights are not finite."""
         if path is None:
             if self.output_dir is None:
                 raise ValueError("save() needs a path or the trainer's output_dir")

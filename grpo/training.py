@@ -99,20 +99,34 @@ class Training:
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
             path = save() if self.output_dir is not None else None
             first = step - self.bad_in_a_row + 1
+            if path is not None:
+                saved = f"Checkpoint of the last finite weights: {path}. "
+            elif self.output_dir is None:
+                saved = "No output_dir: nothing saved. "
+            else:
+                saved = self._no_finite_checkpoint()
             raise NonFiniteError(
                 f"{self.loop} steps {first}-{step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
                 f"(max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped ({self.engine.skipped_steps} in "
-                "all) and the run stopped. "
-                + (f"Checkpoint of the last finite weights: {path}. " if path else "No output_dir: nothing saved. ")
-                + self.advice
+                "all) and the run stopped. " + saved + self.advice
             )
+
+    def _no_finite_checkpoint(self) -> str:
+        last = self.latest()
+        return ("The weights are no longer finite (an update before the skipped ones made them NaN/inf): no checkpoint "
+                "written. " + (f"The last good checkpoint is {last}. " if last else "There is no earlier checkpoint. "))
 
     # ---- checkpoints
     def counters(self) -> dict:
         return {"skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
 
-    def save(self, path: str | Path, state: dict, reference: torch.nn.Module | None = None) -> Path:
-        """A checkpoint at `path` (engine, reference, RNG, `state` + the skip counters); the oldest pruned."""
+    def save(self, path: str | Path, state: dict, reference: torch.nn.Module | None = None) -> Path | None:
+        """A checkpoint at `path` (engine, reference, RNG, `state` + the skip counters); the oldest pruned. Non-finite
+        weights are never written (a resume would start from them): then nothing is saved and None returned."""
+        if not self.engine.weights_finite():
+            log.warning("%s: the weights are not finite; checkpoint %s not written (the last good one: %s)",
+                        self.loop, path, self.latest())
+            return None
         saved = save_checkpoint(path, self.engine, reference, {**state, **self.counters()})
         if self.rank == 0 and self.keep_checkpoints is not None:
             prune_checkpoints(saved.parent, self.keep_checkpoints)

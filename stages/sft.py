@@ -228,5 +228,5 @@ class SFTTrainer:
             self.engine.module.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         return self.training.save(self.output_dir / f"checkpoint-{self.step}", {"step": self.step})
