@@ -113,7 +113,10 @@ class DeepSpeedEngine(_SkipCounter):
     all-reduced) gradients ourselves and all ranks agree through an all-reduce of the flag.
     """
 
-    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict):
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict,
+                 model_parameters: list | None = None):
+        """optimizer=None: DeepSpeed builds its own from the config's `optimizer` section over `model_parameters`, and
+        `scheduler` is then a callable optimizer -> scheduler."""
         import deepspeed
 
         cfg = copy.deepcopy(ds_config)
@@ -126,7 +129,7 @@ class DeepSpeedEngine(_SkipCounter):
         if cfg.get("bf16", {}).get("enabled"):
             cfg["bf16"].setdefault("check_grad_overflow", True)  # otherwise ZeRO applies NaN/inf bf16 updates
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, model_parameters=model_parameters
         )
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()

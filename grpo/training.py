@@ -15,7 +15,10 @@ metric logger. A loop owns its loss and its data; everything around them is here
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -52,17 +55,53 @@ class OptimizerSettings(Protocol):
 def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int,
                  deepspeed_config: dict | None = None) -> TorchEngine | DeepSpeedEngine:
     """AdamW (the config's lr, betas, weight decay) with warmup + constant/cosine LR over `total_updates`, behind plain
-    torch on one process or DeepSpeed ZeRO on any number of ranks."""
+    torch on one process or DeepSpeed ZeRO on any number of ranks. A DeepSpeed config that offloads the optimizer or
+    has an `optimizer` section gets DeepSpeed's own optimizer (ZeRO-Offload refuses a torch one), with our settings."""
     _, world = rank_and_world()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_updates,
-                                                                       cfg.lr_schedule))
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = lr_lambda(cfg.warmup_steps, total_updates, cfg.lr_schedule)
+    if deepspeed_config is not None and deepspeed_builds_optimizer(deepspeed_config):
+        ds = copy.deepcopy(deepspeed_config)
+        section = ds.setdefault("optimizer", {"type": "AdamW"})
+        section.setdefault("params", {}).update(lr=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
+                                                weight_decay=cfg.weight_decay)
+        return DeepSpeedEngine(model, None, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                               cfg.max_grad_norm, ds, model_parameters=params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if deepspeed_config is not None:
         return DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config)
     if world > 1:
         raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
     return TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
+
+
+def deepspeed_builds_optimizer(ds_config: dict) -> bool:
+    """An `optimizer` section, or the optimizer offloaded (ZeRO-Offload): DeepSpeed's optimizer, not a torch one."""
+    return "optimizer" in ds_config or "offload_optimizer" in ds_config.get("zero_optimization", {})
+
+
+def deepspeed_problems(ds_config: dict) -> list[str]:
+    """What keeps a DeepSpeed config from training here, found before any model loads: an optimizer offloaded to the
+    CPU needs DeepSpeed's CPU Adam, a C++ extension compiled on first use (unless DeepSpeed was installed prebuilt)."""
+    if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") != "cpu":
+        return []
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return ["offload_optimizer needs DeepSpeed (`pip install deepspeed`), which is not installed"]
+    if installed_ops.get("cpu_adam"):
+        return []
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = [what for what, ok in (("ninja", is_ninja_available()),
+                                     ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None)) if not ok]
+    if not missing:
+        return []
+    return [(f"offload_optimizer (device cpu) needs DeepSpeed's CPU Adam, which is not prebuilt here and cannot be "
+             f"compiled: no {' and no '.join(missing)} (install them, or reinstall DeepSpeed with DS_BUILD_CPU_ADAM=1, "
+             "or use a config without offload_optimizer, e.g. infra/deepspeed/zero3.json)")]
 
 
 class Training:

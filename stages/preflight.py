@@ -319,10 +319,12 @@ def _json_file_problems(field: str, path: str) -> list[str]:
     if not p.exists():
         return [f"{field}: {path} does not exist"]
     try:
-        json.loads(p.read_text())
+        cfg = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return [f"{field}: {path} is not valid JSON ({e})"]
-    return []
+    from grpo.training import deepspeed_problems
+
+    return [f"{field}: {path}: {problem}" for problem in deepspeed_problems(cfg)]
 
 
 # ---- lengths (needs the base model's tokenizer: a file, not weights)
