@@ -63,7 +63,9 @@ def make_trainer(tok, out, seed_model=0):
 
 def test_resume_equals_uninterrupted(tok, tmp_path):
     full = make_trainer(tok, tmp_path / "full")
-    losses_full = [m["loss"] for m in full.train()]
+    losses_full = [m["loss"] for m in full.train(max_steps=4)]
+    at_iteration_2 = {k: v.clone() for k, v in full.engine.module.state_dict().items()}  # π_ref of steps 5-8
+    losses_full += [m["loss"] for m in full.train()]
     params_full = {k: v.clone() for k, v in full.engine.module.state_dict().items()}
 
     first = make_trainer(tok, tmp_path / "split")
@@ -83,6 +85,11 @@ def test_resume_equals_uninterrupted(tok, tmp_path):
     assert losses_second == losses_full[3:]
     for k, v in second.engine.module.state_dict().items():
         assert torch.equal(v, params_full[k]), k
+    # both runs reset the reference at the iteration boundary (step 4), the resumed one after loading step 3's
+    for run in (full, second):
+        ref = run.reference.state_dict()
+        assert all(torch.equal(ref[k], v) for k, v in at_iteration_2.items())
+        assert not all(torch.equal(ref[k], v) for k, v in params_full.items())
 
 
 def test_resume_from_incomplete_checkpoint_fails(tok, tmp_path):

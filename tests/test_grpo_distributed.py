@@ -188,7 +188,8 @@ def test_two_ranks_match_one_process(stage, aggregation, tmp_path):
     single = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, progress=False)
     history = single.train()
     ds_history = json.loads((tmp_path / "history.json").read_text())
-    for a, b in zip(history, ds_history):
+    assert len(history) == len(ds_history) == cfg.total_steps
+    for a, b in zip(history, ds_history, strict=True):
         for key in ("loss", "reward/mean", "kl", "clip_low", "clip_high", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     ds_params = torch.load(tmp_path / "params.pt")
