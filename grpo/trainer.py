@@ -204,7 +204,8 @@ class GRPOTrainer:
         self.timings["generate"] = gen_time
 
         t_rewards = time.perf_counter()
-        rewards, reward_metrics = self.score(rollout, rows)
+        with self.training.python_random():
+            rewards, reward_metrics = self.score(rollout, rows)
         self.timings["rewards"] = time.perf_counter() - t_rewards
         if cfg.advantage_mode == "outcome":
             advantages = group_advantages(rewards, G, cfg.scale_rewards)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -122,6 +124,19 @@ class Training:
         self.keep_checkpoints = keep_checkpoints
         self.bad_in_a_row = 0  # consecutive steps with at least one skipped (non-finite) update
         self._skipped_before = 0
+        self._python = random.getstate()  # the loop's own `random` stream (python_random), as the caller seeded it
+
+    # ---- the loop's python RNG
+    @contextmanager
+    def python_random(self) -> Iterator[None]:
+        """Run code that draws from the `random` module (reward functions) on the loop's own stream. Other threads of
+        the process draw from the same module between steps (Prefect's services, after a flow ran in-process): on the
+        shared stream, a run and its resume from a checkpoint would then see different numbers."""
+        random.setstate(self._python)
+        try:
+            yield
+        finally:
+            self._python = random.getstate()
 
     # ---- the non-finite guard: a step is bad when any of its updates was skipped
     def start_step(self) -> None:
@@ -166,6 +181,7 @@ class Training:
             log.warning("%s: the weights are not finite; checkpoint %s not written (the last good one: %s)",
                         self.loop, path, self.latest())
             return None
+        random.setstate(self._python)  # the checkpoint's python RNG is the loop's stream
         saved = save_checkpoint(path, self.engine, reference, {**state, **self.counters()})
         if self.rank == 0 and self.keep_checkpoints is not None:
             prune_checkpoints(saved.parent, self.keep_checkpoints)
@@ -177,6 +193,7 @@ class Training:
     def resume(self, path: str | Path, reference: torch.nn.Module | None = None) -> dict:
         """Load checkpoint `path` into the engine (and the reference); returns the saved trainer state."""
         state = load_checkpoint(path, self.engine, reference)
+        self._python = random.getstate()  # restored by load_checkpoint
         self.engine.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         return state

@@ -29,7 +29,18 @@ def tiny_model(tok, seed=0):
     return Qwen2ForCausalLM(cfg)
 
 
-def make_trainer(tok, out, seed_model=0):
+class OtherThreadDraws:
+    """A logger that draws from the `random` module between steps, as other threads of the process do (Prefect's
+    services after a flow ran in-process): the loop's own random stream must not see it."""
+
+    def log_metrics(self, metrics, step):
+        random.random()
+
+    def log_params(self, params):
+        random.random()
+
+
+def make_trainer(tok, out, seed_model=0, logger=None):
     # 8 steps, iterations of 4: the resume at step 3 lands mid-iteration (the reference must come from the checkpoint)
     # and the run then crosses an iteration boundary (reference reset). μ=2 and minibatches exercise the optimiser
     # state; 8 prompts with B=3 cross epochs of the data.
@@ -57,12 +68,13 @@ def make_trainer(tok, out, seed_model=0):
         return [sum(ch.isdigit() for ch in c) / 8 + random.random() * 0.01 for c in completions]  # uses python RNG too
 
     return GRPOTrainer(
-        tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False
+        tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False,
+        logger=logger,
     )
 
 
 def test_resume_equals_uninterrupted(tok, tmp_path):
-    full = make_trainer(tok, tmp_path / "full")
+    full = make_trainer(tok, tmp_path / "full", logger=OtherThreadDraws())  # the other run sees no such draws
     losses_full = [m["loss"] for m in full.train(max_steps=4)]
     at_iteration_2 = {k: v.clone() for k, v in full.engine.module.state_dict().items()}  # π_ref of steps 5-8
     losses_full += [m["loss"] for m in full.train()]
