@@ -109,8 +109,9 @@ def deepspeed_problems(ds_config: dict) -> list[str]:
 class Training:
     """The engine of one loop plus its bookkeeping: bad steps in a row, checkpoints in `output_dir`, metric logging.
 
-    loop: the loop's name in messages ("GRPO", "SFT") and its fault-point kind (lower case); config_prefix: where its
-    max_bad_steps lives in a recipe (e.g. "grpo."); advice: what to look at when the loss goes non-finite.
+    loop: the loop's name in messages ("GRPO", "SFT") and its fault-point kind (lower case); advice: what to look at
+    when the loss goes non-finite (the loop's own config field names). The `random` module's state at construction
+    becomes the loop's python stream (seed it before).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int, *, loop: str,
