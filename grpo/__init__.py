@@ -5,8 +5,9 @@
     trainer.train()
 
 Modules: config (GRPOConfig), rollout (generation backends), logprobs (the Hugging Face reference), fast (the
-hand-written fast path for Qwen2/Llama: sampling and log-probs), advantages, loss, trainer (the loop),
-engine (plain torch or DeepSpeed), checkpoint, logging (metric loggers), rewards_io (calling reward functions).
+hand-written fast path for Qwen2/Llama: sampling and log-probs), advantages, loss, trainer (the loop), training (the
+scaffolding every loop shares: engine, non-finite guard, checkpoints, faults, loggers), engine (plain torch or
+DeepSpeed), checkpoint, logging (metric loggers), distributed (rank helpers), rewards_io (calling reward functions).
 Names are imported lazily so that `grpo.config` validates without importing torch.
 """
 

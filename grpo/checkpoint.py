@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.engine import rank_and_world
+from grpo.distributed import barrier, rank_and_world
 from grpo.faults import fault_point
 
 STATE_FILE = "trainer_state.json"
@@ -75,13 +75,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None, trainer_state: dict) -> Path:
     """Write a checkpoint atomically at `path`. Every rank calls it (DeepSpeed saves are collective)."""
     path = Path(path)
@@ -90,13 +83,13 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save(str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     fault_point("checkpoint_write", int(m.group(1)) if (m := re.search(r"(\d+)$", path.name)) else 0, by_stage=False)
     if reference is not None:
         engine.save_reference(reference, str(tmp))  # ZeRO-3: every rank its shards
-    _barrier()
+    barrier()
     if rank == 0:
         trainer_state = {**trainer_state, "world_size": world}
         (tmp / MODEL_FILE).write_text(json.dumps(model_signature(_module_config(engine.module)), indent=2))
@@ -106,7 +99,7 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
             path.rename(old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return path
 
 

@@ -151,6 +151,19 @@ class GRPOConfig(BaseModel):
                 )
         return self
 
+    def world_problems(self, world: int, where: str = "") -> list[str]:
+        """What keeps this config from splitting evenly over `world` ranks ('field: why' each; empty: it splits). Every
+        rank takes prompts_per_step/world prompts and minibatch_size/world completions of each minibatch, so that N
+        ranks plan and take the same optimiser updates as one process. `where` names the ranks in the message."""
+        out = []
+        if self.prompts_per_step % world:
+            out.append(f"prompts_per_step: {self.prompts_per_step} is not divisible by the {world} processes{where}; "
+                       "every rank takes an equal share")
+        if self.minibatch_size is not None and self.minibatch_size % world:
+            out.append(f"minibatch_size: {self.minibatch_size} is not divisible by the {world} processes{where}; "
+                       f"every rank takes an equal share of each minibatch")
+        return out
+
     @property
     def eps_low(self) -> float:
         return self.epsilon

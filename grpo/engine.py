@@ -11,54 +11,8 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each metric over ranks (identity on one process)."""
-    _, world = rank_and_world()
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
-def all_reduce_weighted_mean(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Σ_r w_r·v_r / Σ_r w_r over ranks, e.g. per-token metrics weighted by each rank's token count."""
-    _, world = rank_and_world()
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / max(t[-1].item(), 1e-12) for k, v in zip(keys, t[:-1].tolist())}
-
-
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over ranks (identity on one process)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world
-
-
-def all_reduce_max(value: float) -> float:
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+from grpo.distributed import all_reduce_max, rank_and_world
 
 
 def lr_lambda(warmup_steps: int, total_updates: int, schedule: str):
@@ -80,10 +34,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimiser steps in a row had a NaN or inf loss or gradient; the run stopped (a checkpoint is kept)."""
 
 
 class _SkipCounter:
@@ -128,6 +78,9 @@ class TorchEngine(_SkipCounter):
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+
     def make_reference(self) -> torch.nn.Module:
         return frozen_copy(self.module)
 
@@ -160,7 +113,10 @@ class DeepSpeedEngine(_SkipCounter):
     all-reduced) gradients ourselves and all ranks agree through an all-reduce of the flag.
     """
 
-    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict):
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict,
+                 model_parameters: list | None = None):
+        """optimizer=None: DeepSpeed builds its own from the config's `optimizer` section over `model_parameters`, and
+        `scheduler` is then a callable optimizer -> scheduler."""
         import deepspeed
 
         cfg = copy.deepcopy(ds_config)
@@ -173,7 +129,7 @@ class DeepSpeedEngine(_SkipCounter):
         if cfg.get("bf16", {}).get("enabled"):
             cfg["bf16"].setdefault("check_grad_overflow", True)  # otherwise ZeRO applies NaN/inf bf16 updates
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, model_parameters=model_parameters
         )
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()
@@ -202,6 +158,11 @@ class DeepSpeedEngine(_SkipCounter):
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def weights_finite(self) -> bool:
+        """Every rank's weights (ZeRO-3: its shards) finite; the same answer on every rank."""
+        local = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        return all_reduce_max(float(not all(bool(torch.isfinite(t).all()) for t in local))) == 0
 
     def make_reference(self) -> torch.nn.Module:
         """π_ref ← π_θ. ZeRO-2: a frozen full copy (every rank holds the whole weights anyway).

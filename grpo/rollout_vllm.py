@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import VLLMConfig
-from grpo.engine import rank_and_world
+from grpo.distributed import rank_and_world
 from grpo.rollout import (
     HFGenerateBackend,
     Rollout,

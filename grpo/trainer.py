@@ -14,6 +14,7 @@ One code path for 1 or N ranks: prompts are sharded across ranks, each rank keep
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,22 +24,17 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages, process_advantages
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig
-from grpo.engine import (
-    DeepSpeedEngine,
-    NonFiniteError,
-    TorchEngine,
+from grpo.distributed import (
     all_reduce_max,
     all_reduce_mean,
+    all_reduce_sum,
     all_reduce_weighted_mean,
-    lr_lambda,
     mean_over_ranks,
     rank_and_world,
 )
 from grpo.fast import shared_prompt_logprobs, use_fast_path
-from grpo.faults import fault_point
-from grpo.logging import MetricLogger, NullLogger
+from grpo.logging import MetricLogger
 from grpo.logprobs import packed_completion_logprobs
 from grpo.loss import grpo_loss, masked_mean
 from grpo.rewards_io import (
@@ -49,8 +45,26 @@ from grpo.rewards_io import (
     is_process_reward,
 )
 from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
+from grpo.training import Training
 
 TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
+
+
+def pooled_std_metrics(metrics: dict[str, float], n: int) -> dict[str, float]:
+    """Each `<x>/std` beside an `<x>/mean` (this rank's unbiased std and mean of its n values) as the std over every
+    rank's values: the moments n, Σv = n·mean, Σv² = (n−1)·std² + n·mean² are summed over ranks. Identity on one rank."""
+    keys = [k for k in sorted(metrics) if k.endswith("/std") and k[:-4] + "/mean" in metrics]
+    if rank_and_world()[1] == 1 or not keys:
+        return metrics
+    rows = []
+    for k in keys:
+        mean, std = metrics[k[:-4] + "/mean"], metrics[k]
+        rows.append([n, n * mean, (n - 1) * std * std + n * mean * mean])
+    total = all_reduce_sum(torch.tensor(rows, dtype=torch.float64))
+    out = dict(metrics)
+    for k, (N, s, ss) in zip(keys, total.tolist()):
+        out[k] = math.sqrt(max(ss - s * s / N, 0.0) / max(N - 1, 1))
+    return out
 
 
 class PromptSampler:
@@ -112,41 +126,28 @@ class GRPOTrainer:
             from grpo.rollout_vllm import check_vllm_installed  # lazy: only the vLLM backend needs it
 
             check_vllm_installed()  # before DeepSpeed or vLLM touch the model
-        if cfg.prompts_per_step % self.world:
-            raise ValueError(
-                f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {self.world}"
-            )
+        if problems := cfg.world_problems(self.world):
+            raise ValueError("; ".join(problems))
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.reward_funcs = list(reward_funcs)
-        self.logger = logger or NullLogger()
-        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress = progress
 
         # each rank samples its own completions; the weights are the same everywhere (DeepSpeed broadcasts rank 0's)
         random.seed(cfg.seed + self.rank)
         torch.manual_seed(cfg.seed + self.rank)
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay,
+        self.training = Training(
+            model, cfg, self.total_updates, loop="GRPO", output_dir=output_dir, logger=logger,
+            deepspeed_config=deepspeed_config, keep_checkpoints=cfg.keep_checkpoints,
+            advice="Lower the learning rate, look for extreme rewards or data, or raise grpo.max_bad_steps.",
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.warmup_steps, self.total_updates, cfg.lr_schedule)
-        )
-        if deepspeed_config is not None:
-            self.engine = DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config)
-        else:
-            if self.world > 1:
-                raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
-            self.engine = TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
+        self.engine = self.training.engine
+        self.output_dir = self.training.output_dir
         self.backend = backend or self.default_backend()
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_completion_length, do_sample=True)
         self.sampler = PromptSampler(len(dataset), cfg.seed)
         self.reference: torch.nn.Module | None = None
         self.global_step = 0
-        self.bad_in_a_row = 0  # consecutive steps with a skipped (non-finite) update
 
     # ---- sizes
     @property
@@ -172,21 +173,21 @@ class GRPOTrainer:
         if resume_from is not None:
             self.resume(resume_from)
         stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.global_step + max_steps)
-        if self.global_step == 0 and self.rank == 0:
-            self.logger.log_params({f"grpo.{k}": v for k, v in cfg.model_dump().items()})
+        if self.global_step == 0:
+            self.training.log_params({f"grpo.{k}": v for k, v in cfg.model_dump().items()})
         history = []
         bar = tqdm(total=cfg.total_steps, initial=self.global_step, disable=not self.progress or self.rank != 0)
         while self.global_step < stop:
             if self.global_step % cfg.steps_per_iteration == 0 and cfg.beta > 0:
                 self.reference = self.engine.make_reference()  # new iteration: π_ref ← π_θ
-            skipped_before = self.engine.skipped_steps
+            self.training.start_step()
             metrics = self.train_step()
             self.global_step += 1
-            self.bad_in_a_row = self.bad_in_a_row + 1 if self.engine.skipped_steps > skipped_before else 0
+            self.training.end_step()
             metrics["skipped_steps"] = float(self.engine.skipped_steps)  # non-finite updates skipped so far
             history.append(metrics)
-            if self.rank == 0 and (self.global_step % cfg.log_every == 0 or self.global_step == stop):
-                self.logger.log_metrics(metrics, step=self.global_step)
+            if self.global_step % cfg.log_every == 0 or self.global_step == stop:
+                self.training.log_metrics(metrics, step=self.global_step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.3g}")
             last = self.global_step == cfg.total_steps
@@ -194,23 +195,10 @@ class GRPOTrainer:
                 last or cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
             ):
                 self.save()
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                self.stop_non_finite()
-            fault_point("grpo", self.global_step)
+            self.training.stop_if_non_finite(self.global_step, self.save)
+            self.training.fault_point(self.global_step)
         bar.close()
         return history
-
-    def stop_non_finite(self) -> None:
-        """Several steps in a row with NaN/inf: save the (still finite: nothing non-finite was applied) state, stop."""
-        path = self.save() if self.output_dir is not None else None
-        first = self.global_step - self.bad_in_a_row + 1
-        raise NonFiniteError(
-            f"GRPO steps {first}-{self.global_step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
-            f"(max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped ({self.engine.skipped_steps} in "
-            f"all) and the run stopped. "
-            + (f"Checkpoint of the last finite weights: {path}. " if path else "No output_dir: nothing saved. ")
-            + "Lower the learning rate, look for extreme rewards or data, or raise grpo.max_bad_steps."
-        )
 
     def train_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.num_generations
@@ -223,7 +211,8 @@ class GRPOTrainer:
         self.timings["generate"] = gen_time
 
         t_rewards = time.perf_counter()
-        rewards, reward_metrics = self.score(rollout, rows)
+        with self.training.python_random():
+            rewards, reward_metrics = self.score(rollout, rows)
         self.timings["rewards"] = time.perf_counter() - t_rewards
         if cfg.advantage_mode == "outcome":
             advantages = group_advantages(rewards, G, cfg.scale_rewards)
@@ -243,7 +232,7 @@ class GRPOTrainer:
         }
         # per-token diagnostics are token means over the whole batch: weight each rank by its token count
         per_token = {k: metrics.pop(k) for k in TOKEN_METRICS if k in metrics}
-        metrics = all_reduce_mean(metrics)
+        metrics = all_reduce_mean(pooled_std_metrics(metrics, len(rollout.completions)))
         metrics.update(all_reduce_weighted_mean(per_token, rollout.completion_mask.sum().item()))
         metrics["completion_length/max"] = all_reduce_max(lengths.max().item())
         step_time = time.perf_counter() - t0
@@ -431,30 +420,25 @@ class GRPOTrainer:
 
     # ---- checkpoints
     def trainer_state(self) -> dict:
-        return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world,
-                "skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+        return {"global_step": self.global_step, "sampler": self.sampler.state(), "world_size": self.world}
 
-    def save(self, path: str | Path | None = None) -> Path:
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """A checkpoint (at `path`, default output_dir/checkpoint-<step>); None when the weights are not finite."""
         if path is None:
             if self.output_dir is None:
                 raise ValueError("save() needs a path or the trainer's output_dir")
             path = self.output_dir / f"checkpoint-{self.global_step}"
-        saved = save_checkpoint(path, self.engine, self.reference, self.trainer_state())
-        if self.rank == 0 and self.cfg.keep_checkpoints is not None:
-            prune_checkpoints(saved.parent, self.cfg.keep_checkpoints)
-        return saved
+        return self.training.save(path, self.trainer_state(), self.reference)
 
     def resume(self, path: str | Path) -> None:
         if str(path) == "latest":
-            if self.output_dir is None or (found := latest_checkpoint(self.output_dir)) is None:
+            if (found := self.training.latest()) is None:
                 raise FileNotFoundError(f"no complete checkpoint under output_dir={self.output_dir}")
             path = found
         if self.cfg.beta > 0 and self.reference is None:
             self.reference = self.engine.make_reference()  # overwritten by the saved weights
-        state = load_checkpoint(path, self.engine, self.reference)
+        state = self.training.resume(path, self.reference)
         if state["world_size"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
         self.global_step = state["global_step"]
         self.sampler.load(state["sampler"])
-        self.engine.skipped_steps = state.get("skipped_steps", 0)
-        self.bad_in_a_row = state.get("bad_in_a_row", 0)

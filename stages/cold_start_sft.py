@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import warnings
 
+from grpo.distributed import broadcast
 from stages.core.context import stage_context
 from stages.core.data import load_cot_dataset, load_problems, load_rows, save_rows
-from stages.core.distributed import broadcast
 from stages.core.lineage import resolve_input
 from stages.core.models import load_model_and_tokenizer, pick_device
 from stages.core.recipe import Recipe

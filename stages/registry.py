@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from grpo.distributed import is_main
 from stages import (
     base_model,
     cold_start_sft,
@@ -17,7 +18,6 @@ from stages import (
     reasoning_rl,
     synthesize,
 )
-from stages.core.distributed import is_main
 from stages.core.lineage import record_outputs
 from stages.core.preflight import preflight
 

@@ -12,7 +12,18 @@ from stages.core.tasks import make_problems
 from tests.conftest import build_tiny_model
 
 
-def make_trainer(tok, out, seed_model=0):
+class OtherThreadDraws:
+    """A logger that draws from the `random` module between steps, as other threads of the process do (Prefect's
+    services after a flow ran in-process): the loop's own random stream must not see it."""
+
+    def log_metrics(self, metrics, step):
+        random.random()
+
+    def log_params(self, params):
+        random.random()
+
+
+def make_trainer(tok, out, seed_model=0, logger=None):
     # 8 steps, iterations of 4: the resume at step 3 lands mid-iteration (the reference must come from the checkpoint)
     # and the run then crosses an iteration boundary (reference reset). μ=2 and minibatches exercise the optimiser
     # state; 8 prompts with B=3 cross epochs of the data.
@@ -40,13 +51,16 @@ def make_trainer(tok, out, seed_model=0):
         return [sum(ch.isdigit() for ch in c) / 8 + random.random() * 0.01 for c in completions]  # uses python RNG too
 
     return GRPOTrainer(
-        build_tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False
+        build_tiny_model(tok, seed_model), tok, cfg, dataset, [("digits", digits, 1.0)], output_dir=out, progress=False,
+        logger=logger,
     )
 
 
 def test_resume_equals_uninterrupted(tok, tmp_path):
-    full = make_trainer(tok, tmp_path / "full")
-    losses_full = [m["loss"] for m in full.train()]
+    full = make_trainer(tok, tmp_path / "full", logger=OtherThreadDraws())  # the other run sees no such draws
+    losses_full = [m["loss"] for m in full.train(max_steps=4)]
+    at_iteration_2 = {k: v.clone() for k, v in full.engine.module.state_dict().items()}  # π_ref of steps 5-8
+    losses_full += [m["loss"] for m in full.train()]
     params_full = {k: v.clone() for k, v in full.engine.module.state_dict().items()}
 
     first = make_trainer(tok, tmp_path / "split")
@@ -66,6 +80,11 @@ def test_resume_equals_uninterrupted(tok, tmp_path):
     assert losses_second == losses_full[3:]
     for k, v in second.engine.module.state_dict().items():
         assert torch.equal(v, params_full[k]), k
+    # both runs reset the reference at the iteration boundary (step 4), the resumed one after loading step 3's
+    for run in (full, second):
+        ref = run.reference.state_dict()
+        assert all(torch.equal(ref[k], v) for k, v in at_iteration_2.items())
+        assert not all(torch.equal(ref[k], v) for k, v in params_full.items())
 
 
 def test_resume_from_incomplete_checkpoint_fails(tok, tmp_path):

@@ -1,6 +1,7 @@
 """GRPOConfig: defaults validate; bad values fail naming the field and the value."""
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from grpo.config import GRPOConfig
@@ -50,3 +51,40 @@ def test_top_p_below_one_warns_once_that_sampling_is_off_policy(caplog, monkeypa
     (record,) = caplog.records
     assert "top_p=0.9" in record.getMessage() and "not truncated" in record.getMessage()
     assert "off-policy" in GRPOConfig.model_fields["top_p"].description
+
+
+def test_world_problems_refuse_shares_that_do_not_split_per_rank():
+    # B=2, G=3, minibatch 3 on 2 ranks: 1.5 completions per rank and minibatch (3 updates ran where 2 were planned)
+    assert GRPOConfig(prompts_per_step=2, num_generations=3, minibatch_size=3).world_problems(2) == [
+        "minibatch_size: 3 is not divisible by the 2 processes; every rank takes an equal share of each minibatch"
+    ]
+    # B=4, G=2, minibatch 2 on 4 ranks: half a completion per rank (a zero-size local minibatch)
+    assert [p.split(":")[0] for p in GRPOConfig(prompts_per_step=4, num_generations=2, minibatch_size=2)
+            .world_problems(4)] == ["minibatch_size"]
+    assert [p.split(":")[0] for p in GRPOConfig(prompts_per_step=3, num_generations=2, minibatch_size=3)
+            .world_problems(2)] == ["prompts_per_step", "minibatch_size"]
+    for B, G, mb, world in [(4, 2, 4, 2), (4, 2, 2, 2), (4, 2, None, 4), (2, 3, 3, 1)]:
+        cfg = GRPOConfig(prompts_per_step=B, num_generations=G, minibatch_size=mb)
+        assert cfg.world_problems(world) == []
+        # what splits evenly also runs the planned updates: every rank's minibatches cover its completions exactly
+        local, planned = B * G // world, B * G // (mb or B * G)
+        assert local % planned == 0 and local // planned == (mb or B * G) // world >= 1
+
+
+def test_trainer_and_preflight_refuse_a_minibatch_that_does_not_split(tok, monkeypatch):
+    from grpo.trainer import GRPOTrainer
+    from stages.core.preflight import check_cluster
+    from stages.core.recipe import load_recipe
+
+    cfg = GRPOConfig(prompts_per_step=2, num_generations=3, minibatch_size=3)
+    monkeypatch.setattr("grpo.trainer.rank_and_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match=r"^minibatch_size: 3 is not divisible by the 2 processes"):
+        GRPOTrainer(torch.nn.Linear(1, 1), tok, cfg, [{"prompt": "1+1"}], [("r", lambda p, c, **k: [0.0] * len(c), 1)])
+
+    recipe = load_recipe("tiny", {"cluster.launcher": "torchrun", "cluster.nproc_per_node": 4,
+                                  "r1_zero.grpo.prompts_per_step": 4, "r1_zero.grpo.num_generations": 2,
+                                  "r1_zero.grpo.minibatch_size": 2})
+    assert check_cluster(recipe, ["r1_zero"]) == [
+        ("r1_zero.grpo.minibatch_size: 2 is not divisible by the 4 processes of cluster (1 node(s)); every rank takes "
+         "an equal share of each minibatch")
+    ]

@@ -122,8 +122,8 @@ def nan_gradients_on_one_rank_skip_everywhere(out: str, aggregation: str, ds_con
     weights stay as they were, and after max_bad_steps steps every rank stops with NonFiniteError."""
     import torch.distributed as dist
 
-    from grpo.engine import NonFiniteError
     from grpo.trainer import GRPOTrainer
+    from grpo.training import NonFiniteError
 
     model, tok, cfg, dataset, funcs, backend = setup(aggregation)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -173,7 +173,8 @@ def test_two_ranks_match_one_process(stage, aggregation, tmp_path):
     single = GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, progress=False)
     history = single.train()
     ds_history = json.loads((tmp_path / "history.json").read_text())
-    for a, b in zip(history, ds_history):
+    assert len(history) == len(ds_history) == cfg.total_steps
+    for a, b in zip(history, ds_history, strict=True):
         for key in ("loss", "reward/mean", "kl", "clip_low", "clip_high", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     ds_params = torch.load(tmp_path / "params.pt")

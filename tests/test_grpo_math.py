@@ -135,3 +135,66 @@ def test_lr_schedule_warmup_then_cosine():
     assert [round(f(u), 4) for u in range(3)] == [0.25, 0.5, 0.75]
     assert f(3) == 1.0 and abs(f(8) - 0.5) < 1e-9 and f(13) == 0.0
     assert lr_lambda(0, 10, "constant")(7) == 1.0
+
+
+def _moments(values, call) -> torch.Tensor:
+    """The moments a rank holding `values` contributes to batch scaling (what its all-reduce receives)."""
+    seen = []
+    call(values, lambda t: seen.append(t) or t)
+    return seen[0]
+
+
+def test_batch_scaling_on_two_ranks_equals_one_process_on_the_whole_batch():
+    r = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 9.0, 1.0, 0.0, 0.0, 3.0, 4.0, 8.0])  # 4 groups of G=3
+    whole = group_advantages(r, 3, "batch")
+    centred = r.view(4, 3) - r.view(4, 3).mean(1, keepdim=True)
+    assert torch.allclose(whole, (centred / (r.std() + 1e-4)).view(-1), atol=1e-6)  # by hand: one std for all 12
+
+    def outcome(x, all_reduce):
+        return group_advantages(x, 3, "batch", all_reduce=all_reduce)
+
+    a, b = r[:6], r[6:]  # rank 0 holds groups 0-1, rank 1 groups 2-3
+    ma, mb = _moments(a, outcome), _moments(b, outcome)
+    two = torch.cat([outcome(a, lambda t: t + mb), outcome(b, lambda t: t + ma)])  # all-reduce = sum over the 2 ranks
+    assert torch.allclose(two, whole, atol=1e-6)
+    own = torch.cat([outcome(a, lambda t: t), outcome(b, lambda t: t)])  # each rank its own std: not the same
+    assert not torch.allclose(own, whole, atol=1e-2)
+
+
+def test_process_batch_scaling_on_two_ranks_equals_one_process():
+    steps = [[1.0, 0.0], [2.0], [0.0, 0.0, 3.0], [5.0], [1.0, 4.0], [0.0]]  # G=2: ranks hold 2 groups / 1 group
+    ends = [[1, 3], [2], [0, 1, 2], [3], [1, 2], [0]]
+
+    def process(idx):
+        return lambda x, all_reduce: process_advantages([steps[i] for i in idx], [ends[i] for i in idx], 2, 4, "batch",
+                                                        all_reduce=all_reduce)
+
+    whole = process_advantages(steps, ends, 2, 4, "batch")
+    r0, r1 = [0, 1, 2, 3], [4, 5]
+    m0, m1 = _moments(None, lambda _, ar: process(r0)(None, ar)), _moments(None, lambda _, ar: process(r1)(None, ar))
+    two = torch.cat([process(r0)(None, lambda t: t + m1), process(r1)(None, lambda t: t + m0)])
+    assert torch.allclose(two, whole, atol=1e-6)
+    assert not torch.allclose(torch.cat([process(r0)(None, lambda t: t), process(r1)(None, lambda t: t)]), whole,
+                              atol=1e-2)
+
+
+def test_reward_std_metrics_are_pooled_over_ranks(monkeypatch):
+    from grpo import trainer
+
+    a, b = torch.tensor([0.0, 1.0, 1.0, 3.0]), torch.tensor([7.0, 8.0, 8.0, 9.0])
+
+    def rank_metrics(x):
+        return {"reward/mean": x.mean().item(), "reward/std": x.std().item(), "reward/r/mean": (2 * x).mean().item(),
+                "reward/r/std": (2 * x).std().item(), "zero_std_groups": 0.5}
+
+    # rank 1's moments (n, Σv, Σv²) per std metric, in sorted key order: reward/r/std, reward/std
+    other = torch.tensor([[4.0, 4 * m, 3 * s * s + 4 * m * m] for m, s in
+                          [((2 * b).mean().item(), (2 * b).std().item()), (b.mean().item(), b.std().item())]],
+                         dtype=torch.float64)
+    monkeypatch.setattr(trainer, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda t: t + other)
+    pooled = trainer.pooled_std_metrics(rank_metrics(a), 4)
+    both = torch.cat([a, b])
+    assert pooled["reward/std"] == pytest.approx(both.std().item(), rel=1e-6)  # 3.74, not (1.26 + 0.82) / 2
+    assert pooled["reward/r/std"] == pytest.approx((2 * both).std().item(), rel=1e-6)
+    assert pooled["reward/mean"] == rank_metrics(a)["reward/mean"] and pooled["zero_std_groups"] == 0.5

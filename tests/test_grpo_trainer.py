@@ -245,7 +245,35 @@ def test_metrics_and_reference_only_with_beta(tiny_model, tok, dataset):
     }
     assert expected <= set(m1), expected - set(m1)
     assert all(math.isfinite(v) for v in m1.values())
-    assert m1["kl"] >= 0
+    assert m1["kl"] == pytest.approx(sum(t1.last_update_stats["kl"]) / 2)  # KL's values: see the reference test
+
+
+def test_reference_is_the_policy_at_each_iteration_start(tiny_model, tok, dataset):
+    """β > 0: π_ref ← π_θ at the first step of every iteration, and held fixed through the iteration's other steps."""
+    def length(prompts, completions, **kw):  # differs within groups: every update moves the policy
+        return [len(c) / 10 for c in completions]
+
+    cfg = small_config(beta=0.1, iterations=2, steps_per_iteration=2)
+    trainer = GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("length", length, 1.0)], progress=False)
+
+    def weights(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    for step in range(4):
+        before = weights(trainer.engine.module)
+        trainer.train(max_steps=1)
+        ref, now = weights(trainer.reference), weights(trainer.engine.module)
+        kl = trainer.last_update_stats["kl"][0]
+        if step % 2 == 0:  # iteration start: the reference is the policy as the step began, so KL(π_θ‖π_ref) = 0
+            start = before
+            assert kl == pytest.approx(0.0, abs=1e-7), step
+        else:  # mid-iteration: the reference stayed while the policy moved
+            assert kl > 1e-6, step
+        assert same(ref, start), step
+        assert not same(ref, now), step
 
 
 def test_prompt_sampler_epochs_and_state():
@@ -298,8 +326,22 @@ def test_process_mode_trains(tiny_model, tok, dataset):
         [("digit_steps", per_step, 1.0)],
         progress=False,
     )
+    seen, update = [], trainer.policy_update
+
+    def spy(rollout, advantages):
+        seen.append((rollout.completion_mask.float(), advantages.clone()))
+        return update(rollout, advantages)
+
+    trainer.policy_update = spy
     history = trainer.train()
-    assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
+    assert len(history) == len(seen) == 2
+    assert any(adv.abs().sum() > 0 for _, adv in seen)  # some steps differ within a group: a signal
+    for (mask, adv), m in zip(seen, history, strict=True):
+        # μ=1, β=0: ratio 1, so the sequence-mean loss is minus the mean over completions of each one's mean per-token
+        # advantage (a token's advantage is the sum of the normalised rewards of the steps ending at or after it)
+        assert adv.shape == mask.shape
+        expected = -((adv * mask).sum(1) / mask.sum(1).clamp_min(1)).mean().item()
+        assert m["loss"] == pytest.approx(expected, abs=1e-5)
 
     def bad(prompts, completions, **kw):
         return [[(10_000, 1.0)]] * len(completions)

@@ -146,3 +146,53 @@ def test_docs_scaling_mentions_every_target():
     for word in ("cluster.launcher", "gpus_per_node", "deepspeed_config", "torchrun", "deepspeed --hostfile",
                  "sbatch", "prefect work-pool create --type kubernetes", "docker compose", "launch_stage"):
         assert word in doc, word
+
+
+def test_offload_config_gets_deepspeeds_optimizer_with_the_stage_settings(monkeypatch):
+    """ZeRO-Offload refuses a torch optimizer: with zero3_offload.json the loop passes none, DeepSpeed builds AdamW from
+    the config's section, which carries the stage's lr/betas/weight decay, and the LR schedule is built on it."""
+    import torch
+
+    from grpo import training
+    from grpo.config import GRPOConfig
+
+    seen = {}
+
+    class FakeDeepSpeedEngine:
+        def __init__(self, model, optimizer, scheduler, max_grad_norm, ds_config, model_parameters=None):
+            seen.update(optimizer=optimizer, scheduler=scheduler, ds=ds_config, params=model_parameters)
+
+    monkeypatch.setattr(training, "DeepSpeedEngine", FakeDeepSpeedEngine)
+    cfg = GRPOConfig(learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.9, weight_decay=0.1, warmup_steps=1)
+    model = torch.nn.Linear(2, 1)
+    file = json.loads((DS_DIR / "zero3_offload.json").read_text())
+    training.build_engine(model, cfg, 10, file)
+    assert seen["optimizer"] is None and len(seen["params"]) == 2
+    assert seen["ds"]["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.8, 0.9], "eps": 1e-8,
+                                                                   "weight_decay": 0.1}}
+    assert file["optimizer"]["params"]["lr"] == 1e-6  # the caller's dict is not changed
+    ds_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # what DeepSpeed hands the scheduler callable
+    assert seen["scheduler"](ds_optimizer).get_last_lr() == [3e-4 / 2]  # warmup: update 0 of 1 -> half the lr
+
+    training.build_engine(model, cfg, 10, json.loads((DS_DIR / "zero2.json").read_text()))
+    assert isinstance(seen["optimizer"], torch.optim.AdamW) and "optimizer" not in seen["ds"]
+
+
+def test_offload_without_a_compiler_is_refused_at_preflight(monkeypatch):
+    from grpo.training import deepspeed_problems
+    from stages.core.preflight import check_cluster
+    from stages.core.recipe import load_recipe
+
+    monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"cpu_adam": False})
+    monkeypatch.setattr("torch.utils.cpp_extension.is_ninja_available", lambda: False)
+    offload = json.loads((DS_DIR / "zero3_offload.json").read_text())
+    assert deepspeed_problems(json.loads((DS_DIR / "zero3.json").read_text())) == []
+    [problem] = deepspeed_problems(offload)
+    assert "CPU Adam" in problem and "no ninja" in problem
+    monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"cpu_adam": True})  # prebuilt: nothing to compile
+    assert deepspeed_problems(offload) == []
+
+    monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"cpu_adam": False})
+    recipe = load_recipe("tiny", {"cluster.deepspeed_config": "infra/deepspeed/zero3_offload.json"})
+    expected = f"cluster.deepspeed_config: infra/deepspeed/zero3_offload.json: {problem}"
+    assert check_cluster(recipe, ["r1_zero"]) == [expected]

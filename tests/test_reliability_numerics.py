@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from grpo.checkpoint import CheckpointMismatchError, latest_checkpoint
-from grpo.engine import NonFiniteError, TorchEngine, lr_lambda
+from grpo.engine import TorchEngine, lr_lambda
 from grpo.logging import ConsoleLogger
+from grpo.training import NonFiniteError
 from tests.test_grpo_trainer import small_config
 
 
@@ -145,3 +146,43 @@ def test_checkpoint_of_another_architecture_is_refused_naming_the_file(tiny_mode
 
 def _len_reward(prompts, completions, **kw):
     return [len(c) / 10 for c in completions]
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_model, tok, dataset, tmp_path):
+    """learning_rate=inf makes every weight NaN in the first update; the later steps are skipped, the run stops. No
+    checkpoint of those weights may be written (a rerun would resume from it): the error says there is no good one."""
+    from grpo.trainer import GRPOTrainer
+
+    cfg = small_config(steps_per_iteration=6, max_bad_steps=2, learning_rate=float("inf"), checkpoint_every=1)
+    trainer = GRPOTrainer(tiny_model(tok), tok, cfg, dataset, [("r", _len_reward, 1.0)], output_dir=tmp_path,
+                          progress=False)
+    with pytest.raises(NonFiniteError, match=r"GRPO steps 2-3: .*weights are no longer finite.*no checkpoint written\. "
+                                             r"There is no earlier checkpoint"):
+        trainer.train()
+    assert not any(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+    assert latest_checkpoint(tmp_path) is None and not list(tmp_path.iterdir())
+
+
+def test_the_stop_names_the_last_good_checkpoint_when_the_weights_went_bad(tiny_model, tok, dataset, tmp_path):
+    from grpo.trainer import GRPOTrainer
+
+    model = tiny_model(tok)
+    calls = []
+
+    def poisoning_reward(prompts, completions, **kw):  # at step 3 the weights turn NaN (as an inf update would)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return _len_reward(prompts, completions)
+
+    cfg = small_config(steps_per_iteration=8, max_bad_steps=2, checkpoint_every=1, keep_checkpoints=None)
+    trainer = GRPOTrainer(model, tok, cfg, dataset, [("r", poisoning_reward, 1.0)], output_dir=tmp_path,
+                          progress=False)
+    with pytest.raises(NonFiniteError, match=r"GRPO steps 3-4: .*no checkpoint written\. The last good checkpoint is "
+                                             r".*checkpoint-2\."):
+        trainer.train()
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["checkpoint-1", "checkpoint-2"]
+    saved = torch.load(latest_checkpoint(tmp_path) / "policy.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved.values())

@@ -11,6 +11,7 @@ import pytest
 
 from flows.launch import LaunchSpec
 from grpo.checkpoint import STATE_FILE, CheckpointWorldSizeError, load_checkpoint
+from grpo.distributed import is_distributed
 from stages import entry
 from stages.core import distributed
 from stages.core.recipe import load_recipe
@@ -34,7 +35,7 @@ def fake_stage(monkeypatch):
     calls = []
 
     def synthesize(recipe, inputs=None, parent_run_id=None, progress=True):
-        calls.append(distributed.is_distributed())
+        calls.append(is_distributed())
         return {"run_id": "r", "data": "runs:/r/data"}
 
     monkeypatch.setattr("stages.registry.runnable", lambda: {"synthesize": synthesize})
@@ -57,7 +58,7 @@ def test_a_stage_without_a_multi_rank_path_runs_on_rank_0_alone(rank, fake_stage
 def test_deepspeed_config_only_under_a_process_group(monkeypatch, tmp_path):
     recipe = load_recipe("tiny", {"cluster.deepspeed_config": "infra/deepspeed/zero3.json"})
     assert distributed.deepspeed_config(recipe) is None  # in-process: plain torch on one process
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr("grpo.distributed.is_distributed", lambda: True)
     monkeypatch.chdir(tmp_path)  # a path relative to the repository is found from any folder
     assert distributed.deepspeed_config(recipe)["zero_optimization"]["stage"] == 3
     assert distributed.deepspeed_config(recipe, "infra/deepspeed/zero2.json")["zero_optimization"]["stage"] == 2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from grpo import faults
-from stages.core import attempts, distributed, tracking
+from grpo import distributed, faults
+from stages.core import attempts, tracking
 from stages.core.evaluate import evaluate
 from stages.core.heldout import heldout_problems
 from stages.core.lineage import KEY_TAG, register_model, stage_key

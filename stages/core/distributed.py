@@ -2,7 +2,7 @@
 rank 0 alone talks to MLflow and writes the stage's outputs.
 
 `stages.entry` calls `init_from_env()` when a launcher started several ranks; a stage run in-process never has a process
-group, and then everything here is the identity (rank 0 of 1).
+group. This module is the launch side; the rank helpers (rank, is_main, broadcast, barrier, all-reduce) are grpo.distributed.
 """
 
 from __future__ import annotations
@@ -52,41 +52,6 @@ def init_from_env() -> None:
     log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), backend)
 
 
-def is_distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if is_distributed() else 0
-
-
-def is_main() -> bool:
-    """Rank 0, or the only process: the one that writes to MLflow and to the result file."""
-    return rank() == 0
-
-
-def broadcast(obj):
-    """Rank 0's `obj` on every rank (identity without a process group)."""
-    if not is_distributed():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def deepspeed_config(recipe, own: str | None = None) -> dict | None:
     """The DeepSpeed config a training stage uses: its own `deepspeed_config`, else the recipe's
     `cluster.deepspeed_config` (a path, relative to the working folder or to the repository).
@@ -97,6 +62,8 @@ def deepspeed_config(recipe, own: str | None = None) -> dict | None:
     path = own or recipe.cluster.deepspeed_config
     if path is None:
         return None
+    from grpo.distributed import is_distributed  # lazy: imports torch (preflight reads this module)
+
     if not is_distributed():
         log.info("DeepSpeed config %s not used: the stage runs in-process (one process, plain torch); launch it with "
                  "cluster.launcher torchrun/deepspeed/slurm to train under DeepSpeed", path)

@@ -302,8 +302,10 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
         world = c.nodes * (getattr(c, "nproc_per_node", None) or max(c.gpus_per_node, 1))
         for s in (s for s in stages if s in DISTRIBUTED_STAGES):
             cfg = getattr(recipe, s)
-            field, n = (f"{s}.grpo.prompts_per_step", cfg.grpo.prompts_per_step) if s in GRPO_STAGES else \
-                (f"{s}.sft.batch_size", cfg.sft.batch_size)
+            if s in GRPO_STAGES:  # prompts and minibatches: the trainer's own check
+                problems += [f"{s}.grpo.{p}" for p in cfg.grpo.world_problems(world, f" of cluster ({c.nodes} node(s))")]
+                continue
+            field, n = f"{s}.sft.batch_size", cfg.sft.batch_size
             if n % world:
                 problems.append(f"{field}: {n} is not divisible by the {world} processes of cluster ({c.nodes} "
                                 f"node(s)); every rank takes an equal share")
@@ -317,10 +319,12 @@ def _json_file_problems(field: str, path: str) -> list[str]:
     if not p.exists():
         return [f"{field}: {path} does not exist"]
     try:
-        json.loads(p.read_text())
+        cfg = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return [f"{field}: {path} is not valid JSON ({e})"]
-    return []
+    from grpo.training import deepspeed_problems  # lazy: imports torch and deepspeed
+
+    return [f"{field}: {path}: {problem}" for problem in deepspeed_problems(cfg)]
 
 
 # ---- lengths (needs the base model's tokenizer: a file, not weights)

@@ -1,8 +1,9 @@
 """The one SFT loop, shared by every SFT stage (cold start, general, distillation) and by base-model pretraining.
 
 Loss on response tokens only. Batches are length-grouped (padding-aware): examples are sorted by length inside
-shuffled mega-batches, so a batch holds similar lengths and little padding. The optimiser side is grpo.engine's (plain
-torch on one process, DeepSpeed ZeRO-2/3 on many), checkpoints are grpo.checkpoint's (atomic, exact resume).
+shuffled mega-batches, so a batch holds similar lengths and little padding. Everything around the loss is
+grpo.training's, shared with GRPO: the optimiser (plain torch on one process, DeepSpeed ZeRO-2/3 on many), the
+non-finite guard, checkpoints (atomic, exact resume), fault points and the metric logger.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
-from grpo.faults import fault_point
-from grpo.logging import NullLogger
 from stages.core.config_base import Strict
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,8 @@ class SFTTrainer:
                  logger=None, deepspeed_config: dict | None = None, progress: bool = True):
         import torch
 
-        from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda, rank_and_world  # lazy: imports torch
+        from grpo.distributed import rank_and_world  # lazy: imports torch
+        from grpo.training import Training  # lazy: imports torch
 
         if not examples:
             raise ValueError("SFT needs at least one example")
@@ -140,20 +140,12 @@ class SFTTrainer:
         self.batch_size = min(cfg.batch_size, len(self.data) - len(self.data) % self.world or self.world)
         self.batches_per_epoch = max(1, len(self.data) // self.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.logger = logger or NullLogger()
         torch.manual_seed(cfg.seed)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.lr_schedule))
-        if deepspeed_config is not None:
-            self.engine = DeepSpeedEngine(model, opt, sched, cfg.max_grad_norm, deepspeed_config)
-        elif self.world > 1:
-            raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
-        else:
-            self.engine = TorchEngine(model, opt, sched, cfg.max_grad_norm)
+        self.training = Training(model, cfg, self.total_steps, loop="SFT", output_dir=output_dir, logger=logger,
+                                 deepspeed_config=deepspeed_config,
+                                 advice="Lower the learning rate, look for broken examples, or raise sft.max_bad_steps.")
+        self.engine, self.output_dir = self.training.engine, self.training.output_dir
         self.step = 0
-        self.bad_in_a_row = 0  # consecutive steps whose update was skipped (NaN/inf)
         self._order_epoch, self._order = None, []
 
     def _batch(self, step: int) -> list[tuple[list[int], int]]:
@@ -171,14 +163,10 @@ class SFTTrainer:
     def train(self, resume_from: str | Path | None = None) -> SFTResult:
         from tqdm.auto import tqdm
 
-        from grpo.checkpoint import latest_checkpoint, load_checkpoint  # lazy: imports torch
-
         if resume_from == "latest":
-            resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
+            resume_from = self.training.latest()
         if resume_from:
-            state = load_checkpoint(resume_from, self.engine, None)
-            self.step = state["step"]
-            self.engine.skipped_steps, self.bad_in_a_row = state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
+            self.step = self.training.resume(resume_from)["step"]
             log.info("resumed SFT from %s at step %d", resume_from, self.step)
         model = self.engine.module
         model.train()
@@ -193,27 +181,27 @@ class SFTTrainer:
                 break
             t0 = time.perf_counter()
             input_ids, labels, attn = collate(self._batch(self.step), self.tokenizer.pad_token_id)
+            self.training.start_step()
             loss, loss_value = self._loss(model, input_ids, labels, attn)
             lr = self.engine.lr()
             self.engine.backward(loss)
             grad_norm = self.engine.step()
             self.step += 1
-            self.bad_in_a_row = self.bad_in_a_row + 1 if self.engine.last_skipped else 0
+            self.training.end_step()
             if not self.engine.last_skipped:  # a skipped step's loss is NaN/inf: keep it out of the average
                 ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
             metrics = {"sft/loss": loss_value, "sft/lr": lr, "sft/grad_norm": grad_norm,
                        "sft/tokens": float((labels != -100).sum()), "sft/step_seconds": time.perf_counter() - t0,
                        "sft/skipped_steps": float(self.engine.skipped_steps)}
             history.append(metrics)
-            if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
-                self.logger.log_metrics(metrics, step=self.step)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                self.training.log_metrics(metrics, step=self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan")
             if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                self._stop_non_finite()
-            fault_point("sft", self.step)
+            self.training.stop_if_non_finite(self.step, self.save)
+            self.training.fault_point(self.step)
         bar.close()
         model.eval()
         return SFTResult(self.step, float(ema or 0.0), time.perf_counter() - start, stopped, history)
@@ -227,7 +215,7 @@ class SFTTrainer:
         if self.world == 1:
             loss = model(**inputs).loss
             return loss, loss.item()
-        from grpo.engine import mean_over_ranks  # lazy: imports torch
+        from grpo.distributed import mean_over_ranks  # lazy: imports torch
 
         tokens = mean_over_ranks((labels[:, 1:] != -100).sum().float().to(dev))
         loss = model(**inputs, num_items_in_batch=tokens).loss
@@ -241,20 +229,5 @@ class SFTTrainer:
             self.engine.module.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
 
-    def save(self) -> Path:
-        from grpo.checkpoint import save_checkpoint  # lazy: imports torch
-
-        state = {"step": self.step, "skipped_steps": self.engine.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
-        return save_checkpoint(self.output_dir / f"checkpoint-{self.step}", self.engine, None, state)
-
-    def _stop_non_finite(self) -> None:
-        """Several steps in a row with NaN/inf: save the (still finite: nothing non-finite was applied) state, stop."""
-        from grpo.engine import NonFiniteError  # lazy: imports torch
-
-        path = self.save() if self.output_dir else None
-        first = self.step - self.bad_in_a_row + 1
-        raise NonFiniteError(
-            f"SFT steps {first}-{self.step}: {self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient "
-            f"(max_bad_steps={self.cfg.max_bad_steps}); they were skipped ({self.engine.skipped_steps} in all) and the "
-            "run stopped. " + (f"Checkpoint of the last finite weights: {path}. " if path else "")
-            + "Lower the learning rate, look for broken examples, or raise sft.max_bad_steps.")
+    def save(self) -> Path | None:
+        return self.training.save(self.output_dir / f"checkpoint-{self.step}", {"step": self.step})
