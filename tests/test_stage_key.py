@@ -79,8 +79,7 @@ def test_the_commit_is_read_from_a_checkout_only(monkeypatch, tmp_path, checkout
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
-                    "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     root = tmp_path if checkout else tmp_path / "site-packages"
     root.mkdir(exist_ok=True)
     monkeypatch.setattr(lineage, "REPO_ROOT", root)
