@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stages.core.order import ORDER
-from stages.core.tracking import PIPELINE_TAG, STAGE_TAG, TrackingError, check_tracking
+from stages.core.tracking import EVALUATES_TAG, EVALUATION, PIPELINE_TAG, STAGE_TAG, TrackingError, check_tracking
 
 # full MLflow name -> (short label, format) for the table
 KEY_METRICS = {
@@ -126,10 +126,16 @@ def compare_rows(recipe, stage: str | None = None, pipeline_run_id: str | None =
                                       order_by=["attributes.start_time DESC"], max_results=limit)
         except MlflowException as e:
             raise CompareError(f"tracking store {uri}: {str(e).splitlines()[0]}") from None
-    return [{"run_id": r.info.run_id, "stage": r.data.tags.get(STAGE_TAG, "?"),
+    return [{"run_id": r.info.run_id, "stage": _stage(r.data.tags),
              "pipeline_run_id": r.data.tags.get(PIPELINE_TAG), "status": r.info.status,
              "started": _time(r.info.start_time), "finished": _time(r.info.end_time),
              **{m: r.data.metrics.get(m) for m in KEY_METRICS}} for r in runs]
+
+
+def _stage(tags: dict[str, str]) -> str:
+    """A run's stage; `<stage> eval` for a run that re-evaluated a reused stage's model under new eval settings."""
+    stage = tags.get(STAGE_TAG, "?")
+    return f"{tags.get(EVALUATES_TAG, '?')} eval" if stage == EVALUATION else stage
 
 
 def _short(row: dict) -> dict[str, str]:

@@ -5,6 +5,7 @@ Stages hand work on as URIs (runs:/<id>/model). Stages not yet built are refused
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -13,7 +14,15 @@ from prefect import flow, get_run_logger, task
 
 from flows.launch import LaunchSpec, launch_stage
 from stages.core import tracking
-from stages.core.lineage import OUTPUTS_TAG, finished_run_with_key, resolve_input, stage_key
+from stages.core.context import evaluate_finished
+from stages.core.lineage import (
+    KEY_TAG,
+    OUTPUTS_TAG,
+    current_evaluation,
+    finished_run_with_key,
+    resolve_input,
+    stage_key,
+)
 from stages.core.order import check_stages, inputs_of, pipeline_inputs
 from stages.core.preflight import preflight
 from stages.core.recipe import Recipe, load_recipe
@@ -44,12 +53,17 @@ def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = No
     return planned
 
 
-def reusable_outputs(cfg: Recipe, name: str, inputs: dict[str, str]) -> dict[str, str] | None:
-    """Outputs of a finished run of this stage with the same config and inputs (its stage key), or None."""
-    import json
+@task(name="evaluate", task_run_name="{name}-evaluation")
+def evaluate_stage(name: str, recipe: Recipe, parent_run_id: str, outputs: dict[str, str], key: str) -> str:
+    """Re-evaluate a reused stage's model under new eval settings (in this process); returns the evaluation run's id."""
+    get_run_logger().info("stage %s: evaluation settings changed, evaluating the model of run %s", name,
+                          outputs["run_id"])
+    return evaluate_finished(recipe, name, outputs, key, parent_run_id)
 
-    run = finished_run_with_key(cfg, stage_key(name, getattr(cfg, name), inputs, cfg))
-    return json.loads(run.data.tags[OUTPUTS_TAG]) if run else None
+
+def reusable_run(cfg: Recipe, name: str, inputs: dict[str, str]):
+    """A finished run of this stage with the same stage key (config, inputs, code, data content), or None."""
+    return finished_run_with_key(cfg, stage_key(name, getattr(cfg, name), inputs, cfg))
 
 
 def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, force: list[str] | None,
@@ -67,20 +81,25 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     exp_id = tracking.setup(cfg.tracking)
     outputs: dict[str, dict] = {}
     skipped: list[str] = []
+    evaluated: dict[str, str] = {}  # reused stage -> the run holding its evaluation under these eval settings
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{run_name}-{cfg.name}",
                           tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
         for name in chain:
             stage_inputs = {**planned[name], **pipeline_inputs(cfg, name, outputs)}
-            reuse = None if name in forced else reusable_outputs(cfg, name, stage_inputs)
-            if reuse is not None:
-                logger.info("stage %s: unchanged since run %s, reusing its outputs", name, reuse["run_id"])
-                outputs[name] = reuse
-                skipped.append(name)
+            run = None if name in forced else reusable_run(cfg, name, stage_inputs)
+            if run is None:
+                outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
                 continue
-            outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
+            logger.info("stage %s: unchanged since run %s, reusing its outputs", name, run.info.run_id)
+            outputs[name] = json.loads(run.data.tags[OUTPUTS_TAG])
+            skipped.append(name)
+            evaluation = current_evaluation(cfg, run) or evaluate_stage(name, cfg, parent.info.run_id, outputs[name],
+                                                                        run.data.tags[KEY_TAG])
+            if evaluation != run.info.run_id:
+                evaluated[name] = evaluation
         mlflow.set_tag("r1.skipped", ",".join(skipped))
-    publish_summary(cfg, parent.info.run_id, outputs, skipped)
-    return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped}
+    publish_summary(cfg, parent.info.run_id, outputs, skipped, evaluated)
+    return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped, "evaluated": evaluated}
 
 
 @flow(name="r1-pipeline", log_prints=True, persist_result=True)
@@ -98,8 +117,10 @@ def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides
 SUMMARY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency")
 
 
-def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str]) -> str:
-    """Markdown: each stage's MLflow run (a link when the store is a server) and its held-out evaluation."""
+def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str],
+                     evaluated: dict[str, str] | None = None) -> str:
+    """Markdown: each stage's MLflow run (a link when the store is a server) and its held-out evaluation (from the
+    evaluation run of a reused stage whose eval settings changed)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
@@ -115,19 +136,23 @@ def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict]
              + ("" if cfg.tracking.uri.startswith("http") else
                 f" (browse: `r1 up`, or `mlflow ui --backend-store-uri {cfg.tracking.uri}`)"), "",
              head, "|" + " --- |" * (3 + len(SUMMARY_METRICS))]
+    evaluated = evaluated or {}
     for name, out in outputs.items():
-        metrics = mlflow.get_run(out["run_id"]).data.metrics
+        metrics = mlflow.get_run(evaluated.get(name, out["run_id"])).data.metrics
         values = " | ".join(f"{metrics[m]:.3f}" if m in metrics else "–" for m in SUMMARY_METRICS)
-        lines.append(f"| {name} | {link(out['run_id'])} | {'yes' if name in skipped else 'no'} | {values} |")
+        reused = f"yes, evaluated in {link(evaluated[name])}" if name in evaluated else \
+            "yes" if name in skipped else "no"
+        lines.append(f"| {name} | {link(out['run_id'])} | {reused} | {values} |")
     return "\n".join(lines)
 
 
-def publish_summary(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str]) -> None:
+def publish_summary(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str],
+                    evaluated: dict[str, str]) -> None:
     """The summary as a Prefect artifact of the flow run (Artifacts tab in the Prefect UI) and an MLflow text file."""
     import mlflow
     from prefect.artifacts import create_markdown_artifact
 
-    md = summary_markdown(cfg, pipeline_run_id, outputs, skipped)
+    md = summary_markdown(cfg, pipeline_run_id, outputs, skipped, evaluated)
     create_markdown_artifact(markdown=md, key=f"r1-{cfg.name}-summary".replace("_", "-").lower(),
                              description="stages, MLflow runs and held-out evaluation of this pipeline run")
     mlflow.MlflowClient().log_text(pipeline_run_id, md, "summary.md")

@@ -132,3 +132,52 @@ def test_cold_start_on_a_given_dataset_needs_no_r1_zero_run_and_is_reused(prefec
     assert first["skipped"] == []
     again = r1_pipeline(recipe="tiny", stages=chain, overrides=over)
     assert again["skipped"] == chain and again["stages"] == first["stages"]
+
+
+def test_new_eval_settings_reevaluate_without_training_and_a_changed_data_file_retrains(prefect_harness, monkeypatch,
+                                                                                       tmp_path):
+    from flows.pipeline import r1_pipeline
+    from stages.core.sft import SFTTrainer
+    from tests.test_stage_sft_stages import _cot_file
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = tmp_path / "cot.jsonl"
+    over = {**MINI, "tracking.uri": uri, "output_dir": str(tmp_path / "runs"),
+            "cold_start_sft.data": {"source": "path", "path": _cot_file(data, n=40)},
+            "cold_start_sft.sft": {"max_steps": 4, "batch_size": 8, "warmup_steps": 1}}
+    chain = ["base_model", "cold_start_sft"]
+    first = r1_pipeline(recipe="tiny", stages=chain, overrides=over)
+    assert first["skipped"] == [] and first["evaluated"] == {}
+
+    def no_training(*a, **k):  # base_model's build and cold start both train with the SFT loop
+        raise AssertionError("a stage was trained again")
+
+    monkeypatch.setattr(SFTTrainer, "train", no_training)
+    fewer = {**over, "eval.num_prompts": 4}
+    reeval = r1_pipeline(recipe="tiny", stages=chain, overrides=fewer)
+    assert reeval["skipped"] == chain and reeval["stages"] == first["stages"]
+    assert sorted(reeval["evaluated"]) == chain and len(_stage_runs(uri)) == 4  # 2 trained, 2 evaluations
+    for name, run_id in reeval["evaluated"].items():
+        run = mlflow.get_run(run_id)
+        assert run.data.metrics["eval/num_prompts"] == 4 and run.data.params["eval.num_prompts"] == "4"
+        assert run.data.tags["r1.evaluated_run"] == first["stages"][name]["run_id"]
+        assert run.data.tags["r1.pipeline_run_id"] == reeval["pipeline_run_id"]
+        assert mlflow.get_run(first["stages"][name]["run_id"]).data.metrics["eval/num_prompts"] == 8  # left as it was
+    summary = mlflow.artifacts.load_text(f"runs:/{reeval['pipeline_run_id']}/summary.md")
+    assert summary.count("yes, evaluated in") == 2
+    from flows.compare import compare_rows
+    from stages.core.recipe import load_recipe
+
+    rows = compare_rows(load_recipe("tiny", fewer), pipeline_run_id=reeval["pipeline_run_id"])
+    assert sorted(r["stage"] for r in rows) == ["base_model eval", "cold_start_sft eval"]
+
+    again = r1_pipeline(recipe="tiny", stages=chain, overrides=fewer)  # that evaluation is found, not made twice
+    assert again["evaluated"] == reeval["evaluated"] and len(_stage_runs(uri)) == 4
+    back = r1_pipeline(recipe="tiny", stages=chain, overrides=over)  # the stage runs hold the first settings' one
+    assert back["skipped"] == chain and back["evaluated"] == {} and len(_stage_runs(uri)) == 4
+
+    monkeypatch.undo()
+    _cot_file(data, n=48)  # the same path, new content
+    changed = r1_pipeline(recipe="tiny", stages=chain, overrides=over)
+    assert changed["skipped"] == ["base_model"] and len(_stage_runs(uri)) == 5
+    assert changed["stages"]["cold_start_sft"]["run_id"] != first["stages"]["cold_start_sft"]["run_id"]

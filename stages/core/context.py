@@ -20,8 +20,8 @@ from grpo import distributed, faults
 from stages.core import attempts, tracking
 from stages.core.evaluate import evaluate
 from stages.core.heldout import heldout_problems
-from stages.core.lineage import KEY_TAG, register_model, stage_key
-from stages.core.models import load_model
+from stages.core.lineage import EVAL_KEY_TAG, KEY_TAG, eval_key, register_model, stage_key
+from stages.core.models import load_model, load_tokenizer, pick_device, resolve_model_uri
 from stages.core.recipe import Recipe, flatten
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
         return
     params = flatten(cfg, f"{name}.") | {"seed": str(recipe.seed), "prompt.template": recipe.prompt.template}
     params |= {f"input.{k}": v for k, v in inputs.items()}
-    tags = {KEY_TAG: key} | {f"r1.input.{k}": v for k, v in inputs.items()}
+    tags = {KEY_TAG: key, EVAL_KEY_TAG: eval_key(key, recipe)} | {f"r1.input.{k}": v for k, v in inputs.items()}
     with attempts.work_lock(workdir, name), \
             tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
         log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
@@ -117,3 +117,25 @@ def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", t
         mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
     log.info("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
     return res
+
+
+def evaluate_finished(recipe: Recipe, name: str, outputs: dict[str, str], key: str, parent_run_id: str | None,
+                      progress: bool = False) -> str:
+    """The held-out evaluation of a finished stage's model under the recipe's (changed) eval settings, in its own run
+    `<stage>-evaluation` nested under the pipeline's, tagged with the eval key; the stage's run is left as it was.
+    Returns the new run's id."""
+    import mlflow
+
+    model_dir = resolve_model_uri(outputs["model"])
+    model = load_model(model_dir, pick_device(recipe.device), recipe.base_model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, recipe.base_model.trust_remote_code)
+    tags = {tracking.STAGE_TAG: tracking.EVALUATION, tracking.RECIPE_TAG: recipe.name, tracking.EVALUATES_TAG: name,
+            "r1.evaluated_run": outputs["run_id"], EVAL_KEY_TAG: eval_key(key, recipe), "r1.input.model": outputs["model"]}
+    if parent_run_id:
+        tags[tracking.PIPELINE_TAG] = parent_run_id
+    with mlflow.start_run(experiment_id=tracking.setup(recipe.tracking), run_name=f"{name}-{tracking.EVALUATION}",
+                          parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=tags) as run:
+        tracking.log_params(flatten(recipe.eval, "eval.") | {"model": outputs["model"]})
+        ctx = StageContext(name, recipe, run.info.run_id, key, model_dir, {"model": outputs["model"]}, progress)
+        log_evaluation(ctx, model, tokenizer)
+    return run.info.run_id

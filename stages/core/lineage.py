@@ -1,22 +1,34 @@
 """Where a stage's work comes from and where it goes in MLflow: its stage key, its inputs (given, or the newest
 finished upstream run), the finished runs a pipeline reuses, and the registered model a stage leaves.
 
+Two keys: the stage key names the training (config, inputs, code, data content), the eval key names a held-out
+evaluation of that training (the stage key plus the evaluation settings). New eval settings re-evaluate a finished
+stage's model; they never retrain it.
+
 mlflow is imported inside functions: the pipeline flows import this module, and `r1 validate` must start fast.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from stages.core import tracking
+from stages.core.configs import DataSource
+from stages.core.distributed import REPO_ROOT
 from stages.core.recipe import Recipe
 
 OUTPUTS_TAG = "r1.outputs"
 KEY_TAG = "r1.stage_key"
+EVAL_KEY_TAG = "r1.eval_key"
+HEADLINE_METRIC = "eval/pass_at_1"  # a run that logged it has a held-out evaluation to redo under new settings
 MODEL_ALIAS = "current"
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
@@ -26,13 +38,91 @@ class StageInputError(ValueError):
     """A stage input that is missing or cannot be resolved."""
 
 
-def stage_key(name: str, cfg: BaseModel | dict, inputs: dict[str, str], recipe: Recipe) -> str:
-    """Identity of a stage's work: its config, its inputs, the prompt template and seed."""
-    body = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
-    blob = json.dumps({"stage": name, "cfg": body, "inputs": inputs, "template": recipe.prompt.template,
-                       "language": recipe.prompt.target_language, "eval": recipe.eval.model_dump(mode="json"),
-                       "seed": recipe.seed}, sort_keys=True)
+def stage_key(name: str, cfg: BaseModel, inputs: dict[str, str], recipe: Recipe) -> str:
+    """Identity of a stage's training: its config, its inputs, the prompt template and seed, the code that runs it and
+    the content of the local data it reads. Not the evaluation settings (see `eval_key`)."""
+    blob = json.dumps({"stage": name, "cfg": cfg.model_dump(mode="json"), "inputs": inputs,
+                       "template": recipe.prompt.template, "language": recipe.prompt.target_language, "seed": recipe.seed, "code": code_version(),
+                       "data": data_digests(name, cfg, inputs, recipe)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def eval_key(key: str, recipe: Recipe) -> str:
+    """Identity of a held-out evaluation of the training `key`: the eval settings and the held-out problems' family."""
+    blob = json.dumps({"stage_key": key, "eval": recipe.eval.model_dump(mode="json"),
+                       "heldout": {"task": recipe.base_model.task, "max_digits": recipe.base_model.max_digits}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when the code runs from a checkout.
+
+    No `+dirty`: a dirty flag says the tree differs from the commit but not how, so two different edits would share a
+    key (a wrong reuse), while a digest of the uncommitted diff would change every key at each edit of a test or doc.
+    Commit what you train with."""
+    commit = _git_commit()
+    version = metadata.version("r1-pipeline")
+    return f"{version}+{commit}" if commit else version
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    if not (REPO_ROOT / ".git").exists():  # an installed package: not a checkout (nor inside someone else's repo)
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5,
+                             check=True)
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, or stuck
+        return None
+    return out.stdout.strip()
+
+
+def data_digests(name: str, cfg: BaseModel, inputs: dict[str, str], recipe: Recipe) -> dict[str, str]:
+    """sha256 of each local data set the stage reads, by field: its config's data sources with source=path, and
+    inputs given as local paths. Hub ids and runs:/ URIs are named by their string (a run's artifacts never change)."""
+    out = {field: path_digest(src.path) for field, src in _data_sources(cfg, name) if src.source == "path"}
+    if name == "cold_start_sft" and cfg.data is None and cfg.prompt_data is None:
+        src = recipe.r1_zero.data  # its prompts come from the r1_zero section, outside its own config
+        out["r1_zero.data"] = path_digest(src.path) if src.source == "path" else src.model_dump_json()
+    for k, v in inputs.items():
+        if not v.startswith(MLFLOW_SCHEMES) and Path(v).expanduser().exists():
+            out[f"input.{k}"] = path_digest(v)
+    return out
+
+
+def _data_sources(cfg: BaseModel, prefix: str):
+    """(dotted field, DataSource) for every data source in a config, nested ones included."""
+    for field, value in cfg:
+        if isinstance(value, DataSource):
+            yield f"{prefix}.{field}", value
+        elif isinstance(value, BaseModel):
+            yield from _data_sources(value, f"{prefix}.{field}")
+
+
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file's content, or of a folder's files (their relative paths and contents, in sorted order)."""
+    p = Path(path).expanduser().resolve()
+    if p.is_file():
+        return file_digest(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{file_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    st = path.stat()
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.cache  # per (path, size, mtime) within a process: a key is computed several times per stage
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---- inputs
@@ -113,6 +203,17 @@ def record_outputs(recipe: Recipe, outputs: dict[str, str]) -> None:
 def finished_run_with_key(recipe: Recipe, key: str):
     """A FINISHED run of this experiment whose stage key is `key` and whose outputs were recorded, or None."""
     return next((r for r in finished_runs(recipe, KEY_TAG, key) if OUTPUTS_TAG in r.data.tags), None)
+
+
+def current_evaluation(recipe: Recipe, run) -> str | None:
+    """For a finished stage run (one `finished_run_with_key` found), the id of the run that holds its held-out
+    evaluation under the recipe's eval settings: `run` itself (same settings, or a stage with no evaluation), an
+    evaluation run made earlier, or None when it is still to be made."""
+    key = eval_key(run.data.tags[KEY_TAG], recipe)
+    if run.data.tags.get(EVAL_KEY_TAG) == key or HEADLINE_METRIC not in run.data.metrics:
+        return run.info.run_id
+    earlier = finished_runs(recipe, EVAL_KEY_TAG, key, max_results=1)
+    return earlier[0].info.run_id if earlier else None
 
 
 def registered_model_name(recipe: Recipe, stage: str) -> str:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 STAGE_TAG = "r1.stage"
 PIPELINE_TAG = "r1.pipeline_run_id"
 RECIPE_TAG = "r1.recipe"
+EVALUATION = "evaluation"  # the r1.stage of a run that re-evaluates a finished stage's model under new eval settings
+EVALUATES_TAG = "r1.evaluates"  # that stage's name (and r1.evaluated_run its run)
 
 
 class TrackingError(RuntimeError):
