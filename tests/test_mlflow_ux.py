@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -57,10 +59,12 @@ def test_experiment_opens_on_the_runs_table(stage_runs, tmp_path):
 def test_registered_model_is_a_pyfunc_that_generates(stage_runs):
     import pandas as pd
 
-    recipe, base, rl = stage_runs
+    _, base, rl = stage_runs
     for stage, out in (("base_model", base), ("r1_zero", rl)):
         model = mlflow.pyfunc.load_model(f"models:/r1-tiny-{stage}@current")
-        assert model.metadata.run_id is None or model.metadata.run_id == out["run_id"]
+        assert model.metadata.run_id == out["run_id"]
+        logged = json.loads(mlflow.get_run(out["run_id"]).data.tags["mlflow.log-model.history"])
+        assert [(m["artifact_path"], list(m["flavors"])) for m in logged] == [("model", ["python_function"])]
         sig = model.metadata.signature
         assert sig.inputs.input_names() == ["prompt"] and sig.outputs.input_names() == ["completion"]
         prompts = ["User: What is 12 + 7?\nAssistant:", "User: What is 3 + 40?\nAssistant:"]
@@ -71,12 +75,10 @@ def test_registered_model_is_a_pyfunc_that_generates(stage_runs):
         again = model.predict(pd.DataFrame({"prompt": prompts[:1]}), params={"max_new_tokens": 8})
         assert again["completion"][0] == res["completion"][0]
     # requirements pinned to what is installed; the Hugging Face files still sit at the top of model/
-    path = mlflow.artifacts.download_artifacts(f"runs:/{rl['run_id']}/model")
-    reqs = open(os.path.join(path, "requirements.txt")).read().split()
-    from importlib.metadata import version
-
+    path = Path(mlflow.artifacts.download_artifacts(f"runs:/{rl['run_id']}/model"))
+    reqs = (path / "requirements.txt").read_text().split()
     assert f"transformers=={version('transformers')}" in reqs and any(r.startswith("torch==") for r in reqs)
-    assert {"config.json", "model.safetensors", "MLmodel"} <= set(os.listdir(path))
+    assert {"config.json", "model.safetensors", "MLmodel"} <= {f.name for f in path.iterdir()}
     # one version per stage run, alias current
     versions = mlflow.MlflowClient().search_model_versions("name = 'r1-tiny-r1_zero'")
     assert [v.run_id for v in versions] == [rl["run_id"]]
@@ -109,18 +111,24 @@ def test_grpo_logs_completions_tables(stage_runs):
     client = mlflow.MlflowClient()
     files = sorted(a.path for a in client.list_artifacts(rl["run_id"], "completions"))
     assert files == ["completions/step_0003.json", "completions/step_0004.json"]  # every 3 steps, and the last
-    table = json.loads(open(mlflow.artifacts.download_artifacts(f"runs:/{rl['run_id']}/completions/step_0003.json"))
-                       .read())
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{rl['run_id']}/completions/step_0003.json"))
+                       .read_text())
     cols = table["columns"]
     assert cols == ["step", "prompt", "completion", "reward/accuracy", "reward/format", "reward", "advantage"]
     rows = [dict(zip(cols, r, strict=True)) for r in table["data"]]
     assert len(rows) == 3 and {r["step"] for r in rows} == {3}
     for r in rows:  # total = 1.0·accuracy + 0.5·format (the tiny recipe's weights)
         assert r["reward"] == pytest.approx(r["reward/accuracy"] + 0.5 * r["reward/format"])
-    # a group's advantages are its rewards, centred and scaled (G = 2: ±1/√2·... or 0 when the two are equal)
-    a0, a1 = rows[0]["advantage"], rows[1]["advantage"]
-    assert a0 == pytest.approx(-a1, abs=1e-5)
-    assert (a0 > 0) == (rows[0]["reward"] > rows[1]["reward"]) or rows[0]["reward"] == rows[1]["reward"]
+    # rows 0 and 1 are one prompt's group (G = 2): advantages ±1/√2 (centred, over the unbiased std), the better
+    # completion positive; 0 when both scored the same
+    first, second = rows[0], rows[1]
+    assert first["prompt"] == second["prompt"]
+    if first["reward"] == second["reward"]:
+        assert first["advantage"] == second["advantage"] == 0
+    else:
+        sign = 1 if first["reward"] > second["reward"] else -1
+        assert first["advantage"] == pytest.approx(sign * 2 ** -0.5, abs=1e-4)
+        assert second["advantage"] == pytest.approx(-sign * 2 ** -0.5, abs=1e-4)
 
 
 def test_stage_runs_log_a_png_of_their_curves(stage_runs):

@@ -91,7 +91,7 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
         tokenizer.save_pretrained(out)
     if not ctx.main:
         return outputs
-    tracking.make_pyfunc(out)
+    tracking.make_pyfunc(out, ctx.run_id)
     mlflow.log_artifacts(str(out), artifact_path="model")
     register_model(ctx.recipe, ctx.name, ctx.run_id, ctx.key)
     if evaluate_it:

@@ -97,18 +97,21 @@ CURVES = {"reward/mean": "reward", "accuracy": "accuracy", "kl": "KL to the refe
           "completion_length/mean": "completion length (tokens)", "sft/loss": "SFT loss"}
 
 
-def make_pyfunc(model_dir: Path) -> None:
+def make_pyfunc(model_dir: Path, run_id: str | None = None, artifact_path: str = "model") -> None:
     """Make a `save_pretrained` folder an MLflow pyfunc model in place (MLmodel, code/, pinned requirements), so
     `mlflow.pyfunc.load_model` and `mlflow models serve` take it; the Hugging Face files stay where later stages read
-    them, and the loader (stages/core/pyfunc_model.py) reads them from there."""
+    them, and the loader (stages/core/pyfunc_model.py) reads them from there. With `run_id`, the run lists it as its
+    logged model at `artifact_path` (the runs table's Models column)."""
     import importlib.metadata
+    import json
     import shutil
     import tempfile
     import warnings
 
     import mlflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_MODELS
 
     from stages.core import pyfunc_model
 
@@ -121,12 +124,16 @@ def make_pyfunc(model_dir: Path) -> None:
         # an input example would cost a model load and a generation per stage; the signature says it all
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         staged = Path(tmp) / "pyfunc"
+        info = Model(run_id=run_id, artifact_path=artifact_path)
+        # (the first save in a process scans every installed package to check the pins: a second or two, once)
         mlflow.pyfunc.save_model(staged, loader_module=pyfunc_model.LOADER_MODULE, code_paths=[pyfunc_model.__file__],
-                                 pip_requirements=requirements, signature=signature)
+                                 pip_requirements=requirements, signature=signature, mlflow_model=info)
         for f in staged.iterdir():
             if (model_dir / f.name).is_dir():  # a resumed stage writes into the same folder again
                 shutil.rmtree(model_dir / f.name)
             shutil.move(str(f), model_dir / f.name)
+    if run_id is not None:
+        mlflow.MlflowClient().set_tag(run_id, MLFLOW_LOGGED_MODELS, json.dumps([info.get_tags_dict()]))
 
 
 def log_dataset(rows: list[dict], name: str, source: str, context: str) -> None:
