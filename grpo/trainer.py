@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -111,7 +111,11 @@ class GRPOTrainer:
         output_dir: str | Path | None = None,
         deepspeed_config: dict | None = None,
         progress: bool = True,
+        callbacks: Sequence[Callable] = (),
     ):
+        """callbacks: each called as `callback(step, rollout, rewards, advantages)` on rank 0 after every step's
+        scoring (step counts from 1; rewards: reward name -> this rank's per-completion values; advantages: (N,), or
+        (N, T) per token in process mode), e.g. to log or print sample completions."""
         cfg = self.cfg = config
         check_reward_funcs(reward_funcs, cfg.advantage_mode)
         if not dataset:
@@ -132,6 +136,8 @@ class GRPOTrainer:
         self.dataset = dataset
         self.reward_funcs = list(reward_funcs)
         self.progress = progress
+        self.callbacks = list(callbacks)
+        self.reward_values: dict[str, list[float]] = {}  # the last step's, per reward function
 
         # each rank samples its own completions; the weights are the same everywhere (DeepSpeed broadcasts rank 0's)
         random.seed(cfg.seed + self.rank)
@@ -221,6 +227,8 @@ class GRPOTrainer:
                 rewards["step_rewards"], rewards["step_ends"], G, rollout.completion_ids.shape[1], cfg.scale_rewards
             )
         advantages = advantages.to(rollout.completion_ids.device)
+        for callback in self.callbacks if self.rank == 0 else ():
+            callback(self.global_step + 1, rollout, self.reward_values, advantages)
         update_stats = self.policy_update(rollout, advantages)
 
         lengths = rollout.lengths.float()
@@ -290,6 +298,7 @@ class GRPOTrainer:
         total = torch.zeros(len(rollout.completions))
         for name, fn, weight in self.reward_funcs:
             values = call_reward(name, fn, rollout.prompts, rollout.completions, **columns)
+            self.reward_values[name] = [float(v) for v in values]
             r = torch.tensor(values, dtype=torch.float32)
             total += weight * r
             metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = r.mean().item(), r.std().item()
@@ -311,6 +320,7 @@ class GRPOTrainer:
             if not is_process_reward(fn):
                 out = [[(len(c), r)] for c, r in zip(rollout.completions, out)]
             sums = torch.tensor([sum(r for _, r in steps) for steps in out], dtype=torch.float32)
+            self.reward_values[name] = sums.tolist()
             metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = sums.mean().item(), sums.std().item()
             for i, steps in enumerate(out):
                 for off, r in steps:

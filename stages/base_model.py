@@ -135,6 +135,8 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
             def on_step(step, metrics):
                 mlflow.log_metrics(metrics, step=step)
 
+            tracking.log_dataset([{"prompt": p, "completion": c} for p, c in pretraining_texts(recipe)], "pretraining",
+                                 tracking.data_source_uri(cfg, "train"), "training")
             res = build_base_model(recipe, ctx.workdir / "build", on_step=on_step, progress=progress)
             mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,
                                 "base/final_loss": res.final_loss, "base/build_seconds": res.seconds})

@@ -14,6 +14,7 @@ import logging
 import warnings
 
 from grpo.distributed import broadcast
+from stages.core import tracking
 from stages.core.context import stage_context
 from stages.core.data import load_cot_dataset, load_problems, load_rows, save_rows
 from stages.core.lineage import resolve_input
@@ -92,6 +93,7 @@ def log_data(ctx, examples: list[dict], samples_to_log: int) -> None:
         save_rows(examples, folder)
     mlflow.log_artifacts(str(folder), artifact_path="data")
     mlflow.log_metric("data/examples", len(examples))
+    tracking.log_dataset(examples, "cold_start", f"runs:/{ctx.run_id}/data", "training")
     shown = examples[:samples_to_log]
     if shown:
         mlflow.log_table({c: [str(r.get(c, "")) for r in shown] for c in shown[0]}, "data_samples.json")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from grpo.logging import MLflowLogger
+from stages.core import tracking
 from stages.core.configs import DistillConfig, StudentConfig
 from stages.core.context import log_evaluation, stage_context
 from stages.core.heldout import pretraining_texts
@@ -227,6 +228,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
         teacher_tok = load_tokenizer(teacher_dir, recipe.base_model.trust_remote_code)
         mlflow.log_metrics({"distill/teacher_parameters": count_parameters(teacher_config),
                             "distill/examples": len(examples)})
+        tracking.log_dataset(examples, "synthesized", data_uri, "training")
         pretraining = None
         names, first = [], None
         for i, s in enumerate(cfg.students):
@@ -240,6 +242,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
             t0 = time.perf_counter()
             student, info = sft_or_reuse(model, tok, examples, cfg.sft, folder, ctx, s.name)
             steps = info["steps"]
+            tracking.make_pyfunc(folder / "model")
             mlflow.log_artifacts(str(folder / "model"), artifact_path=f"students/{s.name}")
             res = log_evaluation(ctx, student, tok, prefix=f"eval/{s.name}/", table=f"samples/{s.name}.json")
             mlflow.log_metrics({f"distill/{s.name}/parameters": sizes[s.name], f"distill/{s.name}/steps": info["steps"],
@@ -269,6 +272,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
                 mlflow.log_metric(f"distill/{s.name}/pass_at_1_gain", res.pass_at_1 - bres.pass_at_1)
                 del baseline
             names.append(s.name)
+        tracking.log_curves(ctx.run_id, [f"{n}/sft/loss" for n in names])
         if cfg.evaluate_teacher:
             teacher = load_model(teacher_dir, device, recipe.base_model.trust_remote_code)
             log_evaluation(ctx, teacher, teacher_tok, prefix="eval/teacher/", table="")

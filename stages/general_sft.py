@@ -37,6 +37,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
             kinds[r.get("kind") or "unknown"] = kinds.get(r.get("kind") or "unknown", 0) + 1
         if ctx.main:
             mlflow.log_metrics({"data/examples": len(rows)} | {f"data/{k}_examples": n for k, n in kinds.items()})
+            tracking.log_dataset(rows, "synthesized", data_uri, "training")
         model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
         return train_and_finish(ctx, cfg.sft, model, tok, rows)
 

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from grpo.faults import fault_point
+from stages.core import tracking
 from stages.core.context import stage_context
 from stages.core.data import load_problems, load_rows, save_rows
 from stages.core.lineage import resolve_input
@@ -98,6 +99,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
 
         folder = save_rows(rows, ctx.workdir / "data")
         mlflow.log_artifacts(str(folder), artifact_path="data")
+        tracking.log_dataset(rows, "synthesized", f"runs:/{ctx.run_id}/data", "synthesized")
         shown = reasoning[: cfg.samples_to_log // 2]
         shown += general[: cfg.samples_to_log - len(shown)]
         if shown:

@@ -47,7 +47,9 @@ class GRPOStageConfig(Strict):
                                   beta=0.04, log_every=5)
     rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(("accuracy", 1.0), ("format", 0.5)))
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (infra/deepspeed/...) for world size > 1")
-    samples_to_log: int = Field(64, ge=0, description="completions logged as an MLflow table")
+    samples_to_log: int = Field(64, ge=0, description="completions in each MLflow completions table")
+    log_completions_every: int | None = Field(None, ge=1, description="steps between completions tables "
+                                              "(completions/step_XXXX.json; default: 4 per run, and the last step)")
 
 
 class R1ZeroConfig(GRPOStageConfig):

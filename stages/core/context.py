@@ -91,10 +91,12 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
         tokenizer.save_pretrained(out)
     if not ctx.main:
         return outputs
+    tracking.make_pyfunc(out, ctx.run_id)
     mlflow.log_artifacts(str(out), artifact_path="model")
     register_model(ctx.recipe, ctx.name, ctx.run_id, ctx.key)
     if evaluate_it:
         log_evaluation(ctx, _whole_model(model, out), tokenizer)
+    tracking.log_curves(ctx.run_id)
     return outputs
 
 
@@ -110,7 +112,10 @@ def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", t
     import mlflow
 
     r = ctx.recipe
-    res = evaluate(model, tokenizer, heldout_problems(r), r.eval, r.prompt.template, r.prompt.target_language,
+    problems = heldout_problems(r)
+    tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in problems], "heldout",
+                         tracking.data_source_uri(r.base_model, "eval"), "evaluation")
+    res = evaluate(model, tokenizer, problems, r.eval, r.prompt.template, r.prompt.target_language,
                    progress=ctx.progress)
     mlflow.log_metrics(res.metrics(prefix))
     if table:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from rewards import build_rewards
+from stages.core import tracking
 from stages.core.configs import GRPOStageConfig
 from stages.core.context import StageContext, finish_with_model, stage_context
 from stages.core.data import load_problems, prompt_rows
@@ -46,8 +47,14 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:
         grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
+    callbacks = []
+    if ctx.main:
+        tracking.log_dataset(rows, f"{ctx.name}-prompts", prompt_sources(cfg), "training")
+        every = cfg.log_completions_every or max(1, grpo_cfg.total_steps // 4)
+        callbacks.append(CompletionsTable(ctx.run_id, every, grpo_cfg.total_steps, cfg.samples_to_log,
+                                          {name: weight for name, _, weight in rewards}))
     trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=ctx.logger, output_dir=ckpt_dir,
-                          deepspeed_config=ds_config, progress=ctx.progress)
+                          deepspeed_config=ds_config, progress=ctx.progress, callbacks=callbacks)
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         log.info("stage %s: resuming from %s", ctx.name, resume)
@@ -56,6 +63,34 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
         last = history[-min(len(history), 10):]
         mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
     return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)
+
+
+class CompletionsTable:
+    """A trainer callback: every `every` steps and at the last, the first `n` completions of the step (whole groups
+    first: a prompt's G completions are consecutive) with each reward, the weighted total and the advantage, as the
+    MLflow table `completions/step_XXXX.json` of the stage's run."""
+
+    def __init__(self, run_id: str, every: int, last: int, n: int, weights: dict[str, float]):
+        self.run_id, self.every, self.last, self.n, self.weights = run_id, every, last, n, weights
+
+    def __call__(self, step: int, rollout, rewards: dict[str, list[float]], advantages) -> None:
+        if not self.n or (step % self.every and step != self.last):
+            return
+        import mlflow
+
+        n = min(self.n, len(rollout.completions))
+        per_completion = advantages if advantages.dim() == 1 else advantages[:, 0]  # process mode: the return at t=0
+        table = {"step": [step] * n, "prompt": rollout.prompts[:n], "completion": rollout.completions[:n]}
+        table |= {f"reward/{name}": values[:n] for name, values in rewards.items()}
+        table["reward"] = [sum(self.weights[k] * v[i] for k, v in rewards.items()) for i in range(n)]
+        table["advantage"] = per_completion[:n].tolist()
+        mlflow.MlflowClient().log_table(self.run_id, table, f"completions/step_{step:04d}.json")
+
+
+def prompt_sources(cfg: GRPOStageConfig) -> str:
+    """The dataset source of a stage's prompts (preference RL mixes two)."""
+    sources = [cfg.data] + ([cfg.general_data] if getattr(cfg, "general_share", 0) > 0 else [])
+    return " + ".join(tracking.data_source_uri(s, "train") for s in sources)
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
