@@ -14,6 +14,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+from stages.core import pyfunc_model
 from stages.core.recipe import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,6 @@ def make_pyfunc(model_dir: Path, run_id: str | None = None, artifact_path: str =
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_MODELS
-
-    from stages.core import pyfunc_model
 
     signature = ModelSignature(Schema([ColSpec("string", "prompt")]), Schema([ColSpec("string", "completion")]),
                                ParamSchema([ParamSpec("max_new_tokens", "long", pyfunc_model.PARAMS["max_new_tokens"]),
