@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -96,7 +96,10 @@ class GRPOTrainer:
         output_dir: str | Path | None = None,
         deepspeed_config: dict | None = None,
         progress: bool = True,
+        on_rollout: Callable[[int, Rollout, torch.Tensor | dict], None] | None = None,
     ):
+        """on_rollout(step, rollout, rewards): called on every rank after each step's rollout is scored (the stage
+        runner shows samples from it); rewards are the per-completion totals, or the process steps dict."""
         cfg = self.cfg = config
         check_reward_funcs(reward_funcs, cfg.advantage_mode)
         if not dataset:
@@ -121,6 +124,7 @@ class GRPOTrainer:
         self.logger = logger or NullLogger()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress = progress
+        self.on_rollout = on_rollout
 
         # each rank samples its own completions; the weights are the same everywhere (DeepSpeed broadcasts rank 0's)
         random.seed(cfg.seed + self.rank)
@@ -224,6 +228,8 @@ class GRPOTrainer:
         t_rewards = time.perf_counter()
         rewards, reward_metrics = self.score(rollout, rows)
         self.timings["rewards"] = time.perf_counter() - t_rewards
+        if self.on_rollout is not None:
+            self.on_rollout(self.global_step + 1, rollout, rewards)
         if cfg.advantage_mode == "outcome":
             advantages = group_advantages(rewards, G, cfg.scale_rewards)
         else:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from rewards import build_rewards
+from stages.core import console
 from stages.core.configs import GRPOStageConfig
 from stages.core.context import StageContext, finish_with_model, stage_context
 from stages.core.data import load_problems, prompt_rows
@@ -46,8 +47,12 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:
         grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
-    trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=ctx.logger, output_dir=ckpt_dir,
-                          deepspeed_config=ds_config, progress=ctx.progress)
+    logger = ctx.logger
+    if ctx.progress and not console.interactive():  # no terminal for the trainer's bar: step lines instead
+        logger = console.StepLogger(logger, console.StepLines(grpo_cfg.total_steps, ctx.name))
+    trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=logger, output_dir=ckpt_dir,
+                          deepspeed_config=ds_config, progress=ctx.progress and console.interactive(),
+                          on_rollout=sample_printer(ctx, cfg) if ctx.main else None)
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         log.info("stage %s: resuming from %s", ctx.name, resume)
@@ -56,6 +61,25 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
         last = history[-min(len(history), 10):]
         mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
     return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)
+
+
+def sample_printer(ctx: StageContext, cfg: GRPOStageConfig, lines: int = 2, width: int = 160):
+    """The trainer's on_rollout hook: every ~fifth of the run, the step's first completion and its best one (when they
+    differ), each on one line truncated to `width`, at INFO. Off when `samples_to_log` is 0."""
+    every = max(1, cfg.grpo.total_steps // 5)
+    shown = min(lines, cfg.samples_to_log)
+
+    def on_rollout(step: int, rollout, rewards) -> None:
+        if not shown or step % every:
+            return
+        totals = rewards.tolist() if hasattr(rewards, "tolist") else [sum(s) for s in rewards["step_rewards"]]
+        picks = list(dict.fromkeys([0, max(range(len(totals)), key=totals.__getitem__)]))[:shown]
+        for i in picks:
+            text = " ".join(rollout.completions[i].split())  # one line
+            text = text if len(text) <= width else text[: width - 1] + "…"
+            log.info("%s step %d sample (reward %.2f): %s", ctx.name, step, totals[i], text)
+
+    return on_rollout
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
