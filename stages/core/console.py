@@ -161,14 +161,15 @@ def duration(seconds: float) -> str:
 
 class StepLines:
     """A bar's stand-in when the output is not a terminal: `desc step 20/60 · reward 0.412 · 1.9 s/step · ETA 1m16s`
-    at INFO every `every` steps or `seconds` seconds, and at the last step. Same calls as tqdm: update, set_postfix,
-    close."""
+    at INFO every `every` steps or `seconds` seconds, and at the last step; none before `min_seconds` (a short loop
+    says nothing). Same calls as tqdm: update, set_postfix, close."""
 
     def __init__(self, total: int, desc: str, initial: int = 0, every: int | None = None,
-                 seconds: float = STEP_LINE_SECONDS, logger: logging.Logger | None = None, unit: str = "step"):
+                 seconds: float = STEP_LINE_SECONDS, logger: logging.Logger | None = None, unit: str = "step",
+                 min_seconds: float = 0.0):
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
         self.every = every or max(1, total // 10)
-        self.seconds = seconds
+        self.seconds, self.min_seconds = seconds, min_seconds
         self.log = logger or logging.getLogger("stages.progress")
         self.postfix: dict[str, object] = {}
         self.start_n, self.t0 = initial, time.monotonic()
@@ -180,7 +181,8 @@ class StepLines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if self.n >= self.total or self.n - self.last_n >= self.every or now - self.last_t >= self.seconds:
+        due = self.n >= self.total or self.n - self.last_n >= self.every or now - self.last_t >= self.seconds
+        if due and now - self.t0 >= self.min_seconds:
             self.last_n, self.last_t = self.n, now
             self.log.info(self.line(now))
 
@@ -196,25 +198,24 @@ class StepLines:
     def close(self) -> None:
         pass
 
-    def __iter__(self):  # pragma: no cover - tqdm's iterable form is built by progress_iter
-        raise TypeError("StepLines is not iterable: use progress_iter")
 
-
-def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step", every: int | None = None):
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step", every: int | None = None,
+             min_seconds: float = 0.0):
     """A tqdm bar on a terminal; step lines through logging otherwise; nothing when `enabled` is False."""
     from tqdm.auto import tqdm  # lazy: `r1 validate` starts fast
 
     if enabled and interactive():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
     if enabled:
-        return StepLines(total, desc, initial, every=every, unit=unit)
+        return StepLines(total, desc, initial, every=every, unit=unit, min_seconds=min_seconds)
     return tqdm(total=total, initial=initial, disable=True)
 
 
 def progress_iter(items, desc: str, enabled: bool = True, unit: str = "batch"):
     """Iterate `items` with `progress` around it."""
     items = list(items)
-    bar = progress(len(items), desc, enabled, unit=unit, every=len(items))  # a line per ~30 s: evaluation is short
+    # evaluation is short: a line per ~30 s, none at all when it takes less
+    bar = progress(len(items), desc, enabled, unit=unit, every=len(items), min_seconds=STEP_LINE_SECONDS)
     for x in items:
         yield x
         bar.update(1)
@@ -225,7 +226,7 @@ class StepLogger:
     """A trainer's metric logger that also reports progress (for loops whose bar lives where we do not: the GRPO
     trainer). Forwards every call; each logged step moves `bar` to that step with reward, accuracy and KL."""
 
-    KEYS = (("reward/mean", "reward"), ("accuracy", "accuracy"), ("kl", "kl"), ("loss", "loss"))
+    KEYS = (("reward/mean", "reward"), ("accuracy", "accuracy"), ("kl", "kl"))
 
     def __init__(self, inner, bar: StepLines):
         self.inner, self.bar = inner, bar

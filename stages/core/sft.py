@@ -205,8 +205,8 @@ class SFTTrainer:
             history.append(metrics)
             if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                 self.logger.log_metrics(metrics, step=self.step)
-            bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", lr=f"{lr:.2g}")
+            bar.update(1)
             if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
