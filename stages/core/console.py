@@ -85,11 +85,14 @@ def setup(mode: Mode | None = None) -> None:
     _mode = os.environ[MODE_ENV] = mode
     for key, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(key, value)
+    if mode == "quiet":  # Prefect sets its loggers' level from this when it is imported
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     if "transformers" in sys.modules:  # already imported: its flag was read
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     root = logging.getLogger()
-    for h in list(root.handlers):  # ours from an earlier call, basicConfig's, Prefect's console handler
-        root.removeHandler(h)
+    for h in list(root.handlers):  # ours from an earlier call, basicConfig's, Prefect's (not pytest's capture)
+        if type(h) in (ConsoleHandler, logging.StreamHandler) or type(h).__name__ == "PrefectConsoleHandler":
+            root.removeHandler(h)
     handler = ConsoleHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     handler.addFilter(OncePerMessage())
