@@ -7,7 +7,6 @@ Every command takes a recipe: a preset name (`tiny`, `qwen2.5-7b`) or a YAML fil
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+
+from stages.core import console as r1_console
 
 app = typer.Typer(
     help="Train reasoning models the DeepSeek-R1 way: base model -> R1-Zero -> cold-start SFT -> reasoning RL -> "
@@ -51,9 +52,14 @@ def _recipe(recipe: str, sets: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+QUIET_HELP = "print only warnings and the stage start/end lines"
+VERBOSE_HELP = "also our DEBUG lines (third-party libraries stay at warnings)"
+
+
+def _logging(verbose: bool, quiet: bool = False) -> None:
+    if verbose and quiet:
+        raise typer.BadParameter("--quiet and --verbose: pick one")
+    r1_console.setup("verbose" if verbose else "quiet" if quiet else "normal")
 
 
 @app.command()
@@ -134,10 +140,11 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
           inputs: list[str] = typer.Option(None, "--input", help="other inputs as KEY=URI (repeatable), e.g. "
                                            "teacher=runs:/<id>/model"),
           set: list[str] = typer.Option(None, "--set", help=SET_HELP),
-          verbose: bool = False) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP)) -> None:
     """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
     the upstream stage in the recipe's MLflow experiment."""
-    _logging(verbose)
+    _logging(verbose, quiet)
     # lazy: fast `r1 --help` (see top)
     from stages.core.order import check_stages
     from stages.registry import runnable
@@ -170,12 +177,13 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
              stages: list[str] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
              force: list[str] = typer.Option(None, "--force", help="rerun this stage even if unchanged (repeatable)"),
-             verbose: bool = False) -> None:
+             quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+             verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP)) -> None:
     """Run the pipeline as a Prefect flow (a temporary local Prefect server if none is configured) with one MLflow
     parent run and a nested run per stage. Stages whose config and inputs are unchanged since a finished run are
     skipped and their outputs reused (--force NAME reruns one). Results: `mlflow ui --backend-store-uri
     sqlite:///mlflow.db`."""
-    _logging(verbose)
+    _logging(verbose, quiet)
     cfg = _recipe(recipe, set)  # validate before Prefect starts
     # lazy: fast `r1 --help` (see top)
     from flows.pipeline import configure_local_prefect
@@ -251,13 +259,16 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 @app.command()
 def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
           set: list[str] = typer.Option(None, "--set", help=SET_HELP),
-          limit: int = typer.Option(None, help="at most this many flow runs at once (default: no limit)")) -> None:
+          limit: int = typer.Option(None, help="at most this many flow runs at once (default: no limit)"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP)) -> None:
     """Register the pipeline and every stage as deployments named after the recipe (r1-pipeline/tiny,
     r1-reasoning-rl/tiny, ...) with the recipe's cron schedules, on the Prefect server at PREFECT_API_URL (see
     `r1 up`), and run what the UI, the API or a schedule triggers until Ctrl-C. Flow runs start in this folder."""
+    _logging(verbose, quiet)
     cfg = _recipe(recipe, set)
     # lazy: fast `r1 --help` (see top)
-    from flows.deployments import ServeError, build_deployments, check_server
+    from flows.deployments import ServeError, build_deployments, check_server, serve_until_stopped
     from stages.core.recipe import RecipeError
 
     try:
@@ -271,9 +282,7 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
                       highlight=False)
     console.print(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
                   f"r1-pipeline/{cfg.name} -> Run", highlight=False)
-    from prefect import serve as prefect_serve
-
-    prefect_serve(*deployments, limit=limit)
+    serve_until_stopped(deployments, limit)
 
 
 @app.command()

@@ -7,14 +7,22 @@ The serving process runs the flow runs itself (Prefect's `serve`), in subprocess
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
+import anyio
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
 from prefect.schedules import Cron, validate_cron_string
 
 from flows.pipeline import r1_pipeline
 from flows.stage_flows import STAGE_FLOWS
 from stages.core.recipe import PRESET_DIR, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+PAUSE_TIMEOUT = 5.0  # seconds to pause the schedules on Ctrl-C; the server may already be gone (`r1 up` stopped first)
 
 
 class ServeError(RuntimeError):
@@ -91,3 +99,28 @@ def check_server() -> str:
         raise ServeError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({e}); start it with "
                          "`r1 up` or fix PREFECT_API_URL") from None
     return url
+
+
+class ServeRunner(Runner):
+    """Prefect's runner, whose shutdown does not hang on a server that is gone: pausing the deployments' schedules
+    (Prefect retries each request for a long while) gets PAUSE_TIMEOUT seconds in all, then one warning."""
+
+    async def _pause_schedules(self):
+        try:
+            with anyio.fail_after(PAUSE_TIMEOUT):
+                await super()._pause_schedules()
+        except Exception as e:  # noqa: BLE001 -- any failure here only means the schedules stay as they are
+            log.warning("schedules left active: the Prefect server did not answer within %.0f s (%s); pause them in "
+                        "the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
+
+
+def serve_until_stopped(deployments: list, limit: int | None = None) -> None:
+    """Run the deployments' flow runs until Ctrl-C (or SIGTERM); then stop cleanly, with or without a server."""
+    runner = ServeRunner(limit=limit)
+    for d in deployments:
+        runner.add_deployment(d)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        pass
+    log.info("r1 serve stopped")

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
+from prefect.runtime import flow_run as current_flow_run
 
 from flows.launch import LaunchSpec, launch_stage
-from stages.core import tracking
+from stages.core import console, tracking
 from stages.core.context import evaluate_finished
 from stages.core.lineage import (
     KEY_TAG,
@@ -31,16 +34,24 @@ from stages.registry import runnable
 log = logging.getLogger(__name__)
 
 
-@task(name="stage", retries=1, retry_delay_seconds=5, task_run_name="{name}")
+def recipe_label(recipe: str) -> str:
+    """A recipe as a run name shows it: the preset name, or a YAML file's name without its folder and suffix."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
+def pipeline_run_name() -> str:
+    """`tiny · pipeline · 2026-11-30 10:15`: the Prefect flow run's name (Prefect's default is two random words)."""
+    recipe = current_flow_run.parameters.get("recipe", "tiny")
+    return f"{recipe_label(recipe)} · pipeline · {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+@task(name="stage", retries=1, retry_delay_seconds=5, task_run_name="{recipe.name} · {name}")
 def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, str]) -> dict[str, str]:
     """One stage, launched the way the recipe's `cluster` says (in-process, torchrun, DeepSpeed, Slurm, Kubernetes).
     A retry reruns the same stage key, so it resumes from the checkpoints the failed attempt left."""
-    logger = get_run_logger()
-    logger.info("stage %s starting with inputs %s", name, inputs)
-    out = launch_stage(name, recipe, None, parent_run_id, LaunchSpec.from_cluster(recipe.cluster), log=logger.info,
-                       inputs=inputs)
-    logger.info("stage %s finished: %s", name, out)
-    return out
+    log.debug("stage %s inputs: %s", name, inputs)
+    return launch_stage(name, recipe, None, parent_run_id, LaunchSpec.from_cluster(recipe.cluster),
+                        log=logging.getLogger(f"flows.launch.{name}").info, inputs=inputs)
 
 
 def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
@@ -56,8 +67,7 @@ def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = No
 @task(name="evaluate", task_run_name="{name}-evaluation")
 def evaluate_stage(name: str, recipe: Recipe, parent_run_id: str, outputs: dict[str, str], key: str) -> str:
     """Re-evaluate a reused stage's model under new eval settings (in this process); returns the evaluation run's id."""
-    get_run_logger().info("stage %s: evaluation settings changed, evaluating the model of run %s", name,
-                          outputs["run_id"])
+    log.info("stage %s: evaluation settings changed, evaluating the model of run %s", name, outputs["run_id"])
     return evaluate_finished(recipe, name, outputs, key, parent_run_id)
 
 
@@ -69,7 +79,8 @@ def reusable_run(cfg: Recipe, name: str, inputs: dict[str, str]):
 def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, force: list[str] | None,
               inputs: dict[str, str] | None, run_name: str) -> dict:
     """What the pipeline flow and every single-stage flow do: validate, resolve inputs, open the parent MLflow run,
-    then reuse or run each stage in order, and publish a summary."""
+    then reuse or run each stage in order, and publish a summary (also when a stage fails)."""
+    console.setup()  # again: importing Prefect configured its own loggers; the mode is the launching process's
     cfg = load_recipe(recipe, overrides)
     chain = check_stages(stages or list(runnable()))
     forced = set(check_stages(force or []))
@@ -77,32 +88,39 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     import mlflow
 
     planned = plan_inputs(cfg, chain, inputs)
-    logger = get_run_logger()
     exp_id = tracking.setup(cfg.tracking)
     outputs: dict[str, dict] = {}
     skipped: list[str] = []
     evaluated: dict[str, str] = {}  # reused stage -> the run holding its evaluation under these eval settings
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{run_name}-{cfg.name}",
                           tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
-        for name in chain:
-            stage_inputs = {**planned[name], **pipeline_inputs(cfg, name, outputs)}
-            run = None if name in forced else reusable_run(cfg, name, stage_inputs)
-            if run is None:
-                outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
-                continue
-            logger.info("stage %s: unchanged since run %s, reusing its outputs", name, run.info.run_id)
-            outputs[name] = json.loads(run.data.tags[OUTPUTS_TAG])
-            skipped.append(name)
-            evaluation = current_evaluation(cfg, run) or evaluate_stage(name, cfg, parent.info.run_id, outputs[name],
-                                                                        run.data.tags[KEY_TAG])
-            if evaluation != run.info.run_id:
-                evaluated[name] = evaluation
+        try:
+            for name in chain:
+                stage_inputs = {**planned[name], **pipeline_inputs(cfg, name, outputs)}
+                run = None if name in forced else reusable_run(cfg, name, stage_inputs)
+                if run is None:
+                    outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
+                    continue
+                console.stage_reused(name, run.info.run_id, run.data.metrics,
+                                     console.run_url(console.ui_address(cfg.tracking), exp_id, run.info.run_id))
+                outputs[name] = json.loads(run.data.tags[OUTPUTS_TAG])
+                skipped.append(name)
+                evaluation = current_evaluation(cfg, run) or evaluate_stage(name, cfg, parent.info.run_id,
+                                                                            outputs[name], run.data.tags[KEY_TAG])
+                if evaluation != run.info.run_id:
+                    evaluated[name] = evaluation
+        except BaseException:  # a failed chain still gets its summary: what ran, what was reused, where it stopped
+            try:
+                publish_summary(cfg, parent.info.run_id, chain, outputs, skipped, evaluated)
+            except Exception as e:  # noqa: BLE001 -- the stage's own error is the one to report
+                log.warning("the pipeline summary could not be published: %s", e)
+            raise
         mlflow.set_tag("r1.skipped", ",".join(skipped))
-    publish_summary(cfg, parent.info.run_id, outputs, skipped, evaluated)
+    publish_summary(cfg, parent.info.run_id, chain, outputs, skipped, evaluated)
     return {"pipeline_run_id": parent.info.run_id, "stages": outputs, "skipped": skipped, "evaluated": evaluated}
 
 
-@flow(name="r1-pipeline", log_prints=True, persist_result=True)
+@flow(name="r1-pipeline", flow_run_name=pipeline_run_name, persist_result=True)
 def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
                 force: list[str] | None = None, inputs: dict[str, str] | None = None) -> dict:
     """Run the R1 chain (or a sub-chain) from a recipe preset name or YAML path.
@@ -117,42 +135,52 @@ def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides
 SUMMARY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency")
 
 
-def summary_markdown(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str],
-                     evaluated: dict[str, str] | None = None) -> str:
-    """Markdown: each stage's MLflow run (a link when the store is a server) and its held-out evaluation (from the
-    evaluation run of a reused stage whose eval settings changed)."""
+def stage_status(name: str, chain: list[str], outputs: dict[str, dict], skipped: list[str]) -> str:
+    """ran, reused, failed (the first stage of the chain without outputs) or not run (those after it)."""
+    if name in outputs:
+        return "reused" if name in skipped else "ran"
+    first_missing = next(n for n in chain if n not in outputs)
+    return "failed" if name == first_missing else "not run"
+
+
+def summary_markdown(cfg: Recipe, pipeline_run_id: str, chain: list[str], outputs: dict[str, dict],
+                     skipped: list[str], evaluated: dict[str, str] | None = None) -> str:
+    """Markdown: one row per stage of the chain with its status, held-out evaluation (from the evaluation run of a
+    reused stage whose eval settings changed) and MLflow run (a link when an MLflow UI is known)."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    ui = cfg.tracking.uri if cfg.tracking.uri.startswith("http") else cfg.tracking.ui
+    ui = console.ui_address(cfg.tracking)
 
     def link(run_id: str) -> str:
-        return f"[{run_id[:8]}]({ui.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id})" if ui \
-            else f"`{run_id[:8]}`"
+        return f"[{run_id[:8]}]({console.run_url(ui, exp.experiment_id, run_id)})" if ui else f"`{run_id[:8]}`"
 
-    head = "| stage | MLflow run | reused | " + " | ".join(m.split("/")[1] for m in SUMMARY_METRICS) + " |"
+    head = "| stage | status | " + " | ".join(m.split("/")[1] for m in SUMMARY_METRICS) + " | MLflow run |"
     lines = [f"# R1 pipeline `{cfg.name}`", "",
              f"Pipeline run {link(pipeline_run_id)} in experiment `{cfg.tracking.experiment}` at `{cfg.tracking.uri}`"
              + ("" if cfg.tracking.uri.startswith("http") else
                 f" (browse: `r1 up`, or `mlflow ui --backend-store-uri {cfg.tracking.uri}`)"), "",
              head, "|" + " --- |" * (3 + len(SUMMARY_METRICS))]
     evaluated = evaluated or {}
-    for name, out in outputs.items():
-        metrics = mlflow.get_run(evaluated.get(name, out["run_id"])).data.metrics
+    for name in chain:
+        out = outputs.get(name)
+        metrics = mlflow.get_run(evaluated.get(name, out["run_id"])).data.metrics if out else {}
         values = " | ".join(f"{metrics[m]:.3f}" if m in metrics else "–" for m in SUMMARY_METRICS)
-        reused = f"yes, evaluated in {link(evaluated[name])}" if name in evaluated else \
-            "yes" if name in skipped else "no"
-        lines.append(f"| {name} | {link(out['run_id'])} | {reused} | {values} |")
+        status = stage_status(name, chain, outputs, skipped)
+        if name in evaluated:
+            status += f", evaluated in {link(evaluated[name])}"
+        run = link(out["run_id"]) if out else "–"
+        lines.append(f"| {name} | {status} | {values} | {run} |")
     return "\n".join(lines)
 
 
-def publish_summary(cfg: Recipe, pipeline_run_id: str, outputs: dict[str, dict], skipped: list[str],
-                    evaluated: dict[str, str]) -> None:
+def publish_summary(cfg: Recipe, pipeline_run_id: str, chain: list[str], outputs: dict[str, dict],
+                    skipped: list[str], evaluated: dict[str, str] | None = None) -> None:
     """The summary as a Prefect artifact of the flow run (Artifacts tab in the Prefect UI) and an MLflow text file."""
     import mlflow
     from prefect.artifacts import create_markdown_artifact
 
-    md = summary_markdown(cfg, pipeline_run_id, outputs, skipped, evaluated)
+    md = summary_markdown(cfg, pipeline_run_id, chain, outputs, skipped, evaluated)
     create_markdown_artifact(markdown=md, key=f"r1-{cfg.name}-summary".replace("_", "-").lower(),
                              description="stages, MLflow runs and held-out evaluation of this pipeline run")
     mlflow.MlflowClient().log_text(pipeline_run_id, md, "summary.md")

@@ -6,12 +6,14 @@ and inputs equal a finished run's is reused unless `force`. A rerun is a one-sta
 (`<stage>-<recipe>`) with the stage's run nested under it, like a pipeline run.
 """
 
+import time
 from typing import Any
 
 from prefect import Flow, flow
+from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from flows.pipeline import run_chain
+from flows.pipeline import recipe_label, run_chain
 from stages.core.order import INPUTS, ORDER
 
 
@@ -57,7 +59,12 @@ def _stage_flow(stage: str) -> Flow:
     rerun.__doc__ = (f"Rerun stage {stage} alone (inputs: {', '.join(INPUTS[stage]) or 'none'}). Empty inputs resolve "
                      "to the newest finished upstream run in MLflow; unchanged config and inputs reuse a finished run "
                      "unless `force`.")
-    return flow(rerun, name=flow_name(stage), log_prints=True, persist_result=True)
+    def run_name() -> str:  # `tiny · reasoning_rl · 2026-11-30 10:15`
+        request = flow_run.parameters.get("request") or {}
+        recipe = request.get("recipe", "tiny") if isinstance(request, dict) else request.recipe
+        return f"{recipe_label(recipe)} · {stage} · {time.strftime('%Y-%m-%d %H:%M')}"
+
+    return flow(rerun, name=flow_name(stage), flow_run_name=run_name, persist_result=True)
 
 
 STAGE_FLOWS: dict[str, Flow] = {name: _stage_flow(name) for name in ORDER}

@@ -77,7 +77,7 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
                         group_by_length=False)  # length tracks the flaw type here: keep batches mixed
     examples = [{"prompt": p, "completion": c} for p, c in pairs]
     logger = _StepCallback(on_step) if on_step else None
-    res = SFTTrainer(model, tok, examples, sft_cfg, logger=logger, progress=progress).train()
+    res = SFTTrainer(model, tok, examples, sft_cfg, logger=logger, progress=progress, desc="pretrain").train()
     if res.stopped_early:
         log.warning("pretraining hit its %.0f s cap at step %d; the build is no longer seed-deterministic",
                     cfg.pretrain_seconds, res.steps)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from stages import registry
-from stages.core import distributed
+from stages.core import console, distributed
 from stages.core.jsonio import write_json_atomic
 from stages.core.order import check_stages
 from stages.core.recipe import load_recipe
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-id", default=None, help="MLflow run id of the pipeline run")
     parser.add_argument("--result-file", type=Path, default=None, help="where rank 0 writes the outputs as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.setup()  # the launching process's mode (R1_CONSOLE)
 
     check_stages([args.stage])
     recipe = load_recipe(args.recipe, json.loads(args.overrides))
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             distributed.init_from_env()
     out = registry.runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
-                                 progress=sys.stderr.isatty())
+                                 progress=True)
     if args.result_file and distributed.launched_rank() == 0:
         write_json_atomic(args.result_file, out)
     return 0

@@ -8,7 +8,7 @@ yet in a shard, the cumulative counts) written under a temporary name and rename
 all. A rerun (same config and input, hence the same work dir) reads the finished shards and continues from the last
 one's position; since each generation batch is seeded by its index, the final rows equal an uninterrupted run's.
 
-mlflow and tqdm are imported inside functions: the registry imports every stage, and `r1 validate` must start fast.
+mlflow is imported inside functions: the registry imports every stage, and `r1 validate` must start fast.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from grpo.faults import fault_point
-from stages.core import tracking
+from stages.core import console, tracking
 from stages.core.context import stage_context
 from stages.core.data import load_problems, load_rows, save_rows
 from stages.core.lineage import resolve_input
@@ -132,8 +132,6 @@ def _check_targets(cfg, reasoning: list[dict], general: list[dict], counts: Coun
 
 def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]:
     """Rejection-sample up to reasoning_target rows, shard by shard, resuming from the work dir's finished shards."""
-    from tqdm.auto import tqdm
-
     cfg, recipe = ctx.recipe.synthesize, ctx.recipe
     shard_dir = ctx.workdir / "shards"
     rows, state = load_shards(shard_dir)
@@ -155,8 +153,7 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, filters=filters_of(cfg),
                                batch_prompts=cfg.batch_prompts, seed=recipe.seed)
     target, buffer, shard = cfg.reasoning_target, list(state["carry"]), state["shard"] + 1
-    bar = tqdm(total=target, initial=len(rows) + len(buffer), desc="synthesize", unit="sample",
-               disable=not ctx.progress)
+    bar = console.progress(target, "synthesize", ctx.progress, initial=len(rows) + len(buffer), unit="sample")
 
     def write_shards(next_batch: int, last: bool) -> bool:
         """Full shards from the buffer (all of it when `last`); True once the final shard is written."""

@@ -164,7 +164,7 @@ def test_new_eval_settings_reevaluate_without_training_and_a_changed_data_file_r
         assert run.data.tags["r1.pipeline_run_id"] == reeval["pipeline_run_id"]
         assert mlflow.get_run(first["stages"][name]["run_id"]).data.metrics["eval/num_prompts"] == 8  # left as it was
     summary = mlflow.artifacts.load_text(f"runs:/{reeval['pipeline_run_id']}/summary.md")
-    assert summary.count("yes, evaluated in") == 2
+    assert summary.count("reused, evaluated in") == 2
     from flows.compare import compare_rows
     from stages.core.recipe import load_recipe
 

@@ -301,8 +301,8 @@ FAULTS = [
      ("Resumes after shard 1 (log: `synthesize: resuming after shard 0 …`); the same rows, in the same order, and the "
      "same number of generated samples as an uninterrupted run.")),
     ("SIGKILL of the pipeline flow process during an SFT stage (general_sft after step 3, checkpoint at 2)",
-     "test_reliability_faults", ("The rerun skips the finished stages (r1_zero, synthesize: `unchanged since run …, "
-     "reusing its outputs`) and resumes general_sft from `checkpoint-2`; 6 steps, weights equal to an uninterrupted run; "
+     "test_reliability_faults", ("The rerun skips the finished stages (r1_zero, synthesize: `reused (unchanged since run …)`) "
+     "and resumes general_sft from `checkpoint-2`; 6 steps, weights equal to an uninterrupted run; "
      "a third run reuses all three.")),
     ("An exception inside a stage (any crash the process survives), `retries=1`", "test_reliability_faults",
      ("Prefect retries the task; the retry resumes from the last checkpoint exactly as a rerun does (new MLflow run, "

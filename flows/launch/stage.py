@@ -82,8 +82,9 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
 
 
 def run_local(stage, recipe, overrides, parent_run_id, inputs=None) -> dict:
-    """In this process, no subprocess: the registry's stage function on the validated recipe."""
+    """In this process, no subprocess: the registry's stage function on the validated recipe, reporting progress (bars
+    on a terminal, step lines in the log otherwise)."""
     fns = runnable()
     if stage not in fns:
         raise LaunchError(f"stage {stage!r} is not runnable; runnable stages: {list(fns)}")
-    return fns[stage](recipe_obj(recipe, overrides), inputs=inputs, parent_run_id=parent_run_id, progress=False)
+    return fns[stage](recipe_obj(recipe, overrides), inputs=inputs, parent_run_id=parent_run_id, progress=True)

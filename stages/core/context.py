@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from grpo import distributed, faults
-from stages.core import attempts, tracking
+from stages.core import attempts, console, tracking
 from stages.core.evaluate import evaluate
 from stages.core.heldout import heldout_problems
 from stages.core.lineage import EVAL_KEY_TAG, KEY_TAG, eval_key, register_model, stage_key
@@ -65,11 +66,22 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     tags = {KEY_TAG: key, EVAL_KEY_TAG: eval_key(key, recipe)} | {f"r1.input.{k}": v for k, v in inputs.items()}
     with attempts.work_lock(workdir, name), \
             tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
-        log.info("stage %s: MLflow run %s, work dir %s", name, run.info.run_id, workdir)
+        console.stage_started(name, run.info.run_id, workdir)
+        t0 = time.monotonic()
         attempts.begin(run.info.experiment_id, KEY_TAG, key, run.info.run_id)  # after a crash: takes over its steps
         distributed.broadcast(run.info.run_id)
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
         attempts.finish(run.info.run_id)
+        finished_line(recipe, name, run.info, time.monotonic() - t0)
+
+
+def finished_line(recipe: Recipe, name: str, info, seconds: float) -> None:
+    """The stage's end line on the console: time, held-out evaluation, link to its MLflow run."""
+    import mlflow
+
+    metrics = mlflow.get_run(info.run_id).data.metrics
+    console.stage_finished(name, seconds, metrics, console.run_url(console.ui_address(recipe.tracking),
+                                                                   info.experiment_id, info.run_id))
 
 
 def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = True,
@@ -120,7 +132,7 @@ def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", t
     mlflow.log_metrics(res.metrics(prefix))
     if table:
         mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
-    log.info("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
+    log.debug("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
     return res
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
+from stages.core import console
 from stages.core.recipe import EvalConfig
 from stages.core.tasks import Problem
 
@@ -52,7 +53,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     torch.manual_seed(cfg.seed)
     texts, lengths, greedy_texts = [], [], []
     with torch.no_grad():
-        for i in _progress(range(0, len(prompts), per_batch), progress, "evaluate"):
+        for i in console.progress_iter(range(0, len(prompts), per_batch), "evaluate", progress):
             r = backend.generate(prompts[i : i + per_batch], k, sampled)
             texts.extend(r.completions)
             lengths.extend(r.lengths.tolist())
@@ -84,10 +85,3 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
         samples=samples,
     )
 
-
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit="batch")

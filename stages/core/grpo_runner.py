@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from rewards import build_rewards
-from stages.core import tracking
+from stages.core import console, tracking
 from stages.core.configs import GRPOStageConfig
 from stages.core.context import StageContext, finish_with_model, stage_context
 from stages.core.data import load_problems, prompt_rows
@@ -51,10 +51,15 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     if ctx.main:
         tracking.log_dataset(rows, f"{ctx.name}-prompts", prompt_sources(cfg), "training")
         every = cfg.log_completions_every or max(1, grpo_cfg.total_steps // 4)
-        callbacks.append(CompletionsTable(ctx.run_id, every, grpo_cfg.total_steps, cfg.samples_to_log,
-                                          {name: weight for name, _, weight in rewards}))
-    trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=ctx.logger, output_dir=ckpt_dir,
-                          deepspeed_config=ds_config, progress=ctx.progress, callbacks=callbacks)
+        weights = {name: weight for name, _, weight in rewards}
+        callbacks += [CompletionsTable(ctx.run_id, every, grpo_cfg.total_steps, cfg.samples_to_log, weights),
+                      sample_printer(ctx, cfg, weights)]
+    logger = ctx.logger
+    if ctx.progress and not console.interactive():  # no terminal for the trainer's bar: step lines instead
+        logger = console.StepLogger(logger, console.StepLines(grpo_cfg.total_steps, ctx.name))
+    trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=logger, output_dir=ckpt_dir,
+                          deepspeed_config=ds_config, progress=ctx.progress and console.interactive(),
+                          callbacks=callbacks)
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         log.info("stage %s: resuming from %s", ctx.name, resume)
@@ -91,6 +96,26 @@ def prompt_sources(cfg: GRPOStageConfig) -> str:
     """The dataset source of a stage's prompts (preference RL mixes two)."""
     sources = [cfg.data] + ([cfg.general_data] if getattr(cfg, "general_share", 0) > 0 else [])
     return " + ".join(tracking.data_source_uri(s, "train") for s in sources)
+
+
+def sample_printer(ctx: StageContext, cfg: GRPOStageConfig, weights: dict[str, float], lines: int = 2,
+                   width: int = 160):
+    """A trainer callback: every ~fifth of the run, the step's first completion and its best one (when they differ),
+    each on one line truncated to `width`, at INFO. Off when `samples_to_log` is 0."""
+    every = max(1, cfg.grpo.total_steps // 5)
+    shown = min(lines, cfg.samples_to_log)
+
+    def show(step: int, rollout, rewards: dict[str, list[float]], advantages) -> None:
+        if not shown or step % every:
+            return
+        totals = [sum(weights[k] * v[i] for k, v in rewards.items()) for i in range(len(rollout.completions))]
+        picks = list(dict.fromkeys([0, max(range(len(totals)), key=totals.__getitem__)]))[:shown]
+        for i in picks:
+            text = " ".join(rollout.completions[i].split())  # one line
+            text = text if len(text) <= width else text[: width - 1] + "…"
+            log.info("%s step %d sample (reward %.2f): %s", ctx.name, step, totals[i], text)
+
+    return show
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
+from stages.core import console
 from stages.core.tasks import Problem
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,9 @@ class RejectionResult:
 
 def rejection_sample(sampler: RejectionSampler, target: int, progress: bool = True) -> RejectionResult:
     """Batches until `target` rows are kept or the prompts run out."""
-    from tqdm.auto import tqdm
-
     rows: list[dict] = []
     total = Counts()
-    bar = tqdm(total=target, desc="rejection sampling", unit="sample", disable=not progress)
+    bar = console.progress(target, "rejection sampling", progress, unit="sample")
     if target > 0:
         for _, kept, counts in sampler.batches():
             take = kept[: target - len(rows)]

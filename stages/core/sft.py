@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
+from stages.core import console
 from stages.core.config_base import Strict
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def collate(batch: Sequence[tuple[list[int], int]], pad_id: int):
 
 class SFTTrainer:
     def __init__(self, model, tokenizer, examples: Sequence[dict], cfg: SFTConfig, *, output_dir: str | Path | None = None,
-                 logger=None, deepspeed_config: dict | None = None, progress: bool = True):
+                 logger=None, deepspeed_config: dict | None = None, progress: bool = True, desc: str = "sft"):
         import torch
 
         from grpo.distributed import rank_and_world  # lazy: imports torch
@@ -132,7 +133,7 @@ class SFTTrainer:
 
         if not examples:
             raise ValueError("SFT needs at least one example")
-        self.cfg, self.tokenizer, self.progress = cfg, tokenizer, progress
+        self.cfg, self.tokenizer, self.progress, self.desc = cfg, tokenizer, progress, desc
         self.rank, self.world = rank_and_world()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.world}")
@@ -161,8 +162,6 @@ class SFTTrainer:
         return [self.data[i] for i in idx[self.rank * share : (self.rank + 1) * share]]
 
     def train(self, resume_from: str | Path | None = None) -> SFTResult:
-        from tqdm.auto import tqdm
-
         if resume_from == "latest":
             resume_from = self.training.latest()
         if resume_from:
@@ -171,8 +170,7 @@ class SFTTrainer:
         model = self.engine.module
         model.train()
         start, ema, history, stopped = time.perf_counter(), None, [], False
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step",
-                   disable=not self.progress or self.rank != 0)
+        bar = console.progress(self.total_steps, self.desc, self.progress and self.rank == 0, initial=self.step)
         while self.step < self.total_steps:
             if self.cfg.time_limit_seconds and time.perf_counter() - start > self.cfg.time_limit_seconds:
                 log.warning("SFT hit its %.0f s time limit at step %d of %d", self.cfg.time_limit_seconds, self.step,
@@ -196,8 +194,8 @@ class SFTTrainer:
             history.append(metrics)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 self.training.log_metrics(metrics, step=self.step)
+            bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", lr=f"{lr:.2g}")
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan")
             if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
             self.training.stop_if_non_finite(self.step, self.save)
