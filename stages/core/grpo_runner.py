@@ -12,7 +12,7 @@ from collections.abc import Callable
 from rewards import build_rewards
 from stages.core.configs import GRPOStageConfig
 from stages.core.context import StageContext, finish_with_model, stage_context
-from stages.core.data import load_problems, prompt_rows
+from stages.core.data import load_problems, prompt_rows, render_chat
 from stages.core.distributed import deepspeed_config
 from stages.core.lineage import resolve_input
 from stages.core.models import load_model_and_tokenizer, pick_device
@@ -46,6 +46,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:
         grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
+    rows = render_chat(rows, tokenizer)  # style chat: the model's chat template, now that its tokenizer is loaded
     trainer = GRPOTrainer(model, tokenizer, grpo_cfg, rows, rewards, logger=ctx.logger, output_dir=ckpt_dir,
                           deepspeed_config=ds_config, progress=ctx.progress)
     resume = latest_checkpoint(ckpt_dir)
@@ -59,7 +60,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
-    return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt.template)
+    return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt)
 
 
 def run_stage(stage: str, cfg: GRPOStageConfig, upstream: str, recipe: Recipe, inputs: dict | None,
