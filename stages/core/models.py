@@ -57,7 +57,7 @@ def hub_snapshot(model_id: str) -> Path:
     except Exception as e:  # huggingface_hub raises several types for a missing, gated or unreachable model
         if hub_offline():
             raise ModelInputError(
-                f"model {model_id!r} is not a local path, nor in the local cache, and HF_HUB_OFFLINE is set: download "
+                f"model {model_id!r} is not a local path and not in the local cache, and HF_HUB_OFFLINE is set: download "
                 f"it first with `huggingface-cli download {model_id}` where a network exists, or give its folder"
             ) from None
         raise ModelInputError(f"model {model_id!r} is not a local path, and the hub could not give it: {e}") from e

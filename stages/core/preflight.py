@@ -192,7 +192,8 @@ def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_templ
     try:
         path = check_model_dir(resolve_model_uri(uri), need_chat_template=need_chat_template)
     except ModelInputError as e:
-        hint = " (prompt.style is chat: the model's chat template makes the prompts)" if "chat template" in str(e) else ""
+        chat = _chat(recipe) and "chat template" in str(e)
+        hint = " (prompt.style is chat: the model's chat template makes the prompts)" if chat else ""
         return [f"{field}: {e}{hint}"]
     return _custom_code_problems(field, path, recipe.base_model.trust_remote_code)
 
