@@ -19,6 +19,7 @@ from rewards.parsing import ANSWER_CLOSE, ANSWER_OPEN, after_think
 log = logging.getLogger(__name__)
 
 Mode = Literal["answer", "full"]
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def response_text(completion: str, mode: Mode) -> str:
@@ -42,11 +43,21 @@ def _prepare_tokenizer(tokenizer, model):
     return tokenizer
 
 
-def _load(path: str | Path, device: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load(path: str | Path, device: str, dtype: str = "float32"):
+    """Any Hugging Face sequence-classification model folder with one label: safetensors only, no remote code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"reward model {str(path)!r} is not a model folder")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"reward model {path}: no *.safetensors weights (pickle weights are refused)")
+    labels = AutoConfig.from_pretrained(str(path), trust_remote_code=False).num_labels
+    if labels != 1:  # asking from_pretrained for one label would silently start a new, untrained head
+        raise ValueError(f"reward model {path} has num_labels={labels}; a reward model scores with one output")
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, trust_remote_code=False, use_safetensors=True
+        str(path), trust_remote_code=False, use_safetensors=True, dtype=getattr(torch, dtype)
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return model.to(device), _prepare_tokenizer(tokenizer, model)
@@ -70,10 +81,13 @@ class RewardModelScorer:
         batch_size: int = 16,
         max_length: int = 1024,
         device: str = "cpu",
+        dtype: str = "float32",
     ):
         response_text("", mode)  # validates mode before loading anything
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; known: {DTYPES}")
         self.path, self.mode, self.batch_size, self.max_length, self.device = (
             str(path),
             mode,
@@ -81,7 +95,7 @@ class RewardModelScorer:
             max_length,
             device,
         )
-        self.model, self.tokenizer = _load(path, device)
+        self.model, self.tokenizer = _load(path, device, dtype)
         self.model.eval()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and self.max_length > limit:  # keep the end of long texts within what the model was built for

@@ -35,7 +35,7 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     base_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])
     examples, problems, r1_uri = None, None, None
     if cfg.data is not None:
-        examples = load_cot_dataset(cfg.data, recipe.prompt.template, cfg.target_size)  # bad data fails here
+        examples = load_cot_dataset(cfg.data, recipe.prompt, cfg.target_size)  # bad data fails here
         stage_inputs = {"model": base_uri}  # the data set is named by the config, hence by the stage key
     else:
         r1_uri = resolve_input(recipe, inputs, "r1_zero_model", *UPSTREAM["r1_zero_model"])

@@ -84,14 +84,14 @@ def mix_counts(n_reasoning: int, n_general: int, share: float) -> tuple[int, int
 def mixed_rows(recipe: Recipe, cfg: PreferenceRLConfig) -> list[dict]:
     """Reasoning and general prompt rows (tagged `kind`), in the configured proportion, shuffled."""
 
-    template = recipe.prompt.template
     reasoning = general = []
     if cfg.general_share < 1:
         reasoning = [r | {"kind": REASONING}
-                     for r in prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), template, "r")]
+                     for r in prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt, "r")]
     if cfg.general_share > 0:
         general = [r | {"kind": GENERAL}
-                   for r in prompt_rows(load_problems(cfg.general_data, "train", seed=recipe.seed), template, "g")]
+                   for r in prompt_rows(load_problems(cfg.general_data, "train", seed=recipe.seed), recipe.prompt,
+                                         "g")]
     n_r, n_g = mix_counts(len(reasoning), len(general), cfg.general_share)
     rows = reasoning[:n_r] + general[:n_g]
     random.Random(recipe.seed).shuffle(rows)

@@ -114,8 +114,8 @@ def test_model_dir_checks_name_what_is_missing(tmp_path, mini_model_dir):
     assert check_model_dir(good, need_chat_template=True) == good
     with pytest.raises(ModelInputError, match="does not exist"):
         resolve_model_uri(str(tmp_path / "nope"))
-    with pytest.raises(ModelInputError, match="hub id"):
-        resolve_model_uri("Qwen/Qwen2.5-7B")
+    with pytest.raises(ModelInputError, match="not in the local cache, and HF_HUB_OFFLINE is set: download it"):
+        resolve_model_uri("no-such-org/no-such-model")  # conftest sets HF_HUB_OFFLINE=1
     bad = tmp_path / "bad"
     bad.mkdir()
     with pytest.raises(ModelInputError, match="config.json"):

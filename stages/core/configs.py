@@ -15,8 +15,9 @@ from stages.core.sft import SFTConfig
 class DataSource(Strict):
     """Where prompts come from: generated here (a task family), a local dataset, or a hub id (where a network exists).
 
-    Local datasets: a `save_to_disk` folder, or a .parquet / .jsonl / .json file. `columns` maps our names (question,
-    answer, task, metadata) to the dataset's own column names.
+    Local datasets: a `save_to_disk` folder, or a .parquet / .jsonl / .json (a list of rows) / .csv file. `columns`
+    maps our names (question, answer, task, metadata; messages or prompt as turns for a conversation; completion,
+    chosen, rejected) to the dataset's own column names. Hub ids honour HF_HUB_OFFLINE (the local cache only).
     """
 
     source: Literal["generated", "path", "hub"] = "generated"

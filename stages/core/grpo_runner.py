@@ -13,7 +13,7 @@ from rewards import build_rewards
 from stages.core import console, tracking
 from stages.core.configs import GRPOStageConfig
 from stages.core.context import StageContext, finish_with_model, stage_context
-from stages.core.data import load_problems, prompt_rows
+from stages.core.data import load_problems, prompt_rows, render_chat
 from stages.core.distributed import deepspeed_config
 from stages.core.lineage import resolve_input
 from stages.core.models import load_model_and_tokenizer, pick_device
@@ -47,6 +47,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     grpo_cfg = cfg.grpo
     if grpo_cfg.checkpoint_every is None:
         grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
+    rows = render_chat(rows, tokenizer)  # style chat: the model's chat template, now that its tokenizer is loaded
     callbacks = []
     if ctx.main:
         tracking.log_dataset(rows, f"{ctx.name}-prompts", prompt_sources(cfg), "training")
@@ -119,7 +120,7 @@ def sample_printer(ctx: StageContext, cfg: GRPOStageConfig, weights: dict[str, f
 
 
 def train_rows(recipe: Recipe, cfg: GRPOStageConfig) -> list[dict]:
-    return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt.template)
+    return prompt_rows(load_problems(cfg.data, "train", seed=recipe.seed), recipe.prompt)
 
 
 def run_stage(stage: str, cfg: GRPOStageConfig, upstream: str, recipe: Recipe, inputs: dict | None,

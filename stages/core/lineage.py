@@ -43,7 +43,9 @@ def stage_key(name: str, cfg: BaseModel, inputs: dict[str, str], recipe: Recipe)
     the content of the local data it reads. Not the evaluation settings (see `eval_key`)."""
     blob = json.dumps({"stage": name, "cfg": cfg.model_dump(mode="json"), "inputs": inputs,
                        "template": recipe.prompt.template, "language": recipe.prompt.target_language, "seed": recipe.seed, "code": code_version(),
-                       "data": data_digests(name, cfg, inputs, recipe)}, sort_keys=True)
+                       "data": data_digests(name, cfg, inputs, recipe)}
+                      # style chat: the chat template and system turn make the prompts (template keys stay as they were)
+                      | ({"chat": recipe.prompt.system} if recipe.prompt.style == "chat" else {}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
+
+from stages.core.data import hub_offline
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# what a model folder needs from the hub: configs, tokenizer, chat template, safetensors weights (never pickles)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
 class ModelInputError(ValueError):
@@ -32,12 +38,29 @@ def resolve_model_uri(uri: str) -> Path:
     path = Path(uri).expanduser()
     if path.exists():
         return path
-    if "/" in uri and not uri.startswith((".", "/", "~")) and uri.count("/") == 1:
-        raise ModelInputError(
-            f"model {uri!r} is not a local path; it looks like a hub id, and no hub is reachable from here. "
-            "Download the model to a directory and give its path."
-        )
+    if looks_like_hub_id(uri):
+        return hub_snapshot(uri)
     raise ModelInputError(f"model path {uri!r} does not exist")
+
+
+def looks_like_hub_id(uri: str) -> bool:
+    return not uri.startswith((".", "/", "~")) and bool(HUB_ID.fullmatch(uri))
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """The local folder of a hub model (downloaded where a network exists, else from the local cache): configs,
+    tokenizer and safetensors weights only."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # huggingface_hub raises several types for a missing, gated or unreachable model
+        if hub_offline():
+            raise ModelInputError(
+                f"model {model_id!r} is not a local path and not in the local cache, and HF_HUB_OFFLINE is set: download "
+                f"it first with `huggingface-cli download {model_id}` where a network exists, or give its folder"
+            ) from None
+        raise ModelInputError(f"model {model_id!r} is not a local path, and the hub could not give it: {e}") from e
 
 
 def check_model_dir(path: str | Path, need_chat_template: bool = False) -> Path:

@@ -23,10 +23,18 @@ from pathlib import Path
 
 from grpo.rewards_io import check_reward_funcs
 from rewards import build_rewards
-from stages.core.data import REQUIRED, load_cot_dataset, load_problems
+from stages.core.data import (
+    CONVERSATION,
+    REQUIRED,
+    chat_prompt,
+    hub_offline,
+    load_cot_dataset,
+    load_problems,
+    prompt_rows,
+)
 from stages.core.distributed import DISTRIBUTED_STAGES, REPO_ROOT
 from stages.core.lineage import RUN_ID, StageInputError
-from stages.core.models import ModelInputError, check_model_dir, load_tokenizer, resolve_model_uri
+from stages.core.models import ModelInputError, check_model_dir, load_tokenizer, looks_like_hub_id, resolve_model_uri
 from stages.core.order import check_stages
 from stages.core.recipe import Recipe
 from stages.core.tracking import TrackingError, check_tracking
@@ -145,7 +153,7 @@ def check_inputs(recipe: Recipe, inputs: dict[str, str]) -> list[str]:
         if not uri or _remote(uri):
             continue
         if key in MODEL_INPUTS:
-            problems += _model_problems(f"input {key}", uri, recipe)
+            problems += _model_problems(f"input {key}", uri, recipe, need_chat_template=_chat(recipe))
         elif not Path(uri).expanduser().exists():
             problems.append(f"input {key}: path {uri!r} does not exist")
     return problems
@@ -166,7 +174,14 @@ def check_other_models(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def _remote(uri: str) -> bool:
-    return uri.startswith(REMOTE_PREFIXES) or bool(RUN_ID.fullmatch(uri))
+    """Checked where it loads: a tracking-store URI, a run id, or a hub id while the hub is reachable (offline, a hub
+    id is checked here against the local cache)."""
+    hub = looks_like_hub_id(uri) and not Path(uri).expanduser().exists() and not hub_offline()
+    return uri.startswith(REMOTE_PREFIXES) or bool(RUN_ID.fullmatch(uri)) or hub
+
+
+def _chat(recipe: Recipe) -> bool:
+    return recipe.prompt.style == "chat"
 
 
 def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_template: bool = False) -> list[str]:
@@ -177,7 +192,9 @@ def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_templ
     try:
         path = check_model_dir(resolve_model_uri(uri), need_chat_template=need_chat_template)
     except ModelInputError as e:
-        return [f"{field}: {e}"]
+        chat = _chat(recipe) and "chat template" in str(e)
+        hint = " (prompt.style is chat: the model's chat template makes the prompts)" if chat else ""
+        return [f"{field}: {e}{hint}"]
     return _custom_code_problems(field, path, recipe.base_model.trust_remote_code)
 
 
@@ -233,11 +250,12 @@ def check_data(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def _missing_columns(field: str, src, have: list[str], required) -> list[str]:
-    name = {ours: src.columns.get(ours, ours) for ours in ("prompt", "completion", "question", "answer")}
-    if required == "cot":  # completion, and prompt or question + answer (stages.core.data.load_cot_dataset)
-        need = ["completion"] + ([] if name["prompt"] in have else ["question", "answer"])
-    else:
-        need = list(required)
+    name = {ours: src.columns.get(ours, ours) for ours in ("prompt", "completion", "question", "answer", "messages")}
+    if required == "cot":  # messages, or completion and prompt or question + answer (data.load_cot_dataset)
+        need = [] if name["messages"] in have else \
+            ["completion"] + ([] if name["prompt"] in have else ["question", "answer"])
+    else:  # a conversation stands in for the question (data.load_problems)
+        need = [c for c in required if c != "question" or not any(name[k] in have for k in CONVERSATION)]
     missing = [f"{name[c]!r}" + (f" (for {c})" if name[c] != c else "") for c in need if name[c] not in have]
     if not missing:
         return []
@@ -274,13 +292,21 @@ def dataset_columns(src) -> list[str] | None:
                         raise ValueError(f"{src.path}: the first row is not a JSON object")
                     return list(row)
         raise ValueError(f"{src.path}: the data set is empty")
+    if p.suffix == ".csv":
+        import csv
+
+        with p.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if not header:
+            raise ValueError(f"{src.path}: the data set is empty")
+        return header
     if p.suffix == ".json":
         if p.stat().st_size > 50_000_000:
             return None
         data = json.loads(p.read_text())
         rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
         return list(rows[0]) if rows and isinstance(rows[0], dict) else None
-    raise ValueError(f"{src.path}: expected a save_to_disk folder, .parquet, .jsonl or .json")
+    raise ValueError(f"{src.path}: expected a save_to_disk folder, .parquet, .jsonl, .json or .csv")
 
 
 # ---- launchers
@@ -342,17 +368,18 @@ def check_lengths(recipe: Recipe, stages: list[str]) -> list[str]:
     problems = []
     for stage in (s for s in stages if s in GRPO_STAGES):
         cfg = getattr(recipe, stage)
-        longest, prompt = _longest(tok, _stage_prompts(recipe, cfg.data))
+        longest, prompt = _longest(tok, _stage_prompts(recipe, cfg.data, tok))
         if longest > cfg.grpo.max_prompt_length:
             problems.append(f"{stage}.grpo.max_prompt_length: {cfg.grpo.max_prompt_length} tokens, but the longest "
                             f"prompt of {stage}.data is {longest} tokens ({prompt[:60]!r}...); raise it")
     cs = recipe.cold_start_sft
     if "cold_start_sft" in stages and cs.data is not None and cs.data.source == "path":
         try:
-            examples = load_cot_dataset(cs.data, recipe.prompt.template, cs.target_size)
+            examples = load_cot_dataset(cs.data, recipe.prompt, cs.target_size)
+            prompts = [chat_prompt(tok, e["messages"][:-1]) if "messages" in e else e["prompt"] for e in examples]
         except (ValueError, OSError):
-            return problems  # reported by check_data
-        longest, prompt = _longest(tok, [e["prompt"] for e in examples])
+            return problems  # reported by check_data (or check_base_model: no chat template)
+        longest, prompt = _longest(tok, prompts)
         if longest >= cs.sft.max_length:
             problems.append(f"cold_start_sft.sft.max_length: {cs.sft.max_length} tokens, but the longest prompt of "
                             f"cold_start_sft.data is {longest} tokens ({prompt[:60]!r}...); nothing would be left "
@@ -368,12 +395,12 @@ def _base_tokenizer_dir(recipe: Recipe) -> Path | None:
     return p if p.is_dir() else None
 
 
-def _stage_prompts(recipe: Recipe, src) -> list[str]:
+def _stage_prompts(recipe: Recipe, src, tok) -> list[str]:
     try:
-        problems = load_problems(src, "train", seed=recipe.seed)
+        rows = prompt_rows(load_problems(src, "train", seed=recipe.seed), recipe.prompt)
+        return [chat_prompt(tok, r["messages"]) if "messages" in r else r["prompt"] for r in rows]
     except (ValueError, OSError):
-        return []
-    return [recipe.prompt.template.format(question=p.question) for p in problems]
+        return []  # reported by check_data (or check_base_model: no chat template)
 
 
 def _longest(tok, texts: list[str]) -> tuple[int, str]:

@@ -78,10 +78,21 @@ class EvalConfig(Strict):
     seed: int = 1234
 
 
+R1_ZERO_SYSTEM = (  # DeepSeek-R1 paper, Table 1 (the R1-Zero template), as a system turn
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think> <answer> answer here </answer>.")
+
+
 class PromptConfig(Strict):
-    """How a problem becomes a prompt. `{question}` is replaced by the problem text."""
+    """How a problem becomes a prompt. style `template`: `{question}` in `template` is replaced by the problem text.
+    style `chat`: the row's turns (or its question as one user turn), after a `system` turn, through the model's chat
+    template (stages.core.data.chat_prompt)."""
 
     template: str = Field("User: {question}\nAssistant:", description="R1-Zero style template")
+    style: Literal["template", "chat"] = Field("template", description="template: `template`; chat: the chat template")
+    system: str | None = Field(R1_ZERO_SYSTEM, description="system turn of style chat (null: none)")
     target_language: str = Field("en", description="ISO 639-1 code of the language the CoT should be in")
 
     @model_validator(mode="after")

@@ -13,12 +13,12 @@ from stages.core.sft import SFTConfig, SFTTrainer
 
 def train_and_finish(ctx: StageContext, sft_cfg: SFTConfig, model, tok, examples: list[dict],
                      extra_outputs: dict | None = None) -> dict[str, str]:
-    """The SFT stages' common end: SFTTrainer on prompt/completion examples (resuming from the work dir's newest
+    """The SFT stages' common end: SFTTrainer on prompt/completion (or messages) examples (resuming from the work dir's newest
     checkpoint), then save, log and evaluate the model. Under a launcher's process group it trains with DeepSpeed
     (the recipe's `cluster.deepspeed_config`) on every rank; rank 0 logs."""
     import mlflow
 
-    examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    examples = [{k: e[k] for k in ("messages", "prompt", "completion") if k in e} for e in examples]
     trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=ctx.workdir / "checkpoints", logger=ctx.logger,
                          progress=ctx.progress, deepspeed_config=deepspeed_config(ctx.recipe))
     if sft_cfg.checkpoint_every is None:  # a few checkpoints, so a killed run resumes
