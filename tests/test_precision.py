@@ -116,9 +116,11 @@ def test_sft_step_in_bf16_on_cpu(tiny_model, tok, sft_data):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_grpo_step_in_fp16_autocast_on_cpu(tiny_model, tok, dataset):
-    """fp16: fp32 weights, the forward under autocast(fp16) (reference log-prob path), a GradScaler on the engine."""
-    trainer = trainer_for(tiny_model(tok), tok, dataset, precision="fp16")
+def test_grpo_step_in_fp16_autocast_on_cpu(tiny_model, tok, dataset, tmp_path):
+    """fp16: fp32 weights, the forward under autocast(fp16) (reference log-prob path), a GradScaler on the engine,
+    whose state a checkpoint keeps."""
+    model = tiny_model(tok)
+    trainer = trainer_for(model, tok, dataset, precision="fp16")
     policy = trainer.engine.module
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     assert trainer.engine.scaler is not None
@@ -126,6 +128,11 @@ def test_grpo_step_in_fp16_autocast_on_cpu(tiny_model, tok, dataset):
     assert math.isfinite(history[0]["loss"]) and history[0]["skipped_steps"] == 0
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    trainer.engine.scaler.update(1234.0)  # a scale no fresh scaler has
+    trainer.save(tmp_path / "ck")
+    resumed = trainer_for(model, tok, dataset, precision="fp16")
+    resumed.resume(tmp_path / "ck")
+    assert resumed.engine.scaler.get_scale() == 1234.0
 
 
 def test_deepspeed_config_follows_precision_and_micro_batches():
