@@ -260,3 +260,50 @@ def test_micro_batch_size_must_divide_each_ranks_minibatch():
     assert SFTConfig(batch_size=8, micro_batch_size=2).world_problems(2) == []
     assert SFTConfig(batch_size=8, micro_batch_size=4).world_problems(4)[0].startswith("micro_batch_size: 4")
 
+
+
+DEEPSPEED_ACCUMULATION = """
+import copy, json, os, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+from grpo.engine import DeepSpeedEngine, TorchEngine
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+x, y = torch.randn(8, 4), torch.randn(8, 1)
+file = json.load(open(sys.argv[1]))
+def run(micro):
+    m = copy.deepcopy(base)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    e = (TorchEngine(m, opt, sch, 1.0) if micro is None
+         else DeepSpeedEngine(m, opt, sch, 1.0, file, micro_batch_size=micro, accumulation=8 // micro))
+    norms, mb = [], micro or 8
+    for _ in range(3):
+        for s in range(0, 8, mb):
+            e.backward(((e.module(x[s:s + mb]) - y[s:s + mb]) ** 2).sum() / 8)  # each micro-batch's share
+        norms.append(e.step())
+    return norms, [p.detach() for p in e.module.parameters()]
+(n_ref, w_ref), (n_ds, w_ds) = run(None), run(2)
+assert all(abs(a - b) < 1e-6 for a, b in zip(n_ref, n_ds)), (n_ref, n_ds)
+assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(w_ref, w_ds))
+print("same updates")
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_accumulates_micro_batches_into_one_update(tmp_path):
+    """ZeRO-2 on one CPU process, 4 micro-batches per update (backward + step each, DeepSpeed updating at the
+    boundary only): the same three updates as plain torch on the whole batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(DS_DIR.parents[1])}
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_ACCUMULATION, str(DS_DIR / "zero2.json")], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0 and "same updates" in out.stdout, out.stderr[-3000:]
