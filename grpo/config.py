@@ -105,6 +105,19 @@ class GRPOConfig(BaseModel):
         4096, ge=1, description="positions per chunk of the log-softmax (bounds peak memory of the vocab projection)"
     )
 
+    # --- scale: precision, activation memory, micro-batches
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training and generation precision: bf16 casts the weights to bf16; fp16 keeps fp32 "
+        "weights and runs the forward under autocast(fp16) with loss scaling; DeepSpeed's bf16/fp16 sections follow it"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (less memory, more time)"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="completions per forward/backward on each rank; an update's minibatch is accumulated "
+        "over micro-batches (same gradient). None = one forward per minibatch"
+    )
+
     @field_validator("mu")
     @classmethod
     def _mu_positive(cls, v: int) -> int:
@@ -149,6 +162,8 @@ class GRPOConfig(BaseModel):
                 raise ValueError(
                     f"minibatch_size={self.minibatch_size} must divide prompts_per_step*num_generations={n}"
                 )
+        if problems := self.world_problems(1):  # one process: only micro_batch_size can fail here
+            raise ValueError("; ".join(problems))
         return self
 
     def world_problems(self, world: int, where: str = "") -> list[str]:
@@ -162,6 +177,11 @@ class GRPOConfig(BaseModel):
         if self.minibatch_size is not None and self.minibatch_size % world:
             out.append(f"minibatch_size: {self.minibatch_size} is not divisible by the {world} processes{where}; "
                        f"every rank takes an equal share of each minibatch")
+        per_rank = (self.minibatch_size or self.prompts_per_step * self.num_generations) // world
+        if self.micro_batch_size is not None and per_rank % self.micro_batch_size:
+            out.append(f"micro_batch_size: {self.micro_batch_size} does not divide the {per_rank} completions of a "
+                       f"minibatch per rank{where} (minibatch_size or prompts_per_step*num_generations, / {world} "
+                       "processes); each update accumulates whole micro-batches")
         return out
 
     @property

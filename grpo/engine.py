@@ -1,7 +1,8 @@
 """The optimiser side of training, behind one small interface, so the trainer has one code path:
 plain PyTorch (one process) or DeepSpeed ZeRO-2/3 (any number of ranks, CPU with gloo or GPUs).
 
-The trainer calls `backward(loss)` then `step() -> grad norm`; forward passes use `engine.module`.
+The trainer calls `backward(loss)` once per micro-batch, then `step() -> grad norm` once per optimiser update; forward
+passes use `engine.module`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,29 @@ def lr_lambda(warmup_steps: int, total_updates: int, schedule: str):
     return f
 
 
+def runtime_config(ds_config: dict, max_grad_norm: float | None, world: int, precision: str = "fp32",
+                   micro_batch_size: int | None = None, accumulation: int = 1) -> dict:
+    """A copy of a DeepSpeed config with what the loop sets (infra/deepspeed/README.md): clipping from max_grad_norm,
+    bf16/fp16 from the precision, and the batch keys. Without micro-batching one backward makes one update (the
+    loop's minibatch is one micro-batch); with it, `accumulation` micro-batches of `micro_batch_size` make one."""
+    cfg = copy.deepcopy(ds_config)
+    if micro_batch_size is None:
+        cfg.setdefault("train_micro_batch_size_per_gpu", 1)
+        cfg["gradient_accumulation_steps"] = 1
+        cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"] * world)
+    else:
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+        cfg["gradient_accumulation_steps"] = accumulation
+        cfg["train_batch_size"] = micro_batch_size * accumulation * world
+    # the config's max_grad_norm rules; DeepSpeed would otherwise clip at its own default of 1.0
+    cfg["gradient_clipping"] = max_grad_norm if max_grad_norm is not None else 0.0
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": precision == "fp16"}
+    if precision == "bf16":
+        cfg["bf16"].setdefault("check_grad_overflow", True)  # otherwise ZeRO applies NaN/inf bf16 updates
+    return cfg
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A reference model: a copy of the policy's current weights, never trained."""
     ref = copy.deepcopy(model)
@@ -45,32 +69,43 @@ class _SkipCounter:
     _loss_finite: bool = True
 
     def _note_loss(self, loss: torch.Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        """One micro-batch's loss: the update is skipped when any of its micro-batches' losses is not finite."""
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
 
     def _count(self, skipped: bool) -> None:
         self.last_skipped = skipped
         self.skipped_steps += int(skipped)
+        self._loss_finite = True  # the next update starts clean
 
 
 class TorchEngine(_SkipCounter):
-    """One process, plain torch.optim."""
+    """One process, plain torch.optim. Gradients of successive `backward` calls accumulate until `step`.
 
-    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None):
+    scaler: a GradScaler for fp16 (autocast) training: the loss is scaled before backward and the gradients unscaled
+    before clipping; an overflowing (inf/NaN) gradient skips the update and lowers the scale."""
+
+    def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None,
+                 scaler: torch.amp.GradScaler | None = None):
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
+        self.scaler = scaler
 
     def backward(self, loss: torch.Tensor) -> None:
         self._note_loss(loss)
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> float:
         """Clip and apply the gradients; a NaN/inf loss or gradient norm skips the update (and the scheduler step)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
         skip = not self._loss_finite or not math.isfinite(float(norm))
         if not skip:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer) if self.scaler is not None else self.optimizer.step()
             self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._count(skip)
         return float(norm)
@@ -97,11 +132,15 @@ class TorchEngine(_SkipCounter):
         torch.save(self.module.state_dict(), os.path.join(directory, "policy.pt"))
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        if self.scaler is not None:
+            torch.save(self.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
 
     def load(self, directory: str) -> None:
         self.module.load_state_dict(torch.load(os.path.join(directory, "policy.pt"), weights_only=True))
         self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt"), weights_only=True))
 
 
 class DeepSpeedEngine(_SkipCounter):
@@ -114,20 +153,13 @@ class DeepSpeedEngine(_SkipCounter):
     """
 
     def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict,
-                 model_parameters: list | None = None):
+                 model_parameters: list | None = None, precision: str = "fp32", micro_batch_size: int | None = None,
+                 accumulation: int = 1):
         """optimizer=None: DeepSpeed builds its own from the config's `optimizer` section over `model_parameters`, and
-        `scheduler` is then a callable optimizer -> scheduler."""
+        `scheduler` is then a callable optimizer -> scheduler. `ds_config` is not changed (see `runtime_config`)."""
         import deepspeed
 
-        cfg = copy.deepcopy(ds_config)
-        _, world = rank_and_world()
-        cfg.setdefault("train_micro_batch_size_per_gpu", 1)
-        cfg["gradient_accumulation_steps"] = 1  # one backward per optimiser update (minibatching is ours)
-        cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"] * world)
-        # GRPOConfig.max_grad_norm rules; DeepSpeed would otherwise clip at its own default of 1.0
-        cfg["gradient_clipping"] = max_grad_norm if max_grad_norm is not None else 0.0
-        if cfg.get("bf16", {}).get("enabled"):
-            cfg["bf16"].setdefault("check_grad_overflow", True)  # otherwise ZeRO applies NaN/inf bf16 updates
+        cfg = runtime_config(ds_config, max_grad_norm, rank_and_world()[1], precision, micro_batch_size, accumulation)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, model_parameters=model_parameters
         )
@@ -137,10 +169,15 @@ class DeepSpeedEngine(_SkipCounter):
         self._reference: torch.nn.Module | None = None  # ZeRO-3: the partitioned reference, built once
 
     def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch: its loss is already scaled to its share of the update (no 1/accumulation from DeepSpeed).
+        Inside an accumulation, DeepSpeed's `step` only advances its micro-step counter; `step()` below makes the
+        boundary's step, the only one that updates."""
         self._note_loss(loss)
-        if not self._loss_finite:
+        if not bool(torch.isfinite(loss.detach()).all()):
             loss = loss * float("nan")  # NaN gradients: ZeRO's overflow check skips the update on every rank
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self) -> float:
         if self.zero_stage == 0:

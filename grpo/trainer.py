@@ -146,6 +146,7 @@ class GRPOTrainer:
             model, cfg, self.total_updates, loop="GRPO", output_dir=output_dir, logger=logger,
             deepspeed_config=deepspeed_config, keep_checkpoints=cfg.keep_checkpoints,
             advice="Lower the learning rate, look for extreme rewards or data, or raise grpo.max_bad_steps.",
+            accumulation=self.local_minibatch // (cfg.micro_batch_size or self.local_minibatch),
         )
         self.engine = self.training.engine
         self.output_dir = self.training.output_dir
@@ -342,18 +343,21 @@ class GRPOTrainer:
     def logprobs(self, model, rollout: Rollout, rows: slice | torch.Tensor, with_entropy: bool = True):
         """(logp, entropy) of the completion tokens of `rows`, (n, T); 0 after each row's last completion token.
         Padding is not computed: the fast path's shared-prompt pass where it supports the model, else the model's
-        own forward in length buckets (grpo.logprobs.packed_completion_logprobs)."""
-        packed = shared_prompt_logprobs if use_fast_path(model) else packed_completion_logprobs
-        return packed(
-            model,
-            rollout.prompt_ids[rows],
-            rollout.prompt_mask[rows],
-            rollout.completion_ids[rows],
-            rollout.completion_mask[rows],
-            self.cfg.temperature,
-            self.cfg.logprob_chunk_size,
-            with_entropy=with_entropy,
-        )
+        own forward in length buckets (grpo.logprobs.packed_completion_logprobs). fp16 (fp32 weights under autocast)
+        takes the reference path: the fast path runs in its weights' dtype."""
+        off = "precision fp16 (fp32 weights under autocast)" if self.cfg.precision == "fp16" else None
+        packed = shared_prompt_logprobs if use_fast_path(model, off) else packed_completion_logprobs
+        with self.training.autocast():
+            return packed(
+                model,
+                rollout.prompt_ids[rows],
+                rollout.prompt_mask[rows],
+                rollout.completion_ids[rows],
+                rollout.completion_mask[rows],
+                self.cfg.temperature,
+                self.cfg.logprob_chunk_size,
+                with_entropy=with_entropy,
+            )
 
     @torch.no_grad()
     def frozen_logprobs(self, model, rollout: Rollout) -> torch.Tensor:
@@ -379,44 +383,70 @@ class GRPOTrainer:
 
         π_old is the policy that sampled the rollout: frozen log-probs when several updates reuse the rollout,
         otherwise the detached current ones (the same numbers, without a second forward pass).
+
+        Micro-batches: a minibatch of M rows is run as micro-batches of m rows (micro_batch_size), each backward
+        adding its share, one optimiser step per minibatch. Each micro-batch's loss L_k is scaled so that Σ_k of the
+        scaled losses is the minibatch's loss L, hence the same gradient:
+          sequence_mean  L = (1/M) Σ_i ℓ_i, with ℓ_i a sequence's token mean; grpo_loss gives L_k = (1/m) Σ_{i∈k} ℓ_i,
+                         so the share is (m/M) L_k = (1/M) Σ_{i∈k} ℓ_i.
+          token_mean     L = Σ_tokens / num_tokens; num_tokens is the minibatch's token count (mean over ranks, as
+                         without micro-batches), so L_k = Σ_{tokens∈k} / num_tokens is already its share.
+          dr_grpo        L = Σ_tokens / (M·max_len); grpo_loss gives Σ_{tokens∈k} / (m·max_len): the share is (m/M) L_k.
+        The update's diagnostics are the micro-batches' token-weighted means (the loss: their sum).
         """
         cfg = self.cfg
         policy = self.engine.module
         n, mb = rollout.completion_ids.shape[0], self.local_minibatch
+        micro = cfg.micro_batch_size or mb
         updates_per_rollout = cfg.mu * self.minibatches_per_rollout
         old_logp = self.frozen_logprobs(policy, rollout) if updates_per_rollout > 1 else None
         ref_logp = self.frozen_logprobs(self.reference, rollout) if cfg.beta > 0 else None
+        was_training = policy.training
+        policy.train(was_training or cfg.gradient_checkpointing)  # Hugging Face checkpoints only in training mode
 
         stats: dict[str, list[float]] = {}
         for _ in range(cfg.mu):
             for start in range(0, n, mb):
-                rows = slice(start, start + mb)
-                mask = rollout.completion_mask[rows]
-                t_forward = time.perf_counter()
-                logp, entropy = self.logprobs(policy, rollout, rows)
-                loss, s = grpo_loss(
-                    logp,
-                    old_logp[rows] if old_logp is not None else logp.detach(),
-                    advantages[rows],
-                    mask,
-                    logp_ref=ref_logp[rows] if ref_logp is not None else None,
-                    beta=cfg.beta,
-                    eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high,
-                    kl_estimator=cfg.kl_estimator,
-                    aggregation=cfg.loss_aggregation,
-                    max_len=cfg.max_completion_length,
-                    num_tokens=mean_over_ranks(mask.sum().float()) if cfg.loss_aggregation == "token_mean" else None,
-                )
-                self.add_time("forward", t_forward)
+                minibatch_mask = rollout.completion_mask[start : start + mb]
+                minibatch_tokens = minibatch_mask.sum().float()
+                num_tokens = mean_over_ranks(minibatch_tokens) if cfg.loss_aggregation == "token_mean" else None
+                update: dict[str, float] = {}
+                for micro_start in range(start, start + mb, micro):
+                    rows = slice(micro_start, micro_start + micro)
+                    mask = rollout.completion_mask[rows]
+                    t_forward = time.perf_counter()
+                    logp, entropy = self.logprobs(policy, rollout, rows)
+                    loss, s = grpo_loss(
+                        logp,
+                        old_logp[rows] if old_logp is not None else logp.detach(),
+                        advantages[rows],
+                        mask,
+                        logp_ref=ref_logp[rows] if ref_logp is not None else None,
+                        beta=cfg.beta,
+                        eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high,
+                        kl_estimator=cfg.kl_estimator,
+                        aggregation=cfg.loss_aggregation,
+                        max_len=cfg.max_completion_length,
+                        num_tokens=num_tokens,
+                    )
+                    if micro < mb and cfg.loss_aggregation != "token_mean":
+                        loss = loss * (mask.shape[0] / mb)  # this micro-batch's share (see the docstring)
+                    self.add_time("forward", t_forward)
+                    t_backward = time.perf_counter()
+                    self.engine.backward(loss)
+                    self.add_time("backward", t_backward)
+                    s["loss"] = loss.item()
+                    s["entropy"] = masked_mean(entropy, mask).item()
+                    weight = 1.0 if micro == mb else (mask.sum() / minibatch_tokens.clamp(min=1)).item()
+                    for k, v in s.items():
+                        update[k] = update.get(k, 0.0) + (v if k == "loss" else weight * v)
                 t_backward = time.perf_counter()
-                self.engine.backward(loss)
-                s["grad_norm"] = self.engine.step()
+                update["grad_norm"] = self.engine.step()
                 self.add_time("backward", t_backward)
-                s["loss"] = loss.item()
-                s["entropy"] = masked_mean(entropy, mask).item()
-                for k, v in s.items():
+                for k, v in update.items():
                     stats.setdefault(k, []).append(v)
+        policy.train(was_training)
         self.last_update_stats = stats  # every update's values (the returned dict holds means)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +34,7 @@ from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
 
 log = logging.getLogger(__name__)
-
+PRECISION_DETAIL = {"fp32": "fp32 weights", "bf16": "bf16 weights", "fp16": "fp32 weights, autocast fp16, loss scaling"}
 
 
 class NonFiniteError(RuntimeError):
@@ -52,31 +52,50 @@ class OptimizerSettings(Protocol):
     lr_schedule: str
     max_grad_norm: float | None
     max_bad_steps: int
+    precision: str  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool
+    micro_batch_size: int | None
 
 
 def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int,
-                 deepspeed_config: dict | None = None) -> TorchEngine | DeepSpeedEngine:
+                 deepspeed_config: dict | None = None, accumulation: int = 1) -> TorchEngine | DeepSpeedEngine:
     """AdamW (the config's lr, betas, weight decay) with warmup + constant/cosine LR over `total_updates`, behind plain
     torch on one process or DeepSpeed ZeRO on any number of ranks. A DeepSpeed config that offloads the optimizer or
-    has an `optimizer` section gets DeepSpeed's own optimizer (ZeRO-Offload refuses a torch one), with our settings."""
+    has an `optimizer` section gets DeepSpeed's own optimizer (ZeRO-Offload refuses a torch one), with our settings.
+    `accumulation`: micro-batches per update (DeepSpeed's gradient_accumulation_steps); fp16 on plain torch gets a
+    GradScaler."""
     _, world = rank_and_world()
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(cfg.warmup_steps, total_updates, cfg.lr_schedule)
+    batching = {"precision": cfg.precision, "micro_batch_size": cfg.micro_batch_size, "accumulation": accumulation}
     if deepspeed_config is not None and deepspeed_builds_optimizer(deepspeed_config):
         ds = copy.deepcopy(deepspeed_config)
         section = ds.setdefault("optimizer", {"type": "AdamW"})
         section.setdefault("params", {}).update(lr=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
                                                 weight_decay=cfg.weight_decay)
         return DeepSpeedEngine(model, None, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                               cfg.max_grad_norm, ds, model_parameters=params)
+                               cfg.max_grad_norm, ds, model_parameters=params, **batching)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if deepspeed_config is not None:
-        return DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config)
+        return DeepSpeedEngine(model, optimizer, scheduler, cfg.max_grad_norm, deepspeed_config, **batching)
     if world > 1:
         raise ValueError("world size > 1 needs a deepspeed_config (ZeRO-2/3)")
-    return TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm)
+    device = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device) if cfg.precision == "fp16" else None
+    return TorchEngine(model, optimizer, scheduler, cfg.max_grad_norm, scaler)
+
+
+def prepare_model(model: torch.nn.Module, cfg: OptimizerSettings) -> torch.nn.Module:
+    """The model as the loop trains it: bf16 casts the weights (AdamW then keeps its states in bf16, as torch does);
+    fp32 and fp16 keep fp32 weights (fp16 runs the forward under `autocast`). Gradient checkpointing is Hugging
+    Face's, non-reentrant; the fast path's training pass honours the same per-layer flag (grpo.fast.shared_prompt)."""
+    if cfg.precision == "bf16":
+        model.to(torch.bfloat16)
+    if cfg.gradient_checkpointing:  # the name every transformers 5.x has (later ones alias activation_checkpointing_*)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def deepspeed_builds_optimizer(ds_config: dict) -> bool:
@@ -110,22 +129,34 @@ class Training:
     """The engine of one loop plus its bookkeeping: bad steps in a row, checkpoints in `output_dir`, metric logging.
 
     loop: the loop's name in messages ("GRPO", "SFT") and its fault-point kind (lower case); advice: what to look at
-    when the loss goes non-finite (the loop's own config field names). The `random` module's state at construction
-    becomes the loop's python stream (seed it before).
+    when the loss goes non-finite (the loop's own config field names); accumulation: micro-batches per update. The
+    `random` module's state at construction becomes the loop's python stream (seed it before).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int, *, loop: str,
                  output_dir: str | Path | None = None, logger: MetricLogger | None = None,
-                 deepspeed_config: dict | None = None, keep_checkpoints: int | None = None, advice: str = ""):
+                 deepspeed_config: dict | None = None, keep_checkpoints: int | None = None, advice: str = "",
+                 accumulation: int = 1):
         self.rank, self.world = rank_and_world()
         self.cfg, self.loop, self.advice = cfg, loop, advice
-        self.engine = build_engine(model, cfg, total_updates, deepspeed_config)
+        self.engine = build_engine(prepare_model(model, cfg), cfg, total_updates, deepspeed_config, accumulation)
+        log.info("%s: precision %s (%s), %s engine, %s, gradient checkpointing %s", loop, cfg.precision,
+                 PRECISION_DETAIL[cfg.precision], type(self.engine).__name__.removesuffix("Engine"),
+                 f"{accumulation} micro-batches of {cfg.micro_batch_size} per update" if cfg.micro_batch_size
+                 else "one forward per update", "on" if cfg.gradient_checkpointing else "off")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.logger = logger or NullLogger()
         self.keep_checkpoints = keep_checkpoints
         self.bad_in_a_row = 0  # consecutive steps with at least one skipped (non-finite) update
         self._skipped_before = 0
         self._python = random.getstate()  # the loop's own `random` stream (python_random), as the caller seeded it
+
+    def autocast(self):
+        """The context of the loop's forward passes: autocast(fp16) for fp16 on plain torch (DeepSpeed's fp16 casts
+        the model itself), nothing otherwise."""
+        if self.cfg.precision != "fp16" or not isinstance(self.engine, TorchEngine):
+            return nullcontext()
+        return torch.autocast(next(self.engine.module.parameters()).device.type, dtype=torch.float16)
 
     # ---- the loop's python RNG
     @contextmanager

@@ -159,7 +159,7 @@ def test_offload_config_gets_deepspeeds_optimizer_with_the_stage_settings(monkey
     seen = {}
 
     class FakeDeepSpeedEngine:
-        def __init__(self, model, optimizer, scheduler, max_grad_norm, ds_config, model_parameters=None):
+        def __init__(self, model, optimizer, scheduler, max_grad_norm, ds_config, model_parameters=None, **batching):
             seen.update(optimizer=optimizer, scheduler=scheduler, ds=ds_config, params=model_parameters)
 
     monkeypatch.setattr(training, "DeepSpeedEngine", FakeDeepSpeedEngine)

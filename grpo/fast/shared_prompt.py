@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from grpo.fast.decoder import distinct_prompts
 from grpo.fast.ops import (
@@ -50,6 +51,15 @@ def attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, d
     return x.view(n, L, H), (k, v)
 
 
+def run_layer(layer, *args):
+    """`attend(layer, *args)`, under non-reentrant activation checkpointing where the Hugging Face forward would
+    checkpoint this decoder layer (its `gradient_checkpointing` flag, set by `gradient_checkpointing_enable`) and a
+    backward will follow: the layer's activations are recomputed in the backward pass instead of kept."""
+    if torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False):
+        return checkpoint(attend, layer, *args, use_reentrant=False)
+    return attend(layer, *args)
+
+
 def prompt_pass(model, prompts, prompt_mask, fused, rotary):
     """Each distinct left-padded prompt (u, P) once (positions skip the padding; a padding query attends to itself).
     Returns every layer's prompt (keys, values) and the final hidden state of the last prompt token, which predicts
@@ -65,7 +75,7 @@ def prompt_pass(model, prompts, prompt_mask, fused, rotary):
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     prompt_kv = []
     for layer, fw in zip(base.layers, fused):
-        x, kv = attend(layer, fw, x, cos, sin, None, None, mask, dims)
+        x, kv = run_layer(layer, fw, x, cos, sin, None, None, mask, dims)
         prompt_kv.append(kv)
     return prompt_kv, base.norm(x[:, -1])
 
@@ -84,7 +94,7 @@ def completion_pass(model, ids, start, prompt_kv, prompt_of_row, prompt_keys_ok,
     keys_ok = grouped_mask(allowed, dims[0], dims[1], base.embed_tokens.weight.dtype)
     x = base.embed_tokens(ids)
     for layer, fw, (pk, pv) in zip(base.layers, fused, prompt_kv):
-        x, _ = attend(layer, fw, x, cos, sin, pk[prompt_of_row], pv[prompt_of_row], keys_ok, dims)
+        x, _ = run_layer(layer, fw, x, cos, sin, pk[prompt_of_row], pv[prompt_of_row], keys_ok, dims)
     return base.norm(x)
 
 

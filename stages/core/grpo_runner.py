@@ -68,7 +68,8 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
     if history and ctx.main:
         last = history[-min(len(history), 10):]
         mlflow.log_metrics({f"train_final/{k}": sum(h[k] for h in last) / len(last) for k in last[0]})
-    return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)
+    with trainer.training.autocast():  # the evaluation runs in the stage's precision (bf16: the weights already are)
+        return finish_with_model(ctx, trainer.engine.module, tokenizer, save=trainer.save_model)
 
 
 class CompletionsTable:

@@ -331,10 +331,7 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
             if s in GRPO_STAGES:  # prompts and minibatches: the trainer's own check
                 problems += [f"{s}.grpo.{p}" for p in cfg.grpo.world_problems(world, f" of cluster ({c.nodes} node(s))")]
                 continue
-            field, n = f"{s}.sft.batch_size", cfg.sft.batch_size
-            if n % world:
-                problems.append(f"{field}: {n} is not divisible by the {world} processes of cluster ({c.nodes} "
-                                f"node(s)); every rank takes an equal share")
+            problems += [f"{s}.sft.{p}" for p in cfg.sft.world_problems(world, f" of cluster ({c.nodes} node(s))")]
     return problems
 
 

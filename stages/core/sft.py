@@ -45,12 +45,31 @@ class SFTConfig(Strict):
     time_limit_seconds: float | None = Field(None, gt=0, description="safety cap; stopping early is logged")
     max_bad_steps: int = Field(3, ge=1, description="steps in a row with a NaN/inf loss or gradient (skipped) before "
                                "the run stops")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: weights in bf16; fp16: fp32 weights, autocast(fp16) forward, loss scaling; "
+        "DeepSpeed's bf16/fp16 sections follow it")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
+    micro_batch_size: int | None = Field(None, ge=1, description="examples per forward/backward on each rank; a "
+                                         "step's batch is accumulated over micro-batches. None = the whole batch")
 
     @model_validator(mode="after")
     def _warmup_fits(self):
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if problems := self.world_problems(1):
+            raise ValueError("; ".join(problems))
         return self
+
+    def world_problems(self, world: int, where: str = "") -> list[str]:
+        """What keeps the batch from splitting over `world` ranks and each rank's share into whole micro-batches."""
+        if self.batch_size % world:
+            return [(f"batch_size: {self.batch_size} is not divisible by the {world} processes{where}; every rank "
+                    "takes an equal share")]
+        per_rank = self.batch_size // world
+        if self.micro_batch_size is not None and per_rank % self.micro_batch_size:
+            return [(f"micro_batch_size: {self.micro_batch_size} does not divide the {per_rank} examples of a batch "
+                    f"per rank{where} (batch_size {self.batch_size} / {world} processes)")]
+        return []
 
 
 @dataclass
@@ -135,16 +154,18 @@ class SFTTrainer:
             raise ValueError("SFT needs at least one example")
         self.cfg, self.tokenizer, self.progress, self.desc = cfg, tokenizer, progress, desc
         self.rank, self.world = rank_and_world()
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.world}")
+        if problems := cfg.world_problems(self.world):
+            raise ValueError("; ".join(problems))
         self.data = tokenize_examples(tokenizer, examples, cfg.max_length)
         self.batch_size = min(cfg.batch_size, len(self.data) - len(self.data) % self.world or self.world)
         self.batches_per_epoch = max(1, len(self.data) // self.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
         torch.manual_seed(cfg.seed)
+        per_rank = self.batch_size // self.world
         self.training = Training(model, cfg, self.total_steps, loop="SFT", output_dir=output_dir, logger=logger,
                                  deepspeed_config=deepspeed_config,
-                                 advice="Lower the learning rate, look for broken examples, or raise sft.max_bad_steps.")
+                                 advice="Lower the learning rate, look for broken examples, or raise sft.max_bad_steps.",
+                                 accumulation=math.ceil(per_rank / (cfg.micro_batch_size or per_rank)))
         self.engine, self.output_dir = self.training.engine, self.training.output_dir
         self.step = 0
         self._order_epoch, self._order = None, []
@@ -180,9 +201,8 @@ class SFTTrainer:
             t0 = time.perf_counter()
             input_ids, labels, attn = collate(self._batch(self.step), self.tokenizer.pad_token_id)
             self.training.start_step()
-            loss, loss_value = self._loss(model, input_ids, labels, attn)
             lr = self.engine.lr()
-            self.engine.backward(loss)
+            loss_value = self._backward(model, input_ids, labels, attn)
             grad_norm = self.engine.step()
             self.step += 1
             self.training.end_step()
@@ -204,20 +224,32 @@ class SFTTrainer:
         model.eval()
         return SFTResult(self.step, float(ema or 0.0), time.perf_counter() - start, stopped, history)
 
-    def _loss(self, model, input_ids, labels, attn):
-        """(the loss to backpropagate, the whole batch's loss as a float): the mean over the label tokens of the whole
-        batch on any number of ranks. Each rank divides its token sum by the mean token count per rank and DeepSpeed
-        averages the gradients over ranks, so N ranks take the step one process takes on the whole batch."""
+    def _backward(self, model, input_ids, labels, attn) -> float:
+        """Backpropagate the batch's loss, the mean over the label tokens of the whole batch on any number of ranks, in
+        micro-batches of micro_batch_size rows; returns that loss as a float. Each micro-batch's loss is its token sum
+        divided by the batch's token count (on N ranks: the mean count per rank, DeepSpeed averaging the gradients
+        over ranks), so the micro-batches' gradients add up to the whole batch's, and N ranks take the step one
+        process takes on the whole batch."""
         dev = next(model.parameters()).device
         inputs = {"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev), "labels": labels.to(dev)}
-        if self.world == 1:
-            loss = model(**inputs).loss
-            return loss, loss.item()
+        micro = self.cfg.micro_batch_size
+        if self.world == 1 and micro is None:
+            with self.training.autocast():
+                loss = model(**inputs).loss
+            self.engine.backward(loss)
+            return loss.item()
         from grpo.distributed import mean_over_ranks  # lazy: imports torch
 
-        tokens = mean_over_ranks((labels[:, 1:] != -100).sum().float().to(dev))
-        loss = model(**inputs, num_items_in_batch=tokens).loss
-        return loss, mean_over_ranks(loss.detach()).item()
+        tokens = (labels[:, 1:] != -100).sum().float().to(dev)
+        tokens = mean_over_ranks(tokens) if self.world > 1 else tokens
+        total = 0.0
+        for start in range(0, len(input_ids), micro or len(input_ids)):
+            with self.training.autocast():
+                loss = model(**{k: v[start : start + micro] for k, v in inputs.items()} if micro else inputs,
+                             num_items_in_batch=tokens).loss
+            self.engine.backward(loss)
+            total = total + loss.detach()
+        return (mean_over_ranks(total) if self.world > 1 else total).item()
 
     def save_model(self, directory: str | Path) -> None:
         """The model as a `save_pretrained` directory (safetensors) with its tokenizer; ZeRO-3 shards are gathered

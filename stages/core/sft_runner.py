@@ -29,4 +29,5 @@ def train_and_finish(ctx: StageContext, sft_cfg: SFTConfig, model, tok, examples
                             "sft_final/seconds": res.seconds, "sft_final/examples": len(examples)})
         if res.stopped_early:
             mlflow.set_tag("r1.sft.stopped_early", f"time limit at step {res.steps}")
-    return finish_with_model(ctx, trainer.engine.module, tok, extra_outputs=extra_outputs, save=trainer.save_model)
+    with trainer.training.autocast():  # the evaluation runs in the stage's precision (bf16: the weights already are)
+        return finish_with_model(ctx, trainer.engine.module, tok, extra_outputs=extra_outputs, save=trainer.save_model)
