@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
 from grpo.faults import fault_point
 from grpo.logging import NullLogger
-from stages.core.config_base import Strict
+from stages.core.config_base import MAX_TOKENS, Strict
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class SFTConfig(Strict):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8, description="tokens of prompt + completion; longer completions are cut")
+    max_length: int = Field(256, ge=8, le=MAX_TOKENS, description="tokens of prompt + completion; longer completions are cut")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding); off = random")
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
