@@ -287,7 +287,8 @@ def parse_yaml(text: str, where: str):
     try:
         return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where} is not valid YAML: {cut(str(e), 2 * MAX_SHOWN)}") from None
+        detail = str(e).replace('in "<unicode string>", ', '')
+        raise RecipeError(f"{where} is not valid YAML: {cut(detail, 2 * MAX_SHOWN)}") from None
     except RecursionError:
         raise RecipeError(f"{where}: nested too deeply") from None
 
