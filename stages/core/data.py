@@ -16,6 +16,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+from stages.core.config_base import expand_path
 from stages.core.configs import DataSource
 from stages.core.tasks import Problem, make_problems
 
@@ -66,7 +67,7 @@ def read_dataset(src: DataSource, what: str = "dataset"):
         return datasets.load_dataset(path, split=src.split)
     if src.source != "path":
         raise DataInputError(f"{what} must be a data set (source: path or hub), not source={src.source}")
-    p = Path(path)
+    p = expand_path(path)
     if not p.exists():
         raise DataInputError(f"{what} path {path!r} does not exist")
     if p.is_dir():
@@ -76,10 +77,12 @@ def read_dataset(src: DataSource, what: str = "dataset"):
                 raise DataInputError(f"{what} {path}: no split {src.split!r} (splits: {list(ds)})")
             ds = ds[src.split]
         return ds
-    if p.suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(p), split="train")
-    if p.suffix in (".jsonl", ".json"):
-        return datasets.load_dataset("json", data_files=str(p), split="train")
+    if p.suffix in (".parquet", ".jsonl", ".json"):
+        try:
+            return datasets.load_dataset(p.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(p),
+                                         split="train")
+        except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types for a malformed file
+            raise DataInputError(f"{what} {path}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from None
     raise DataInputError(f"{what} {path!r}: expected a save_to_disk folder, .parquet, .jsonl or .json")
 
 
@@ -95,6 +98,9 @@ def _read_rows(src: DataSource) -> list[dict]:
 
 
 def _to_problem(row: dict, src: DataSource, i: int) -> Problem:
+    empty = [c for c in REQUIRED if row[c] is None]
+    if empty:  # str(None) would train on the prompt "None"
+        raise DataInputError(f"dataset {src.path}: row {i} has no value (null) for {', '.join(map(repr, empty))}")
     meta = row.get("metadata")
     return Problem(question=str(row["question"]), answer=str(row["answer"]), task=str(row.get("task") or "math"),
                    metadata=meta if isinstance(meta, str) else json.dumps(meta or {}, default=str))
