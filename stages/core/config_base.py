@@ -17,6 +17,7 @@ def expand_path(path: str | Path) -> Path:
 
 MAX_TOKENS = 1 << 20  # prompt/completion lengths: beyond any model's context
 MAX_GENERATIONS = 1024  # completions sampled per prompt (R1 samples 16)
+MAX_SEED = 2**32 - 1  # what every RNG takes (torch's manual_seed fails late beyond 64 bits)
 
 UserPath = Annotated[str, AfterValidator(lambda p: os.path.expanduser(p))]  # a recipe path, `~` expanded at load
 

@@ -128,7 +128,7 @@ def _has_chat_template(path: Path) -> bool:
     if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
         return True
     cfg = path / "tokenizer_config.json"
-    return cfg.exists() and bool(json.loads(cfg.read_text()).get("chat_template"))
+    return cfg.exists() and bool(read_json_mapping(cfg).get("chat_template"))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

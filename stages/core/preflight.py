@@ -276,9 +276,9 @@ def _custom_code_problems(field: str, path: Path, trusted: bool) -> list[str]:
     for name in ("config.json", "tokenizer_config.json"):
         f = path / name
         try:
-            auto_map = json.loads(f.read_text()).get("auto_map") if f.exists() else None
-        except (OSError, json.JSONDecodeError):
-            continue
+            auto_map = read_json_mapping(f).get("auto_map") if f.exists() else None
+        except ModelInputError as e:
+            return [f"{field}: {e}"]
         if auto_map:
             return [(f"{field}: {f} asks to run code shipped with the model (auto_map: {auto_map}); it is only run "
                     "when base_model.trust_remote_code is true: set it only for a model you trust")]
@@ -434,9 +434,9 @@ def _json_file_problems(field: str, path: str) -> list[str]:
     if not p.exists():
         return [f"{field}: {path} does not exist"]
     try:
-        json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{field}: {path} is not valid JSON ({e})"]
+        json.loads(p.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON
+        return [f"{field}: {path} is not valid JSON ({cut(str(e))})"]
     return []
 
 

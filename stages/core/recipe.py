@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from stages.core.config_base import MAX_GENERATIONS, MAX_TOKENS, ModelArch, Strict, UserPath, expand_path
+from stages.core.config_base import MAX_GENERATIONS, MAX_SEED, MAX_TOKENS, ModelArch, Strict, UserPath, expand_path
 from stages.core.configs import (
     ColdStartConfig,
     DistillConfig,
@@ -100,7 +100,7 @@ class EvalConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     batch_size: int = Field(64, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
 
 
 class PromptConfig(Strict):
@@ -205,7 +205,7 @@ def check_cron(cron: str) -> None:
 class Recipe(Strict):
     name: str = Field("tiny", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
                       description="names the registered models (r1-<name>-<stage>): letters, digits, . _ -")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     output_dir: UserPath = Field("runs", description="local working directory for checkpoints and intermediate files")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tracking: TrackingConfig = TrackingConfig()

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
 from grpo.faults import fault_point
 from grpo.logging import NullLogger
-from stages.core.config_base import MAX_TOKENS, Strict
+from stages.core.config_base import MAX_SEED, MAX_TOKENS, Strict
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SFTConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_length: int = Field(256, ge=8, le=MAX_TOKENS, description="tokens of prompt + completion; longer completions are cut")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding); off = random")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
     log_every: int = Field(10, ge=1)
     time_limit_seconds: float | None = Field(None, gt=0, description="safety cap; stopping early is logged")
