@@ -6,13 +6,19 @@ Every command takes a recipe: a preset name (`tiny`, `qwen2.5-7b`) or a YAML fil
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
+import click
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stages.core import console as r1_console
@@ -31,25 +37,71 @@ RECIPE_HELP = "recipe preset name (see `r1 presets`) or path to a YAML recipe"
 SET_HELP = "override a recipe value, e.g. --set eval.num_prompts=32 (repeatable)"
 
 
+OWN_PACKAGES = ("stages", "grpo", "flows", "rewards")  # an exception class defined here is an error raised on purpose
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show full tracebacks instead of short messages")):
+    DEBUG["on"] = debug
+
+
+def _fail(message: str, code: int = 2):
+    """Print an error (markup-safe: a value may hold `[` `]`) and exit."""
+    console.print(escape(message), style="red", highlight=False)
+    raise typer.Exit(code)
+
+
+def _handled(command):
+    """The tool's own errors (bad input, refusals) print one message and exit 2; anything else prints a short line
+    and the file holding its traceback, and exits 1. `r1 --debug ...` shows tracebacks instead."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as e:  # the one place every error reaches the user
+            if DEBUG["on"]:
+                raise
+            if type(e).__module__.split(".")[0] in OWN_PACKAGES:
+                _fail(str(e))
+            _fail(f"unexpected error: {type(e).__name__}: {_cut(str(e))}\nfull traceback: {_save_traceback(e)} "
+                  "(or rerun with r1 --debug ...)", code=1)
+
+    return run
+
+
+def _cut(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _save_traceback(e: BaseException) -> str:
+    text = "".join(traceback.format_exception(e))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{id(e):x}.txt"
+    for folder in (Path(".r1/logs"), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(could not be written)"
+
+
 def _overrides(sets: list[str] | None) -> dict:
-    out = {}
-    for s in sets or []:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set {s!r}: expected key=value")
-        key, value = s.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    # lazy: fast `r1 --help` (see top)
+    from stages.core.recipe import parse_sets
+
+    return parse_sets(sets)
 
 
 def _recipe(recipe: str, sets: list[str] | None):
     # lazy: fast `r1 --help` (see top)
-    from stages.core.recipe import RecipeError, load_recipe
+    from stages.core.recipe import load_recipe
 
-    try:
-        return load_recipe(recipe, _overrides(sets))
-    except RecipeError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    return load_recipe(recipe, _overrides(sets))
 
 
 QUIET_HELP = "print only warnings and the stage start/end lines"
@@ -63,6 +115,7 @@ def _logging(verbose: bool, quiet: bool = False) -> None:
 
 
 @app.command()
+@_handled
 def presets() -> None:
     """List the recipe presets shipped with the package."""
     # lazy: fast `r1 --help` (see top)
@@ -75,17 +128,19 @@ def presets() -> None:
 
 
 @app.command()
+@_handled
 def validate(recipe: str = typer.Argument(..., help=RECIPE_HELP),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
              show: bool = typer.Option(False, help="print the full validated recipe as YAML")) -> None:
     """Validate a recipe without running anything; a bad value is reported with its field."""
     cfg = _recipe(recipe, set)
-    console.print(f"[green]recipe {cfg.name!r} is valid[/green]")
+    console.print(f"recipe {cfg.name!r} is valid", style="green", highlight=False)
     if show:
         console.print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
 
 @app.command("base-model")
+@_handled
 def base_model_cmd(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
                    out: Path = typer.Option(Path("runs/base_model"), help="directory to save the model to"),
                    set: list[str] = typer.Option(None, "--set", help=SET_HELP),
@@ -95,8 +150,7 @@ def base_model_cmd(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     _logging(verbose)
     cfg = _recipe(recipe, set)
     if cfg.base_model.source != "build":
-        console.print("[red]base_model.source is 'pretrained': nothing to build[/red]")
-        raise typer.Exit(2)
+        _fail("base_model.source is 'pretrained': nothing to build")
     # lazy: fast `r1 --help` (see top)
     from stages.base_model import build_base_model
 
@@ -106,6 +160,7 @@ def base_model_cmd(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
 
 @app.command()
+@_handled
 def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs:/<id>/model, models:/name@alias)"),
              recipe: str = typer.Option("tiny", help=RECIPE_HELP),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
@@ -117,13 +172,9 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
     # lazy: fast `r1 --help` (see top)
     from stages.core.evaluate import evaluate as run_eval
     from stages.core.heldout import heldout_problems
-    from stages.core.models import ModelInputError, load_model_and_tokenizer
+    from stages.core.models import load_model_and_tokenizer
 
-    try:
-        m, tok = load_model_and_tokenizer(model, trust_remote_code=cfg.base_model.trust_remote_code)
-    except ModelInputError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    m, tok = load_model_and_tokenizer(model, trust_remote_code=cfg.base_model.trust_remote_code)
     res = run_eval(m, tok, heldout_problems(cfg), cfg.eval, cfg.prompt.template, cfg.prompt.target_language,
                    progress=True)
     table = Table("metric", "value", title=f"held-out evaluation of {model}")
@@ -133,6 +184,7 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
 
 
 @app.command()
+@_handled
 def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see README for the chain)"),
           recipe: str = typer.Option("tiny", "--config", "--recipe", help=RECIPE_HELP),
           input_model: str = typer.Option(None, "--input-model", help="model URI (runs:/<id>/model, a path, ...)"),
@@ -146,33 +198,32 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
     the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose, quiet)
     # lazy: fast `r1 --help` (see top)
-    from stages.core.order import check_stages
+    from stages.core.order import check_stages, inputs_of
     from stages.registry import runnable
 
     try:
         check_stages([name])
     except ValueError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(str(e))
     cfg = _recipe(recipe, set)
     given = {"model": input_model, "data": input_data}
+    known = sorted(inputs_of(cfg, name))
     for item in inputs or []:
         if "=" not in item:
-            raise typer.BadParameter(f"--input {item!r}: expected KEY=URI")
+            _fail(f"--input {item!r}: expected KEY=URI")
         key, uri = item.split("=", 1)
+        if key.strip() not in known:
+            _fail(f"--input {key.strip()!r}: stage {name} takes no such input; its inputs: {known}")
         given[key.strip()] = uri.strip()
-    # lazy: fast `r1 --help` (see top)
-    from stages.core.lineage import StageInputError
-
-    try:
-        out = runnable()[name](cfg, inputs={k: v for k, v in given.items() if v})
-    except StageInputError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    for key in ("model", "data"):
+        if given[key] and key not in known:
+            _fail(f"--input-{key}: stage {name} takes no {key} input; its inputs: {known}")
+    out = runnable()[name](cfg, inputs={k: v for k, v in given.items() if v})
     console.print_json(json.dumps(out))
 
 
 @app.command()
+@_handled
 def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
              stages: list[str] = typer.Option(None, "--stage", help="run only these stages (repeatable)"),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
@@ -195,8 +246,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         check_stages(force or [])
         preflight(cfg, stages or list(runnable()))  # before Prefect starts: every check that needs no model
     except ValueError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(str(e))
     configure_local_prefect()
     # lazy: fast `r1 --help` (see top)
     from flows.pipeline import r1_pipeline
@@ -208,6 +258,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
 
 @app.command()
+@_handled
 def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
        set: list[str] = typer.Option(None, "--set", help=SET_HELP),
        host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes both servers "
@@ -223,7 +274,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     from flows.servers import ServerError, local_servers, raise_on_signals, start, stop, wait_ready, watch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]binding to {host}: anyone who can reach it can use both servers (no "
+        console.print(f"[yellow]binding to {escape(host)}: anyone who can reach it can use both servers (no "
                       "authentication)[/yellow]")
     servers = local_servers(cfg.tracking.uri, host, prefect_port, mlflow_port,
                             cfg.tracking.artifact_location or "./mlartifacts")
@@ -246,7 +297,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         console.print(f"[red]{name} stopped (see its log); stopping the others[/red]")
         code = 1
     except ServerError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(escape(str(e)), style="red", highlight=False)
         code = 1
     except KeyboardInterrupt:
         console.print("stopping the servers")
@@ -257,6 +308,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
 
 @app.command()
+@_handled
 def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
           set: list[str] = typer.Option(None, "--set", help=SET_HELP),
           limit: int = typer.Option(None, help="at most this many flow runs at once (default: no limit)"),
@@ -275,8 +327,7 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         url = check_server()
         deployments = build_deployments(cfg, recipe, _overrides(set))
     except (ServeError, RecipeError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(str(e))
     for s in cfg.schedules:
         console.print(f"schedule: {s.flow} at '{s.cron}' ({s.timezone}){'' if s.active else ', paused'}",
                       highlight=False)
@@ -286,6 +337,7 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 
 
 @app.command()
+@_handled
 def compare(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
             stage: str = typer.Option(None, help="only runs of this stage"),
             pipeline_run: str = typer.Option(None, "--pipeline-run", help="only the stages of this pipeline run (full id)"),

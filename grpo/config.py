@@ -18,7 +18,7 @@ _warned_top_p = False
 class VLLMConfig(BaseModel):
     """vLLM colocated with the trainer: one engine per rank on that rank's GPU, weights synced from the policy."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="share of the GPU vLLM takes (weights + KV cache); training keeps the rest"
@@ -33,7 +33,7 @@ class VLLMConfig(BaseModel):
 
 
 class GRPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     # --- schedule: iterations x steps x mu
     prompts_per_step: int = Field(16, ge=1, description="B: prompts sampled per step (across all ranks)")

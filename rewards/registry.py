@@ -28,7 +28,7 @@ RewardFn = Callable[..., list]
 class RewardSpec(BaseModel):
     """One reward of a stage: which function, its weight in the sum, and its parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     weight: float = Field(1.0, allow_inf_nan=False)

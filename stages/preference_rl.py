@@ -159,7 +159,7 @@ def check_reward_model_inputs(cfg: PreferenceRLConfig) -> dict[str, str]:
         if uri is None or cfg.general_share == 0:
             continue
         try:
-            check_model_dir(resolve_model_uri(uri))
+            check_model_dir(resolve_model_uri(uri), causal_lm=False)  # a sequence classifier
         except ModelInputError as e:
             raise ModelInputError(f"preference_rl.{which}_model: {e}") from None
         given[which] = uri

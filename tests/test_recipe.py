@@ -36,7 +36,7 @@ def test_presets_validate():
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(RecipeError) as e:
         load_recipe("tiny", overrides)
-    assert f"  {field}:" in str(e.value)
+    assert f" {field}:" in str(e.value)
 
 
 def test_errors_name_the_file(tmp_path):

@@ -80,6 +80,15 @@ def model_dir(ws: Path, variant: str = "ok") -> str:
         cfg = json.loads((out / "tokenizer_config.json").read_text())
         cfg.pop("chat_template", None)
         (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    elif variant == "config_list":
+        (out / "config.json").write_text("[]")
+    elif variant == "not_causal":
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["architectures"] = ["Qwen2ForSequenceClassification"]
+        (out / "config.json").write_text(json.dumps(cfg))
+    elif variant == "truncated_weights":
+        for f in out.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     elif variant == "custom_code":
         cfg = json.loads((out / "config.json").read_text())
         cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
@@ -96,6 +105,19 @@ def data_file(ws: Path, drop: tuple[str, ...] = (), name: str = "prompts.jsonl")
             row = {"question": p.question, "answer": p.answer, "completion": " " + clean_trace(p)}
             f.write(json.dumps({k: v for k, v in row.items() if k not in drop}) + "\n")
     return str(path)
+
+
+def _recipe_file(ws: Path, text: str | bytes) -> None:
+    from stages.core.recipe import load_recipe
+
+    path = ws / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    load_recipe(path)
+
+
+def _data(ws: Path, name: str, text: str) -> dict:
+    (ws / name).write_text(text)
+    return {"r1_zero.data": {"source": "path", "path": str(ws / name)}}
 
 
 def _pretrained(ws: Path, variant: str = "ok") -> dict:
@@ -144,6 +166,38 @@ REFUSALS = [
     Refusal("template", "a prompt template without `{question}`", "recipe load",
             r"prompt: .*template must contain the placeholder \{question\}",
             lambda ws: _recipe(ws, **{"prompt.template": "Solve it.\nAssistant:"})),
+    Refusal("empty_recipe", "an empty recipe file (it would validate as the `tiny` preset)", "recipe load",
+            r"recipe file .*/recipe\.yaml is empty", lambda ws: _recipe_file(ws, "# nothing yet\n")),
+    Refusal("duplicate_key", "a key given twice (YAML keeps the last)", "recipe load",
+            r"duplicate key 'seed' \(first on line 1\)", lambda ws: _recipe_file(ws, "seed: 1\nname: x\nseed: 2\n")),
+    Refusal("alias_bomb", "a YAML alias bomb (300 bytes, gigabytes expanded)", "recipe load",
+            r"anchors and aliases \(&name, \*name\) are not allowed in a recipe",
+            lambda ws: _recipe_file(ws, "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n")),
+    Refusal("binary_recipe", "a recipe file that is not UTF-8 text", "recipe load",
+            r"recipe file .*/recipe\.yaml is not UTF-8 text \(byte 2", lambda ws: _recipe_file(ws, b"a:\xff\x00")),
+    Refusal("non_finite", "a non-finite number: `--set r1_zero.grpo.beta=.nan` (NaN > 0 is false: no KL)", "recipe load",
+            r"--set r1_zero\.grpo\.beta=nan: r1_zero\.grpo\.beta: nan is not a finite number",
+            lambda ws: _recipe(ws, **{"r1_zero.grpo.beta": float("nan")})),
+    Refusal("bool_as_number", "`true` where a number belongs: `seed: true`", "recipe load",
+            r"seed: Input should be a valid integer \(got True\)", lambda ws: _recipe(ws, seed=True)),
+    Refusal("absurd_size", "an absurd size: `r1_zero.grpo.num_generations: 1000000`", "recipe load",
+            r"r1_zero: grpo\.num_generations=1000000: at most 1024 completions per prompt",
+            lambda ws: _recipe(ws, **{"r1_zero.grpo.num_generations": 1_000_000})),
+    Refusal("recipe_name", "a recipe name MLflow's registry cannot take: `name: my/recipe:v2`", "recipe load",
+            r"name: String should match pattern", lambda ws: _recipe(ws, name="my/recipe:v2")),
+    Refusal("template_braces", "a template with other braces than `{question}`", "recipe load",
+            r"prompt: template: only \{question\} is filled in; \{answer\} would fail",
+            lambda ws: _recipe(ws, **{"prompt.template": "User: {question} {answer}\nAssistant:"})),
+    Refusal("bad_cron", "a schedule with a bad cron or time zone", "recipe load",
+            r"schedules\.0: cron '0 25 \* \* \*' is not a valid cron expression",
+            lambda ws: _recipe(ws, schedules=[{"flow": "pipeline", "cron": "0 25 * * *"}])),
+    Refusal("memory_store", "`tracking.uri: sqlite:///` (an in-memory store, lost)", "recipe load",
+            r"tracking\.uri: sqlite:/// needs a file path", lambda ws: _recipe(ws, **{"tracking.uri": "sqlite:///"})),
+    Refusal("tracking_scheme", "a tracking URI with an unknown scheme", "recipe load",
+            r"tracking\.uri: unknown scheme 'mlfow'", lambda ws: _recipe(ws, **{"tracking.uri": "mlfow://host"})),
+    Refusal("bad_set", "`--set` with invalid YAML", "`--set` parsing (CLI)",
+            r"--set r1_zero\.grpo\.beta=\[0\.1 is not valid YAML",
+            lambda ws: _cli(ws, ["validate", "tiny", "--set", "r1_zero.grpo.beta=[0.1"])),
     Refusal("no_recipe", "a recipe file that does not exist", "recipe load",
             r"recipe '.*/nope\.yaml' is neither a file nor a preset",
             lambda ws: __import__("stages.core.recipe").core.recipe.load_recipe(str(ws / "nope.yaml"))),
@@ -174,6 +228,38 @@ REFUSALS = [
     Refusal("missing_input", "a stage input path that does not exist: `r1 stage r1_zero --input-model /no/such/model`",
             "preflight (stage entry)", r"input model: model path '/no/such/model' does not exist",
             lambda ws: _stage("r1_zero", ws, {"model": "/no/such/model"})),
+    Refusal("unknown_input", "an input the stage does not take: `r1 stage r1_zero --input teacher=...`", "CLI",
+            r"--input 'teacher': stage r1_zero takes no such input; its inputs: \['model'\]",
+            lambda ws: _cli(ws, ["stage", "r1_zero", "--input", "teacher=/m"])),
+    Refusal("bad_run_uri", "a malformed `runs:/` URI", "preflight (before any MLflow run or work folder)",
+            r"input model: 'runs:/abc/model' is not a runs:/ URI",
+            lambda ws: _stage("r1_zero", ws, {"model": "runs:/abc/model"})),
+    Refusal("missing_run", "a run id that does not exist", "preflight (before any MLflow run or work folder)",
+            r"input model: '0{32}': no such run 0{32} in sqlite:///",
+            lambda ws: _stage("r1_zero", ws, {"model": "0" * 32})),
+    Refusal("context_too_long", "prompt + completion longer than the model's context", "preflight",
+            r"r1_zero\.grpo\.max_completion_length: 250 completion \+ 64 prompt tokens .* exceed the 256-token "
+            r"context", lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.grpo.max_completion_length": 250})),
+    Refusal("not_causal", "a model whose config is not a causal LM (it would load with random weights)", "preflight",
+            r"base_model\.path: .*/config\.json: architecture Qwen2ForSequenceClassification is not a causal language "
+            "model", lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "not_causal"))),
+    Refusal("config_not_mapping", "a model `config.json` that is not a JSON object", "preflight",
+            r"base_model\.path: .*/config\.json must hold a JSON object \(got list\)",
+            lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "config_list"))),
+    Refusal("truncated_weights", "truncated safetensors weights", "preflight (header only, no weights read)",
+            r"base_model\.path: .*\.safetensors is not a readable safetensors file",
+            lambda ws: _pipeline(["base_model"], ws, **_pretrained(ws, "truncated_weights"))),
+    Refusal("truncated_data", "a JSONL data set whose last line is cut off", "preflight",
+            r"r1_zero\.data\.path: .*/cut\.jsonl: line 2 is not valid JSON .*a truncated file",
+            lambda ws: _pipeline(["r1_zero"], ws, **_data(ws, "cut.jsonl", '{"question": "1+1", "answer": "2"}\n'
+                                                                         '{"question": "2+'))),
+    Refusal("null_question", "a data row whose question is null (it would train on the text `None`)", "preflight",
+            r"r1_zero\.data\.path: .*/null\.jsonl: line 2 has no value \(null\) for 'question'",
+            lambda ws: _pipeline(["r1_zero"], ws, **_data(ws, "null.jsonl", '{"question": "1+1", "answer": "2"}\n'
+                                                                          '{"question": null, "answer": "3"}\n'))),
+    Refusal("rows_object", "a JSON object where a list of rows was expected", "preflight",
+            r"r1_zero\.data\.path: .*/obj\.json: expected a JSON list of rows",
+            lambda ws: _pipeline(["r1_zero"], ws, **_data(ws, "obj.json", '{"question": "1+1", "answer": "2"}'))),
     Refusal("missing_data", "a data set path that does not exist", "preflight",
             r"r1_zero\.data\.path: data set '.*/nope\.jsonl' does not exist",
             lambda ws: _pipeline(["r1_zero"], ws, **{"r1_zero.data": {"source": "path", "path": str(ws / "nope.jsonl")}})),

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from grpo.config import GRPOConfig
 from rewards.registry import RewardSpec
-from stages.core.config_base import ModelArch, Strict
+from stages.core.config_base import MAX_GENERATIONS, MAX_TOKENS, ModelArch, Strict, UserPath
 from stages.core.sft import SFTConfig
 
 
@@ -23,7 +23,7 @@ class DataSource(Strict):
     source: Literal["generated", "path", "hub"] = "generated"
     task: str = Field("addition", description="task family when source=generated (stages.core.tasks)")
     max_digits: int = Field(2, ge=1, le=6)
-    path: str | None = Field(None, description="dataset folder/file (source=path) or hub id (source=hub)")
+    path: UserPath | None = Field(None, description="dataset folder/file (source=path) or hub id (source=hub)")
     split: str = Field("train", description="split name for hub datasets")
     columns: dict[str, str] = Field(default_factory=dict, description="our column name -> dataset column name")
     num_prompts: int = Field(2000, ge=1, description="prompts drawn from the source")
@@ -47,10 +47,24 @@ class GRPOStageConfig(Strict):
                                   max_completion_length=64, max_prompt_length=64, learning_rate=1e-3,
                                   beta=0.04, log_every=5)
     rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(("accuracy", 1.0), ("format", 0.5)))
-    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (infra/deepspeed/...) for world size > 1")
+    deepspeed_config: UserPath | None = Field(None, description="DeepSpeed JSON (infra/deepspeed/...) for world size > 1")
     samples_to_log: int = Field(64, ge=0, description="completions in each MLflow completions table")
     log_completions_every: int | None = Field(None, ge=1, description="steps between completions tables "
                                               "(completions/step_XXXX.json; default: 4 per run, and the last step)")
+
+    @model_validator(mode="after")
+    def _sizes_bounded(self):
+        """The engine's config takes any positive size; a stage's must also fit a machine (1e6 generations or a
+        1e9-token completion validate, then fail hours later)."""
+        g = self.grpo
+        if g.num_generations > MAX_GENERATIONS:
+            raise ValueError(f"grpo.num_generations={g.num_generations}: at most {MAX_GENERATIONS} completions per "
+                             "prompt")
+        for field in ("max_prompt_length", "max_completion_length"):
+            if getattr(g, field) > MAX_TOKENS:
+                raise ValueError(f"grpo.{field}={getattr(g, field)}: at most {MAX_TOKENS} tokens (the model's context "
+                                 "is checked at preflight)")
+        return self
 
 
 class R1ZeroConfig(GRPOStageConfig):
@@ -63,10 +77,10 @@ class ColdStartConfig(Strict):
     data: DataSource | None = Field(None, description="a CoT dataset (source path/hub; columns prompt + completion, or "
                                     "question + answer + completion; map others with data.columns); None = build one")
     num_prompts: int = Field(300, ge=1, description="prompts sampled from the R1-Zero model to build the set")
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, le=MAX_GENERATIONS)
     target_size: int = Field(400, ge=1, description="examples kept, built or read (thousands in the full recipe)")
     temperature: float = Field(0.7, gt=0)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, description="length filter (None: only cut-off samples)")
     batch_prompts: int = Field(64, ge=1, description="prompts per generation batch")
     prompt_data: DataSource | None = Field(None, description="prompts to sample from; None = the r1_zero stage's")
@@ -86,10 +100,10 @@ class SynthesizeConfig(Strict):
 
     reasoning_target: int = Field(600, ge=0, description="reasoning samples kept")
     general_target: int = Field(200, ge=0, description="general (non-reasoning) samples kept")
-    samples_per_prompt: int = Field(4, ge=1, description="k completions sampled per reasoning prompt")
+    samples_per_prompt: int = Field(4, ge=1, le=MAX_GENERATIONS, description="k completions sampled per reasoning prompt")
     max_prompts: int = Field(1000, ge=1, description="reasoning prompts tried at most (bounds the time of a weak model)")
     temperature: float = Field(0.7, gt=0)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int = Field(60, ge=1, description="length filter: longer kept samples are dropped")
     require_correct: bool = True
     require_format: bool = True
@@ -131,8 +145,8 @@ class PreferenceRLConfig(GRPOStageConfig):
                                   beta=0.04, log_every=5)
     general_data: DataSource = DataSource(task="general", num_prompts=400)
     general_share: float = Field(0.25, ge=0, le=1, description="share of general prompts in the mix")
-    helpfulness_model: str | None = Field(None, description="reward model for the final answer; None = train one")
-    harmlessness_model: str | None = Field(None, description="reward model for the whole response; None = train one")
+    helpfulness_model: UserPath | None = Field(None, description="reward model for the final answer; None = train one")
+    harmlessness_model: UserPath | None = Field(None, description="reward model for the whole response; None = train one")
     reward_model_training: RewardModelTraining = RewardModelTraining()
     rewards: list[RewardSpec] = Field(default_factory=lambda: _rewards(
         ("accuracy", 1.0), ("format", 0.5), ("language_consistency", 0.5)))
@@ -150,7 +164,7 @@ class PreferenceRLConfig(GRPOStageConfig):
 class StudentConfig(Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="names its artifacts (students/<name>/) and metrics (eval/<name>/...)")
-    path: str | None = Field(None, description="an existing small model; None = build `model` from scratch")
+    path: UserPath | None = Field(None, description="an existing small model; None = build `model` from scratch")
     model: ModelArch | None = None
 
     @model_validator(mode="after")

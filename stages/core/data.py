@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.core.config_base import expand_path
 from stages.core.configs import DataSource
 from stages.core.recipe import PromptConfig
 from stages.core.tasks import Problem, make_problems
@@ -123,7 +124,7 @@ def read_dataset(src: DataSource, what: str = "dataset"):
         return _hub_dataset(path, src.split, what)
     if src.source != "path":
         raise DataInputError(f"{what} must be a data set (source: path or hub), not source={src.source}")
-    p = Path(path)
+    p = expand_path(path)
     if not p.exists():
         raise DataInputError(f"{what} path {path!r} does not exist")
     if p.is_dir():
@@ -136,7 +137,10 @@ def read_dataset(src: DataSource, what: str = "dataset"):
     builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(p.suffix)
     if builder is None:
         raise DataInputError(f"{what} {path!r}: expected a save_to_disk folder, .parquet, .jsonl, .json or .csv")
-    return datasets.load_dataset(builder, data_files=str(p), split="train")
+    try:
+        return datasets.load_dataset(builder, data_files=str(p), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types for a malformed file
+        raise DataInputError(f"{what} {path}: cannot be read ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def _hub_dataset(name: str, split: str, what: str):
@@ -169,6 +173,9 @@ def _read_rows(src: DataSource) -> list[dict]:
 
 
 def _to_problem(row: dict, src: DataSource, i: int) -> Problem:
+    empty = [c for c in REQUIRED if row[c] is None]
+    if empty:  # str(None) would train on the prompt "None"
+        raise DataInputError(f"dataset {src.path}: row {i} has no value (null) for {', '.join(map(repr, empty))}")
     meta = row.get("metadata")
     common = {"answer": str(row["answer"]), "task": str(row.get("task") or "math"),
               "metadata": meta if isinstance(meta, str) else json.dumps(meta or {}, default=str)}

@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+from stages.core.config_base import expand_path
 from stages.core.data import hub_offline
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def resolve_model_uri(uri: str) -> Path:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except Exception as e:  # MLflow raises several types for a missing run/model/alias
             raise ModelInputError(f"model URI {uri!r} could not be resolved in MLflow: {e}") from e
-    path = Path(uri).expanduser()
+    path = expand_path(uri)
     if path.exists():
         return path
     if looks_like_hub_id(uri):
@@ -63,22 +64,26 @@ def hub_snapshot(model_id: str) -> Path:
         raise ModelInputError(f"model {model_id!r} is not a local path, and the hub could not give it: {e}") from e
 
 
-def check_model_dir(path: str | Path, need_chat_template: bool = False) -> Path:
-    """Raise ModelInputError naming the first thing missing from a Hugging Face model directory."""
+def check_model_dir(path: str | Path, need_chat_template: bool = False, causal_lm: bool = True) -> Path:
+    """Raise ModelInputError naming the first thing missing from a Hugging Face model directory: a config.json mapping,
+    an architecture the engine can train (a causal LM, unless `causal_lm` is False: reward models), safetensors weights
+    whose headers read, a tokenizer."""
     path = Path(path)
     if not path.is_dir():
         raise ModelInputError(f"model path {str(path)!r} is not a directory")
     config = path / "config.json"
     if not config.exists():
         raise ModelInputError(f"{config} is missing: not a Hugging Face model directory")
-    try:
-        json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelInputError(f"{config} is not valid JSON: {e}") from e
-    if not any(path.glob("*.safetensors")):
+    cfg = read_json_mapping(config)
+    if causal_lm:
+        check_causal_lm(cfg, config)
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         extra = f" (found {found}: pickle weights are refused; convert them to safetensors)" if found else ""
         raise ModelInputError(f"no *.safetensors weights in {path}{extra}")
+    for f in weights:
+        check_safetensors(f)
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise ModelInputError(f"no tokenizer in {path} (expected one of {list(TOKENIZER_FILES)})")
     if need_chat_template and not _has_chat_template(path):
@@ -86,11 +91,66 @@ def check_model_dir(path: str | Path, need_chat_template: bool = False) -> Path:
     return path
 
 
+def read_json_mapping(f: Path) -> dict:
+    """A JSON file holding an object, or ModelInputError naming the file."""
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelInputError(f"{f} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelInputError(f"{f} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ModelInputError(f"{f} cannot be read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ModelInputError(f"{f} must hold a JSON object (got {type(data).__name__})")
+    return data
+
+
+def check_causal_lm(cfg: dict, where: Path) -> None:
+    """The engine trains causal LMs: any other architecture would load as a causal LM with random weights."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    if "AutoModelForCausalLM" in (cfg.get("auto_map") or {}):
+        return  # custom code (trust_remote_code is checked separately)
+    archs, model_type = cfg.get("architectures") or [], cfg.get("model_type")
+    if archs:
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ModelInputError(f"{where}: `architectures` must be a list of class names (got {archs!r})"[:300])
+        wrong = [a for a in archs if a not in set(CAUSAL.values())]
+        if wrong:
+            raise ModelInputError(f"{where}: architecture {wrong[0]} is not a causal language model; the engine trains "
+                                  "causal LMs (e.g. Qwen2ForCausalLM, LlamaForCausalLM)")
+    elif model_type not in CAUSAL:
+        raise ModelInputError(f"{where}: model_type {model_type!r} has no causal language model in transformers")
+
+
+def check_safetensors(f: Path) -> None:
+    """Read a safetensors file's header (not its tensors): a truncated or corrupt file fails here, named."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="np") as st:
+            if not list(st.keys()):
+                raise ModelInputError(f"{f} holds no tensors")
+    except ModelInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError and OSError for a bad file
+        raise ModelInputError(f"{f} is not a readable safetensors file ({e})") from None
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ModelInputError(f"{f} is truncated: its header promises {8 + header_len + end:,} bytes, the file has "
+                              f"{size:,}")
+
+
 def _has_chat_template(path: Path) -> bool:
     if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
         return True
     cfg = path / "tokenizer_config.json"
-    return cfg.exists() and bool(json.loads(cfg.read_text()).get("chat_template"))
+    return cfg.exists() and bool(read_json_mapping(cfg).get("chat_template"))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -112,9 +172,14 @@ def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32,
+        output_loading_info=True,
     )
+    if info.get("missing_keys"):  # never train from random weights silently
+        missing = sorted(info["missing_keys"])
+        raise ModelInputError(f"model {path}: {len(missing)} weights are not in its safetensors files (e.g. "
+                              f"{missing[:3]}); they would start random")
     return model.to(device).eval()
 
 

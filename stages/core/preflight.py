@@ -15,6 +15,7 @@ torch and pyarrow are imported inside functions: preflight runs before any model
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from grpo.rewards_io import check_reward_funcs
 from rewards import build_rewards
+from stages.core.config_base import expand_path
 from stages.core.data import (
     CONVERSATION,
     REQUIRED,
@@ -34,9 +36,16 @@ from stages.core.data import (
 )
 from stages.core.distributed import DISTRIBUTED_STAGES, REPO_ROOT
 from stages.core.lineage import RUN_ID, StageInputError
-from stages.core.models import ModelInputError, check_model_dir, load_tokenizer, looks_like_hub_id, resolve_model_uri
+from stages.core.models import (
+    ModelInputError,
+    check_model_dir,
+    load_tokenizer,
+    looks_like_hub_id,
+    read_json_mapping,
+    resolve_model_uri,
+)
 from stages.core.order import check_stages
-from stages.core.recipe import Recipe
+from stages.core.recipe import Recipe, cut
 from stages.core.tracking import TrackingError, check_tracking
 
 GRPO_STAGES = ("r1_zero", "reasoning_rl", "preference_rl")
@@ -69,6 +78,7 @@ def preflight(recipe: Recipe, stages: list[str], inputs: dict[str, str] | None =
         lambda: check_stage_values(recipe, stages),
         lambda: check_base_model(recipe, stages),
         lambda: check_inputs(recipe, inputs or {}),
+        lambda: check_context(recipe, stages, inputs or {}),
         lambda: check_other_models(recipe, stages),
         lambda: check_data(recipe, stages),
         lambda: check_cluster(recipe, stages),
@@ -83,7 +93,7 @@ def preflight(recipe: Recipe, stages: list[str], inputs: dict[str, str] | None =
 # ---- where things are written
 
 def check_output_dir(recipe: Recipe) -> list[str]:
-    out = Path(recipe.output_dir).expanduser()
+    out = expand_path(recipe.output_dir)
     probe = out / f".r1-write-test-{uuid.uuid4().hex[:8]}"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -147,16 +157,101 @@ def check_base_model(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def check_inputs(recipe: Recipe, inputs: dict[str, str]) -> list[str]:
-    """Inputs given as local paths must exist (models: be usable model directories)."""
+    """Inputs given as local paths must exist (models: be usable model directories); MLflow URIs must be well formed
+    and name a run or model version that exists in the recipe's store."""
     problems = []
     for key, uri in inputs.items():
-        if not uri or _remote(uri):
+        if not uri:
             continue
-        if key in MODEL_INPUTS:
+        if _tracked(uri):
+            problems += _mlflow_uri_problems(f"input {key}", uri, recipe)
+        elif _remote(uri):  # a hub id while the hub is reachable: checked where it loads
+            continue
+        elif key in MODEL_INPUTS:
             problems += _model_problems(f"input {key}", uri, recipe, need_chat_template=_chat(recipe))
-        elif not Path(uri).expanduser().exists():
+        elif not expand_path(uri).exists():
             problems.append(f"input {key}: path {uri!r} does not exist")
     return problems
+
+
+RUNS_URI = re.compile(r"runs:/([0-9a-f]{32})/(\S+)")
+MODELS_URI = re.compile(r"models:/([^/@]+)(?:@([A-Za-z0-9_-]+)|/([0-9]+))")
+
+
+def _mlflow_uri_problems(field: str, uri: str, recipe: Recipe) -> list[str]:
+    """A runs:/ or models:/ URI or a bare run id: its form, then (the store being usable) that it exists."""
+    uri = uri.strip()
+    shown = cut(repr(uri))
+    if RUN_ID.fullmatch(uri):
+        run_id, ref = uri, None
+    elif uri.startswith("runs:/"):
+        if not (m := RUNS_URI.fullmatch(uri)):
+            return [(f"{field}: {shown} is not a runs:/ URI (runs:/<32-hex run id>/<artifact path>, e.g. "
+                    "runs:/0123456789abcdef0123456789abcdef/model)")]
+        run_id, ref = m.group(1), None
+    elif uri.startswith("models:/"):
+        if not (m := MODELS_URI.fullmatch(uri)):
+            return [f"{field}: {shown} is not a models:/ URI (models:/<name>@<alias> or models:/<name>/<version>)"]
+        run_id, ref = None, m.groups()
+    else:
+        return []  # other stores (http, s3, mlflow-artifacts:) are read when the stage loads
+    try:
+        check_tracking(recipe.tracking)
+    except TrackingError:
+        return []  # reported by check_tracking_store
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=recipe.tracking.uri)
+    try:
+        if run_id is not None:
+            client.get_run(run_id)
+        elif ref[1] is not None:
+            client.get_model_version_by_alias(ref[0], ref[1])
+        else:
+            client.get_model_version(ref[0], ref[2])
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing run, model, alias or version
+        what = f"run {run_id}" if run_id else "registered model version"
+        reason = cut((str(e).splitlines() or [type(e).__name__])[0])
+        return [f"{field}: {shown}: no such {what} in {recipe.tracking.uri} ({reason})"]
+    return []
+
+
+def check_context(recipe: Recipe, stages: list[str], inputs: dict[str, str]) -> list[str]:
+    """Prompt + completion must fit the model's context (max_position_embeddings): longer sequences fail (or silently
+    degrade) at the first step, after the model has loaded."""
+    context, source = _context_length(recipe, inputs)
+    if context is None:
+        return []
+    problems = []
+    for stage in (s for s in stages if s in GRPO_STAGES):
+        g = getattr(recipe, stage).grpo
+        if g.max_prompt_length + g.max_completion_length > context:
+            problems.append(f"{stage}.grpo.max_completion_length: {g.max_completion_length} completion + "
+                            f"{g.max_prompt_length} prompt tokens (max_prompt_length) exceed the {context}-token "
+                            f"context of {source}")
+    for stage in (s for s in stages if s in ("cold_start_sft", "general_sft")):
+        n = getattr(recipe, stage).sft.max_length
+        if n > context:
+            problems.append(f"{stage}.sft.max_length: {n} tokens exceed the {context}-token context of {source}")
+    return problems
+
+
+def _context_length(recipe: Recipe, inputs: dict[str, str]) -> tuple[int | None, str]:
+    """(max_position_embeddings, where it was read) of the model the stages start from, when known without MLflow."""
+    model = inputs.get("model")
+    if model and not _remote(model) and (expand_path(model) / "config.json").is_file():
+        where = expand_path(model) / "config.json"
+    elif recipe.base_model.source == "build":
+        return recipe.base_model.model.max_position_embeddings, "base_model.model.max_position_embeddings"
+    elif (d := _base_tokenizer_dir(recipe)) is not None and (d / "config.json").is_file():
+        where = d / "config.json"
+    else:
+        return None, ""
+    try:
+        n = read_json_mapping(where).get("max_position_embeddings")
+    except ModelInputError:
+        return None, ""  # reported by the model checks
+    return (n, str(where)) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else (None, "")
 
 
 def check_other_models(recipe: Recipe, stages: list[str]) -> list[str]:
@@ -169,8 +264,13 @@ def check_other_models(recipe: Recipe, stages: list[str]) -> list[str]:
     if "preference_rl" in stages:
         for field in ("helpfulness_model", "harmlessness_model"):
             if (uri := getattr(recipe.preference_rl, field)) is not None:
-                problems += _model_problems(f"preference_rl.{field}", uri, recipe)
+                problems += _model_problems(f"preference_rl.{field}", uri, recipe, causal_lm=False)
     return problems
+
+
+def _tracked(uri: str) -> bool:
+    """A tracking-store URI or a bare run id: its form and existence are checked in the recipe's store."""
+    return uri.startswith(REMOTE_PREFIXES) or bool(RUN_ID.fullmatch(uri))
 
 
 def _remote(uri: str) -> bool:
@@ -184,13 +284,16 @@ def _chat(recipe: Recipe) -> bool:
     return recipe.prompt.style == "chat"
 
 
-def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_template: bool = False) -> list[str]:
+def _model_problems(field: str, uri: str | None, recipe: Recipe, need_chat_template: bool = False,
+                    causal_lm: bool = True) -> list[str]:
     if not uri:
         return [f"{field}: not set"]
-    if _remote(uri):
+    if _tracked(uri):
+        return _mlflow_uri_problems(field, uri, recipe)
+    if _remote(uri):  # a hub id while the hub is reachable: checked where it loads
         return []
     try:
-        path = check_model_dir(resolve_model_uri(uri), need_chat_template=need_chat_template)
+        path = check_model_dir(resolve_model_uri(uri), need_chat_template=need_chat_template, causal_lm=causal_lm)
     except ModelInputError as e:
         chat = _chat(recipe) and "chat template" in str(e)
         hint = " (prompt.style is chat: the model's chat template makes the prompts)" if chat else ""
@@ -206,9 +309,9 @@ def _custom_code_problems(field: str, path: Path, trusted: bool) -> list[str]:
     for name in ("config.json", "tokenizer_config.json"):
         f = path / name
         try:
-            auto_map = json.loads(f.read_text()).get("auto_map") if f.exists() else None
-        except (OSError, json.JSONDecodeError):
-            continue
+            auto_map = read_json_mapping(f).get("auto_map") if f.exists() else None
+        except ModelInputError as e:
+            return [f"{field}: {e}"]
         if auto_map:
             return [(f"{field}: {f} asks to run code shipped with the model (auto_map: {auto_map}); it is only run "
                     "when base_model.trust_remote_code is true: set it only for a model you trust")]
@@ -238,8 +341,9 @@ def check_data(recipe: Recipe, stages: list[str]) -> list[str]:
     for field, src, required in sources:
         if src.source != "path":
             continue
+        need = [src.columns.get(c, c) for c in (("completion",) if required == "cot" else required)]
         try:
-            have = dataset_columns(src)
+            have = dataset_columns(src, need)
         except (OSError, ValueError) as e:
             problems.append(f"{field}.path: {e}")
             continue
@@ -263,10 +367,11 @@ def _missing_columns(field: str, src, have: list[str], required) -> list[str]:
             f"(map yours with {field}.columns, e.g. {{question: <column>}})")]
 
 
-def dataset_columns(src) -> list[str] | None:
-    """The column names of a local data set, read from its metadata or first row (not the whole file); None when they
-    cannot be known cheaply (a large .json array)."""
-    p = Path(src.path).expanduser()
+def dataset_columns(src, need: list[str] = ()) -> list[str] | None:
+    """The column names of a local data set, read from its metadata or, for JSON files, its rows: every row is read
+    (a truncated last line, a row that is not an object, non-UTF-8 bytes or a null in a `need` column is an error
+    naming the file and the row); None when they cannot be known cheaply (a large .json array)."""
+    p = expand_path(src.path)
     if not p.exists():
         raise OSError(f"data set {src.path!r} does not exist")
     if p.is_dir():
@@ -284,14 +389,7 @@ def dataset_columns(src) -> list[str] | None:
 
         return list(pq.read_schema(p).names)
     if p.suffix == ".jsonl":
-        with p.open() as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{src.path}: the first row is not a JSON object")
-                    return list(row)
-        raise ValueError(f"{src.path}: the data set is empty")
+        return _rows_columns(src.path, _jsonl_rows(p, src.path), need)
     if p.suffix == ".csv":
         import csv
 
@@ -303,10 +401,45 @@ def dataset_columns(src) -> list[str] | None:
     if p.suffix == ".json":
         if p.stat().st_size > 50_000_000:
             return None
-        data = json.loads(p.read_text())
-        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
-        return list(rows[0]) if rows and isinstance(rows[0], dict) else None
+        data = _json_value(p.read_bytes(), src.path, "the file")
+        rows = data.get("data") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{src.path}: expected a JSON list of rows (objects), or {{\"data\": [rows]}}; got a "
+                             f"{type(data).__name__}" + (f" with keys {cut(str(sorted(data)))}" if isinstance(data, dict)
+                                                         else ""))
+        return _rows_columns(src.path, enumerate(rows, 1), need, "row")
     raise ValueError(f"{src.path}: expected a save_to_disk folder, .parquet, .jsonl, .json or .csv")
+
+
+def _json_value(raw: bytes, path: str, where: str):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {where} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {where} is not valid JSON ({e.msg}, column {e.colno}); a truncated file?") from None
+
+
+def _jsonl_rows(p: Path, path: str):
+    with p.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, _json_value(line, path, f"line {n}")
+
+
+def _rows_columns(path: str, rows, need, unit: str = "line") -> list[str]:
+    columns = None
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(  # noqa: TRY004 - bad data, reported with the others by check_data
+                f"{path}: {unit} {n} is not a JSON object (got {type(row).__name__}); each row must be one")
+        columns = columns or list(row)
+        empty = [c for c in need if c in row and row[c] is None]
+        if empty:
+            raise ValueError(f"{path}: {unit} {n} has no value (null) for {', '.join(map(repr, empty))}")
+    if columns is None:
+        raise ValueError(f"{path}: the data set is empty")
+    return columns
 
 
 # ---- launchers
@@ -319,7 +452,7 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
     for field, path in configs:
         if path is not None:
             problems += _json_file_problems(field, path)
-    if c.hostfile and not Path(c.hostfile).expanduser().exists():
+    if c.hostfile and not expand_path(c.hostfile).exists():
         problems.append(f"cluster.hostfile: {c.hostfile} does not exist")
     tool = {"slurm": "sbatch", "deepspeed": "deepspeed"}.get(c.launcher)
     if tool and not (shutil.which(tool) or (Path(sys.executable).parent / tool).exists()):
@@ -336,15 +469,17 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
 
 
 def _json_file_problems(field: str, path: str) -> list[str]:
-    p = Path(path).expanduser()
+    p = expand_path(path)
     if not p.is_absolute() and not p.exists():
         p = REPO_ROOT / p
     if not p.exists():
         return [f"{field}: {path} does not exist"]
     try:
-        cfg = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{field}: {path} is not valid JSON ({e})"]
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON
+        return [f"{field}: {path} is not valid JSON ({cut(str(e))})"]
+    if not isinstance(cfg, dict):
+        return [f"{field}: {path} must hold a JSON object, not a {type(cfg).__name__}"]
     from grpo.training import deepspeed_problems  # lazy: imports torch and deepspeed
 
     return [f"{field}: {path}: {problem}" for problem in deepspeed_problems(cfg)]
@@ -388,7 +523,7 @@ def _base_tokenizer_dir(recipe: Recipe) -> Path | None:
     cfg = recipe.base_model
     if cfg.source != "pretrained" or not cfg.path or _remote(cfg.path):
         return None
-    p = Path(cfg.path).expanduser()
+    p = expand_path(cfg.path)
     return p if p.is_dir() else None
 
 

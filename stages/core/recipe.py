@@ -6,13 +6,17 @@ and a bad value fails naming its field (pydantic's `loc`), e.g. `base_model.mode
 
 from __future__ import annotations
 
+import math
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from stages.core.config_base import ModelArch, Strict
+from stages.core.config_base import MAX_GENERATIONS, MAX_SEED, MAX_TOKENS, ModelArch, Strict, UserPath, expand_path
 from stages.core.configs import (
     ColdStartConfig,
     DistillConfig,
@@ -25,6 +29,9 @@ from stages.core.configs import (
 from stages.core.order import ORDER
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# MLflow's tracking stores (mlflow.tracking._tracking_service.utils) plus the SQLAlchemy databases it takes
+TRACKING_SCHEMES = {"sqlite", "http", "https", "file", "databricks", "databricks-uc", "uc", "postgresql", "mysql",
+                    "mssql"}
 
 
 class TrackingConfig(Strict):
@@ -33,6 +40,24 @@ class TrackingConfig(Strict):
     artifact_location: str | None = Field(None, description="artifact root for a new experiment (default: ./mlartifacts)")
     ui: str | None = Field(None, description="address of an MLflow UI over this store (e.g. `r1 up`'s "
                            "http://127.0.0.1:5000), used for links in pipeline summaries; a http:// uri is its own UI")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, uri: str) -> str:
+        if ":" not in uri:
+            return uri  # a local folder: MLflow's file store
+        scheme = uri.split(":", 1)[0].lower()
+        if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+            raise ValueError(f"unknown scheme {scheme or '(none)'!r}; MLflow takes {sorted(TRACKING_SCHEMES)} "
+                             "(e.g. sqlite:///mlflow.db, http://127.0.0.1:5000, file:./mlruns)")
+        if scheme == "sqlite" and uri.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://", "sqlite:///"):
+            raise ValueError("sqlite:/// needs a file path (sqlite:///mlflow.db); without one the store is in memory "
+                             "and lost when the run ends")
+        if scheme == "sqlite" and ":memory:" in uri:
+            raise ValueError("an in-memory sqlite store is lost when the run ends; give a file (sqlite:///mlflow.db)")
+        if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+            raise ValueError("a sqlite store is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        return uri
 
 
 class NoiseConfig(Strict):
@@ -47,7 +72,7 @@ class BaseModelConfig(Strict):
     """Where the pipeline's base model comes from: an existing model (path/hub id/URI) or a tiny one built here."""
 
     source: Literal["build", "pretrained"] = "build"
-    path: str | None = Field(None, description="model path, hub id or runs:/ URI when source=pretrained")
+    path: UserPath | None = Field(None, description="model path, hub id or runs:/ URI when source=pretrained")
     trust_remote_code: bool = Field(False, description="only for a model you trust: runs code shipped with it")
     model: ModelArch = ModelArch()
     task: str = Field("addition", description="problem family for pretraining (see stages.core.tasks)")
@@ -71,11 +96,11 @@ class EvalConfig(Strict):
     """Held-out evaluation run at the end of every stage."""
 
     num_prompts: int = Field(128, ge=1)
-    samples_per_prompt: int = Field(4, ge=1, description="k for sampled pass@1 averaged over k samples")
+    samples_per_prompt: int = Field(4, ge=1, le=MAX_GENERATIONS, description="k for sampled pass@1 averaged over k samples")
     temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     batch_size: int = Field(64, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
 
 
 R1_ZERO_SYSTEM = (  # DeepSeek-R1 paper, Table 1 (the R1-Zero template), as a system turn
@@ -97,8 +122,17 @@ class PromptConfig(Strict):
 
     @model_validator(mode="after")
     def _has_placeholder(self):
-        if "{question}" not in self.template:
+        try:
+            fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as e:  # a lone { or }
+            raise ValueError(f"template: {e}; write a literal brace as {{{{ or }}}}") from None
+        if not any(f == "question" for f, _, _ in fields):
             raise ValueError("template must contain the placeholder {question}")
+        other = sorted({"{" + f + (f"!{c}" if c else "") + (f":{sp}" if sp else "") + "}" for f, c, sp in fields
+                        if (f, c, sp) != ("question", None, "")})
+        if other:
+            raise ValueError(f"template: only {{question}} is filled in; {', '.join(other)} would fail at the first "
+                             "prompt (write a literal brace as {{ or }})")
         return self
 
 
@@ -110,8 +144,8 @@ class ClusterConfig(Strict):
     gpus_per_node: int = Field(0, ge=0, description="0 = CPU")
     nproc_per_node: int | None = Field(None, ge=1, description="processes per node (default: gpus_per_node, 1 on "
                                        "CPU); e.g. 2 CPU processes with gloo to try DeepSpeed on a laptop")
-    deepspeed_config: str | None = Field(None, description="path of a DeepSpeed JSON config (infra/deepspeed/...)")
-    hostfile: str | None = Field(None, description="deepspeed launcher: hostfile (`worker-0 slots=8`, one line a node)")
+    deepspeed_config: UserPath | None = Field(None, description="path of a DeepSpeed JSON config (infra/deepspeed/...)")
+    hostfile: UserPath | None = Field(None, description="deepspeed launcher: hostfile (`worker-0 slots=8`, one line a node)")
     master_port: int | None = Field(None, ge=1, le=65535, description="rendezvous port (default: a free one)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for launched processes")
     timeout: float | None = Field(None, gt=0, description="seconds before a launched stage is killed")
@@ -153,13 +187,37 @@ class ScheduleConfig(Strict):
             raise ValueError(f"unknown flow {self.flow!r}; choose 'pipeline' or a stage: {ORDER}")
         if len(self.cron.split()) != 5:
             raise ValueError(f"cron {self.cron!r} must have 5 fields (minute hour day month weekday)")
+        check_cron(self.cron)
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}; use an IANA name, e.g. UTC or Europe/Paris"
+                             ) from None
         return self
 
 
+def check_cron(cron: str) -> None:
+    """croniter's check when it is installed, else Prefect's (the one `r1 serve` applies; importing it is slower)."""
+    try:
+        from croniter import croniter
+    except ImportError:
+        from prefect._internal.schemas.validators import validate_cron_string
+    else:
+        def validate_cron_string(v: str) -> None:
+            if not croniter.is_valid(v):
+                raise ValueError(f'Invalid cron string: "{v}"')
+    try:
+        validate_cron_string(cron)
+    except ValueError:
+        raise ValueError(f"cron {cron!r} is not a valid cron expression (minute 0-59, hour 0-23, day 1-31, month "
+                         "1-12, weekday 0-6)") from None
+
+
 class Recipe(Strict):
-    name: str = Field("tiny", min_length=1)
-    seed: int = 0
-    output_dir: str = Field("runs", description="local working directory for checkpoints and intermediate files")
+    name: str = Field("tiny", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="names the registered models (r1-<name>-<stage>): letters, digits, . _ -")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    output_dir: UserPath = Field("runs", description="local working directory for checkpoints and intermediate files")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tracking: TrackingConfig = TrackingConfig()
     prompt: PromptConfig = PromptConfig()
@@ -180,39 +238,172 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names every bad field."""
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything bigger is a mistake (or an attack)
+MAX_DEPTH = 32  # nesting of YAML collections
+MAX_SHOWN = 200  # characters of a value echoed in a message
+
+
+def cut(text: str, limit: int = MAX_SHOWN) -> str:
+    """Text for a message, cut: a 10 MB value must not be echoed whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} chars)"
+
+
+def shorten(value, limit: int = MAX_SHOWN) -> str:
+    """repr of a value for a message, cut."""
+    return cut(repr(value), limit)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML for recipes: anchors and aliases are refused outright (a 300-byte alias bomb expands to gigabytes),
+    a duplicate key is an error naming it and its line (plain YAML keeps the last), nesting is bounded, and
+    `1e-3` is a float (YAML 1.2; PyYAML's 1.1 rules read it as a string)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.MarkedYAMLError("while reading a recipe", None, "anchors and aliases (&name, *name) are not "
+                                       "allowed in a recipe; write the values out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError("while reading a recipe", None,
+                                           f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)} (first on line {first}); YAML would keep the last "
+                    "silently", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> Python values with RecipeLoader; a RecipeError names `where` (a file, or a --set item)."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        detail = str(e).replace('in "<unicode string>", ', '')
+        raise RecipeError(f"{where} is not valid YAML: {cut(detail, 2 * MAX_SHOWN)}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply") from None
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """`--set key=value` items -> {dotted key: YAML value}; a bad item is named."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {cut(item)}: expected key=value")
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise RecipeError(f"--set {cut(item)}: empty key")
+        out[key.strip()] = parse_yaml(value, f"--set {cut(item)}")
+    return out
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {e['msg']}{shown}")
+        shown = "" if isinstance(value, dict) else f" (got {shorten(value)})"
+        lines.append(f"  {_origin(loc, overrides)}{loc}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
+
+
+def _origin(loc: str, overrides: dict) -> str:
+    """`--set key=value: ` when the bad field came from an override, so the message blames it, not the file."""
+    given = next((k for k in overrides if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")), None)
+    return f"--set {cut(given)}={shorten(overrides[given], 60)}: " if given is not None else ""
+
+
+def _non_finite(node, loc: str = ""):
+    """(dotted location, value) of every NaN/inf float in parsed YAML."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield loc or "(top level)", node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _non_finite(v, f"{loc}.{k}" if loc else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _non_finite(v, f"{loc}.{i}")
 
 
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a preset name or a path; RecipeError when it is neither."""
+    shown = cut(repr(str(name_or_path)))
+    try:
+        path = expand_path(name_or_path)
+        if not path.exists() and re.fullmatch(r"[A-Za-z0-9._-]+", str(name_or_path)) and \
+                (PRESET_DIR / f"{name_or_path}.yaml").exists():
+            path = PRESET_DIR / f"{name_or_path}.yaml"
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"recipe {shown}: {e.strerror if isinstance(e, OSError) else e}") from None
+    if not exists:
+        raise RecipeError(f"recipe {shown} is neither a file nor a preset; presets: {presets()}")
+    if is_dir:
+        raise RecipeError(f"recipe {shown} is a folder; give a YAML file or a preset name ({presets()})")
+    return path
+
+
+def read_recipe_file(path: Path) -> dict:
+    """A recipe file's mapping: at most MAX_RECIPE_BYTES, UTF-8, YAML (RecipeLoader), a non-empty mapping."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"recipe file {path} cannot be read: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a short YAML "
+                          "file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                          ) from None
+    data = parse_yaml(text, f"recipe file {path}")
+    if data is None:
+        raise RecipeError(f"recipe file {path} is empty; start from a preset (`r1 validate tiny --show`)")
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping at the top level (got {type(data).__name__})")
+    return data
+
+
 def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
     """A preset name (`tiny`, ...) or a YAML path, with optional dotted overrides {"eval.num_prompts": 8}."""
-    path = Path(name_or_path)
-    if not path.exists() and (PRESET_DIR / f"{name_or_path}.yaml").exists():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise RecipeError(f"recipe {str(name_or_path)!r} is neither a file nor a preset; presets: {presets()}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
-    for key, value in (overrides or {}).items():
+    path = recipe_path(name_or_path)
+    data = read_recipe_file(path)
+    overrides = overrides or {}
+    for key, value in overrides.items():
         _set_dotted(data, key, value)
+    bad = [f"  {_origin(loc, overrides)}{loc}: {v} is not a finite number" for loc, v in _non_finite(data)]
+    if bad:  # anywhere, also in free-form sections (reward params, schedule overrides) the schema cannot type
+        raise RecipeError("\n".join([f"invalid recipe {path}:", *bad]))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, str(path))) from None
+        raise RecipeError(_format_errors(e, str(path), overrides)) from None
 
 
 def _set_dotted(data: dict, key: str, value) -> None:
@@ -221,7 +412,7 @@ def _set_dotted(data: dict, key: str, value) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"override {key!r}: {p!r} is not a section")
+            raise RecipeError(f"--set {cut(key)}: {p!r} is not a section")
     node[parts[-1]] = value
 
 

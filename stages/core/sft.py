@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
 from stages.core import console
-from stages.core.config_base import Strict
+from stages.core.config_base import MAX_SEED, MAX_TOKENS, Strict
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class SFTConfig(Strict):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8, description="tokens of prompt + completion; longer completions are cut")
+    max_length: int = Field(256, ge=8, le=MAX_TOKENS, description="tokens of prompt + completion; longer completions are cut")
     group_by_length: bool = Field(True, description="batch similar lengths together (less padding); off = random")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (None: only at the end)")
     log_every: int = Field(10, ge=1)
     time_limit_seconds: float | None = Field(None, gt=0, description="safety cap; stopping early is logged")
