@@ -120,11 +120,17 @@ def test_model_dir_checks_name_what_is_missing(tmp_path, mini_model_dir):
     bad.mkdir()
     with pytest.raises(ModelInputError, match="config.json"):
         check_model_dir(bad)
-    (bad / "config.json").write_text("{}")
+    (bad / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
     (bad / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ModelInputError, match="pickle weights are refused"):
         check_model_dir(bad)
     (bad / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelInputError, match="not a readable safetensors file"):
+        check_model_dir(bad)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(bad / "model.safetensors"))
     with pytest.raises(ModelInputError, match="no tokenizer"):
         check_model_dir(bad)
     (bad / "tokenizer.json").write_text("{}")

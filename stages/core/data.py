@@ -173,7 +173,8 @@ def _read_rows(src: DataSource) -> list[dict]:
 
 
 def _to_problem(row: dict, src: DataSource, i: int) -> Problem:
-    empty = [c for c in REQUIRED if row[c] is None]
+    conversation = any(row.get(c) is not None for c in CONVERSATION)  # then the question may come from its turns
+    empty = [c for c in REQUIRED if row[c] is None and not (c == "question" and conversation)]
     if empty:  # str(None) would train on the prompt "None"
         raise DataInputError(f"dataset {src.path}: row {i} has no value (null) for {', '.join(map(repr, empty))}")
     meta = row.get("metadata")
