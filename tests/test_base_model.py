@@ -110,6 +110,9 @@ def test_noisy_traces_have_the_configured_flaws():
 
 
 def test_model_dir_checks_name_what_is_missing(tmp_path, mini_model_dir):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     _, good = mini_model_dir
     assert check_model_dir(good, need_chat_template=True) == good
     with pytest.raises(ModelInputError, match="does not exist"):
@@ -121,10 +124,16 @@ def test_model_dir_checks_name_what_is_missing(tmp_path, mini_model_dir):
     with pytest.raises(ModelInputError, match="config.json"):
         check_model_dir(bad)
     (bad / "config.json").write_text("{}")
+    with pytest.raises(ModelInputError, match="model_type None has no causal language model"):
+        check_model_dir(bad)
+    (bad / "config.json").write_text('{"model_type": "qwen2"}')
     (bad / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ModelInputError, match="pickle weights are refused"):
         check_model_dir(bad)
     (bad / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelInputError, match="not a readable safetensors file"):
+        check_model_dir(bad)
+    save_file({"w": np.zeros(2, dtype=np.float32)}, bad / "model.safetensors")
     with pytest.raises(ModelInputError, match="no tokenizer"):
         check_model_dir(bad)
     (bad / "tokenizer.json").write_text("{}")
