@@ -114,7 +114,7 @@ def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
         calls.append((recipe, inputs, parent_run_id, progress, os.getpid()))
         return {"run_id": "r1", "model": "runs:/r1/model"}
 
-    monkeypatch.setattr("stages.registry.runnable", lambda: {"base_model": fake_stage})
+    monkeypatch.setattr("flows.launch.stage.runnable", lambda: {"base_model": fake_stage})
     out = launch_stage("base_model", "tiny", {"eval.num_prompts": 3}, "p1", LaunchSpec(target="local"),
                        inputs={"model": "runs:/up/model"})
     assert out == {"run_id": "r1", "model": "runs:/r1/model"}
@@ -130,7 +130,7 @@ def test_local_accepts_a_validated_recipe(monkeypatch):
     from stages.core.recipe import load_recipe
 
     seen = []
-    monkeypatch.setattr("stages.registry.runnable",
+    monkeypatch.setattr("flows.launch.stage.runnable",
                         lambda: {"base_model": lambda r, inputs=None, parent_run_id=None, progress=True: seen.append(r) or {}})
     launch_stage("base_model", load_recipe("tiny"), {"seed": 7}, None, LaunchSpec())
     assert seen[0].seed == 7

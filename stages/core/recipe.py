@@ -188,12 +188,16 @@ class ScheduleConfig(Strict):
         if len(self.cron.split()) != 5:
             raise ValueError(f"cron {self.cron!r} must have 5 fields (minute hour day month weekday)")
         check_cron(self.cron)
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {self.timezone!r}; use an IANA name, e.g. UTC or Europe/Paris"
-                             ) from None
         return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, tz: str) -> str:
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {cut(repr(tz))}; use an IANA name, e.g. UTC or Europe/Paris") from None
+        return tz
 
 
 def check_cron(cron: str) -> None:
@@ -209,7 +213,7 @@ def check_cron(cron: str) -> None:
     try:
         validate_cron_string(cron)
     except ValueError:
-        raise ValueError(f"cron {cron!r} is not a valid cron expression (minute 0-59, hour 0-23, day 1-31, month "
+        raise ValueError(f"cron {cut(repr(cron))} is not a valid cron expression (minute 0-59, hour 0-23, day 1-31, month "
                          "1-12, weekday 0-6)") from None
 
 
