@@ -136,7 +136,7 @@ def validate(recipe: str = typer.Argument(..., help=RECIPE_HELP),
     cfg = _recipe(recipe, set)
     console.print(f"recipe {cfg.name!r} is valid", style="green", highlight=False)
     if show:
-        console.print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False))  # plain: rich would wrap lines, eat [..]
 
 
 @app.command("base-model")

@@ -8,12 +8,12 @@ from stages.core.recipe import RecipeError, flatten, load_recipe, presets
 
 
 def test_presets_validate():
-    assert {"tiny", "qwen2.5-7b"} <= set(presets())
+    assert {"tiny", "qwen2.5-1.5b", "qwen2.5-7b"} <= set(presets())
     tiny = load_recipe("tiny")
     full = load_recipe("qwen2.5-7b")
     assert tiny.base_model.source == "build" and tiny.device == "cpu"
     assert full.base_model.source == "pretrained" and full.cluster.nodes * full.cluster.gpus_per_node == 32
-    assert "{question}" in full.prompt.template and "<think>" in full.prompt.template
+    assert full.prompt.style == "chat" and "<think>" in full.prompt.system
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-7b"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-1.5b", "qwen2.5-7b"])
 def test_trust_remote_code_is_off_in_every_preset(preset):
     from stages.core.recipe import load_recipe
 

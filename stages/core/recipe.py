@@ -237,6 +237,37 @@ class Recipe(Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     schedules: list[ScheduleConfig] = Field(default_factory=list, description="cron schedules for `r1 serve`")
 
+    @model_validator(mode="after")
+    def _real_scale_is_written_out(self):
+        """Section defaults are the tiny preset's toy scale, so a recipe on a pretrained model writes out every one."""
+        if self.base_model.source == "build":
+            return self
+        if missing := unwritten_sections(self):
+            raise ValueError(f"base_model.source is {self.base_model.source!r}: every stage section must be written out "
+                             f"(the defaults are the tiny preset's toy scale; start from a qwen2.5-* preset); missing: "
+                             f"{', '.join(missing)}")
+        return self
+
+
+SCALED_SECTIONS = ("eval", *(s for s in ORDER if s != "base_model"))
+
+
+def unwritten_sections(recipe: Recipe) -> list[str]:
+    """Dotted names of the scale-setting sections the recipe left to their defaults: eval, each stage section, and
+    each stage section's own sub-sections (grpo, sft, data, rewards, students, ...)."""
+    missing = []
+    for name in SCALED_SECTIONS:
+        if name not in recipe.model_fields_set:
+            missing.append(name)
+            continue
+        section = getattr(recipe, name)
+        for field, info in type(section).model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            sub = default[0] if isinstance(default, list) and default else default
+            if isinstance(sub, BaseModel) and field not in section.model_fields_set:
+                missing.append(f"{name}.{field}")
+    return missing
+
 
 class RecipeError(ValueError):
     """A recipe that does not validate; the message names every bad field."""
