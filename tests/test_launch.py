@@ -119,7 +119,8 @@ def test_local_runs_the_registry_stage_in_process(monkeypatch, tmp_path):
                        inputs={"model": "runs:/up/model"})
     assert out == {"run_id": "r1", "model": "runs:/r1/model"}
     recipe, inputs, parent, progress, pid = calls[0]
-    assert recipe.eval.num_prompts == 3 and recipe.name == "tiny" and parent == "p1" and not progress
+    # in-process stages report progress (bars on a terminal, step lines otherwise)
+    assert recipe.eval.num_prompts == 3 and recipe.name == "tiny" and parent == "p1" and progress
     assert inputs == {"model": "runs:/up/model"}
     assert pid == os.getpid()
     with pytest.raises(LaunchError, match="not runnable"):
