@@ -150,6 +150,10 @@ class TimedBackend:
         return rollout
 
 
+def sig(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
 def run_part(trainer, rollout: str, args, device: str, limit_s: float, peak_flops: float) -> dict:
     """Warm-up step, then timed steps of one rollout path while the next step fits in `limit_s`."""
     from grpo.rollout import HFGenerateBackend
@@ -188,9 +192,10 @@ def run_part(trainer, rollout: str, args, device: str, limit_s: float, peak_flop
     flops = sum(x["flops"] for x in steps) / n
     return {**base, "status": "ok" if n == args.steps else "partial", "steps": n,
             **({} if n == args.steps else {"reason": f"{n} of {args.steps} steps fit in {limit_s:.0f} s"}),
-            "s_per_step": round(s_per_step, 4), "generate_s_per_step": round(sum(x["generate_s"] for x in steps) / n, 4),
-            "tokens_per_step": sum(x["tokens"] for x in steps) / n, "tokens_per_s": round(tokens_per_s, 1),
-            "flops_per_step": float(f"{flops:.4g}"), "mfu": float(f"{flops / s_per_step / peak_flops:.4g}"),
+            # six significant digits each (not fixed decimals): the derived rates stay consistent with their parts
+            "s_per_step": sig(s_per_step), "generate_s_per_step": sig(sum(x["generate_s"] for x in steps) / n),
+            "tokens_per_step": sum(x["tokens"] for x in steps) / n, "tokens_per_s": sig(tokens_per_s),
+            "flops_per_step": sig(flops), "mfu": sig(flops / s_per_step / peak_flops),
             "peak_mb": round(peak_mb(device), 1), "max_logprob_gap": timed.gap}
 
 
