@@ -331,8 +331,10 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     for s in cfg.schedules:
         console.print(f"schedule: {s.flow} at '{s.cron}' ({s.timezone}){'' if s.active else ', paused'}",
                       highlight=False)
-    console.print(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
-                  f"r1-pipeline/{cfg.name} -> Run", highlight=False)
+    typer.echo(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
+               f"r1-pipeline/{cfg.name} -> Run")
+    for d in deployments:  # one line each: what a user (and `run_deployment`) names them by
+        typer.echo(f"  {d.flow_name}/{d.name}")
     serve_until_stopped(deployments, limit)
 
 
