@@ -331,11 +331,14 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     for s in cfg.schedules:
         console.print(f"schedule: {s.flow} at '{s.cron}' ({s.timezone}){'' if s.active else ', paused'}",
                       highlight=False)
-    typer.echo(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
-               f"r1-pipeline/{cfg.name} -> Run")
-    for d in deployments:  # one line each: what a user (and `run_deployment`) names them by
-        typer.echo(f"  {d.flow_name}/{d.name}")
-    serve_until_stopped(deployments, limit)
+
+    def ready() -> None:  # once registered: each name, as a user (and `run_deployment`) gives it
+        typer.echo(f"serving {len(deployments)} deployments on {url}; open the Prefect UI, Deployments, then "
+                   f"r1-pipeline/{cfg.name} -> Run")
+        for d in deployments:
+            typer.echo(f"  {d.flow_name}/{d.name}")
+
+    serve_until_stopped(deployments, limit, on_ready=ready)
 
 
 @app.command()

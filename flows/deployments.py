@@ -98,11 +98,14 @@ class ServeRunner(Runner):
                         "the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
 
 
-def serve_until_stopped(deployments: list, limit: int | None = None) -> None:
-    """Run the deployments' flow runs until Ctrl-C (or SIGTERM); then stop cleanly, with or without a server."""
+def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=None) -> None:
+    """Register the deployments, call `on_ready()` (they can be run from then on), and run their flow runs until
+    Ctrl-C (or SIGTERM); then stop cleanly, with or without a server."""
     runner = ServeRunner(limit=limit)
     for d in deployments:
-        runner.add_deployment(d)
+        runner.add_deployment(d)  # registers it with the server before returning
+    if on_ready is not None:
+        on_ready()
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal):
