@@ -39,8 +39,10 @@ class BuildResult:
     hit_time_cap: bool
 
 
-def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress: bool = True) -> BuildResult:
-    """Build, pretrain and save the tiny base model to `out_dir` (a Hugging Face directory, safetensors)."""
+def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress: bool = True,
+                     pairs: list[tuple[str, str]] | None = None) -> BuildResult:
+    """Build, pretrain and save the tiny base model to `out_dir` (a Hugging Face directory, safetensors). `pairs`: the
+    recipe's `pretraining_texts`, when the caller already made them."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -48,7 +50,7 @@ def build_base_model(recipe: Recipe, out_dir: str | Path, on_step=None, progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)
-    pairs = pretraining_texts(recipe)
+    pairs = pairs if pairs is not None else pretraining_texts(recipe)
     tok = train_tokenizer((p + c for p, c in pairs), vocab_size=cfg.model.vocab_size)
     arch = cfg.model
     model_cfg = Qwen2Config(
@@ -135,9 +137,10 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
             def on_step(step, metrics):
                 mlflow.log_metrics(metrics, step=step)
 
-            tracking.log_dataset([{"prompt": p, "completion": c} for p, c in pretraining_texts(recipe)], "pretraining",
+            pairs = pretraining_texts(recipe)  # made once: logged as the run's input, then trained on
+            tracking.log_dataset([{"prompt": p, "completion": c} for p, c in pairs], "pretraining",
                                  tracking.data_source_uri(cfg, "train"), "training")
-            res = build_base_model(recipe, ctx.workdir / "build", on_step=on_step, progress=progress)
+            res = build_base_model(recipe, ctx.workdir / "build", on_step=on_step, progress=progress, pairs=pairs)
             mlflow.log_metrics({"base/parameters": res.num_parameters, "base/steps": res.steps,
                                 "base/final_loss": res.final_loss, "base/build_seconds": res.seconds})
             model_dir = res.path
