@@ -519,7 +519,7 @@ def heldout_eval(models: dict, n_prompts: int = 128, samples: int = 4) -> dict[s
     problems = heldout_problems(recipe, n_prompts)
     out = {}
     for side in ("ours", "trl"):
-        res = evaluate(models[side], models["tok"], problems, cfg, recipe.prompt.template)
+        res = evaluate(models[side], models["tok"], problems, cfg, recipe.prompt)
         out[side] = {"pass_at_1": res.pass_at_1, "greedy_accuracy": res.greedy_accuracy,
                      "format_rate": res.format_rate}
     return out

@@ -164,23 +164,40 @@ def base_model_cmd(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
 def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs:/<id>/model, models:/name@alias)"),
              recipe: str = typer.Option("tiny", help=RECIPE_HELP),
              set: list[str] = typer.Option(None, "--set", help=SET_HELP),
+             benchmark: list[str] = typer.Option(None, "--benchmark", help="a JSON-lines benchmark file (aime/math500 "
+                                                 "shape by its name, else question/answer) or aime-fixture, "
+                                                 "math500-fixture (repeatable); only these are evaluated"),
+             samples: int = typer.Option(None, "--samples", min=1, max=1024, help="k samples per benchmark problem "
+                                         "(default: the benchmark's, else eval.samples_per_prompt)"),
              verbose: bool = False) -> None:
-    """Evaluate a model on the recipe's held-out prompts: pass@1 over k samples, greedy accuracy, format rate and
-    language consistency."""
+    """Evaluate a model on the recipe's held-out prompts (pass@1 over k samples, greedy accuracy, format rate, language
+    consistency) and its eval.benchmarks (pass@1 over k, cons@k, pass@k), at the recipe's temperature and top-p.
+    With --benchmark, only the benchmarks given. Prints the metrics; writes nothing."""
     _logging(verbose)
     cfg = _recipe(recipe, set)
     # lazy: fast `r1 --help` (see top)
+    from stages.core.benchmarks import cli_benchmark, evaluate_benchmark, load_benchmark
     from stages.core.evaluate import evaluate as run_eval
     from stages.core.heldout import heldout_problems
     from stages.core.models import load_model_and_tokenizer
 
+    benches = [cli_benchmark(b, samples) for b in benchmark] if benchmark else [
+        b.model_copy(update={"samples": samples or b.samples}) for b in cfg.eval.benchmarks]
+    sets = [(b, load_benchmark(b)) for b in benches]  # a bad file is refused before the model loads
     m, tok = load_model_and_tokenizer(model, trust_remote_code=cfg.base_model.trust_remote_code)
-    res = run_eval(m, tok, heldout_problems(cfg), cfg.eval, cfg.prompt.template, cfg.prompt.target_language,
-                   progress=True)
-    table = Table("metric", "value", title=f"held-out evaluation of {model}")
-    for k, v in res.metrics(prefix="").items():
-        table.add_row(k, f"{v:.3f}")
-    console.print(table)
+    if not benchmark:
+        res = run_eval(m, tok, heldout_problems(cfg), cfg.eval, cfg.prompt, progress=True)
+        table = Table("metric", "value", title=f"held-out evaluation of {model}")
+        for k, v in res.metrics(prefix="").items():
+            table.add_row(k, f"{v:.3f}")
+        console.print(table)
+    if sets:
+        table = Table("benchmark", "problems", "k", "pass@1", "cons@k", "pass@k", title=f"benchmarks of {model}")
+        for bench, problems in sets:
+            r = evaluate_benchmark(m, tok, problems, bench, cfg.eval, cfg.prompt, progress=True)
+            table.add_row(bench.name, str(r.num_problems), str(r.samples), f"{r.pass_at_1:.3f}", f"{r.cons_at_k:.3f}",
+                          f"{r.pass_at_k:.3f}")
+        console.print(table)
 
 
 @app.command()

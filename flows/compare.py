@@ -32,6 +32,9 @@ KEY_METRICS = {
     "eval/mean_completion_tokens": ("tokens", "{:.0f}"),
 }
 FIELDS = ("run_id", "stage", "pipeline_run_id", "status", "started", "finished", *KEY_METRICS)
+# benchmark metrics (stages.core.benchmarks): bench/<benchmark>/<metric>, shown in a table of their own
+BENCH_PREFIX = "bench/"
+BENCH_METRICS = {"pass_at_1": "pass@1", "cons_at_k": "cons@k", "pass_at_k": "pass@k", "samples": "k"}
 
 # MLflow retries a failing server for about 4 minutes by default (7 retries with backoff, 120 s timeout each);
 # a listing should fail in seconds
@@ -129,7 +132,8 @@ def compare_rows(recipe, stage: str | None = None, pipeline_run_id: str | None =
     return [{"run_id": r.info.run_id, "stage": _stage(r.data.tags),
              "pipeline_run_id": r.data.tags.get(PIPELINE_TAG), "status": r.info.status,
              "started": _time(r.info.start_time), "finished": _time(r.info.end_time),
-             **{m: r.data.metrics.get(m) for m in KEY_METRICS}} for r in runs]
+             **{m: r.data.metrics.get(m) for m in KEY_METRICS},
+             **{m: v for m, v in sorted(r.data.metrics.items()) if m.startswith(BENCH_PREFIX)}} for r in runs]
 
 
 def _stage(tags: dict[str, str]) -> str:
@@ -160,6 +164,30 @@ def table(rows: list[dict]) -> Table:
     return t
 
 
+def bench_scores(row: dict) -> dict[str, dict[str, str]]:
+    """benchmark -> {label: cell} of a row's bench/<benchmark>/<metric> values."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in row.items():
+        name, _, metric = key.removeprefix(BENCH_PREFIX).rpartition("/")
+        if key.startswith(BENCH_PREFIX) and metric in BENCH_METRICS and value is not None:
+            out.setdefault(name, {})[BENCH_METRICS[metric]] = f"{value:.0f}" if metric == "samples" else f"{value:.3f}"
+    return out
+
+
+def bench_table(rows: list[dict]) -> Table | None:
+    """One line per (run, benchmark), or None when no run logged a benchmark."""
+    labels = ["stage", "run", "benchmark", *BENCH_METRICS.values()]
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for label in labels:
+        t.add_column(label, justify="left" if label in labels[:3] else "right", no_wrap=True)
+    for row in rows:
+        cells = _short(row)
+        for name, scores in bench_scores(row).items():
+            t.add_row(*[Text(x) for x in (cells["stage"], cells["run"], name)],
+                      *[Text(scores.get(label, "")) for label in BENCH_METRICS.values()])
+    return t if t.row_count else None
+
+
 def blocks(rows: list[dict]) -> list[Text]:
     """One block per run for a terminal too narrow for the table: stage, run, finished, then the logged metrics."""
     out = []
@@ -168,15 +196,21 @@ def blocks(rows: list[dict]) -> list[Text]:
         metrics = [f"{label} {cells[label]}" for label, _ in KEY_METRICS.values() if cells[label]]
         lines = [f"{cells['stage']}  {cells['run']}  {cells['finished']}"]
         lines += ["  " + "  ".join(metrics[i : i + 2]) for i in range(0, len(metrics), 2)]
+        lines += [f"  {name}: " + "  ".join(f"{label} {v}" for label, v in scores.items())
+                  for name, scores in bench_scores(row).items()]
         out.append(Text("\n".join(lines)))
     return out
 
 
 def print_rows(console: Console, rows: list[dict]) -> None:
     """The table when it fits the console's width (COLUMNS is honoured by rich), else one block per run."""
-    t = table(rows)
-    if Measurement.get(console, console.options.update_width(10_000), t).maximum <= console.width:
+    t, bench = table(rows), bench_table(rows)
+    if all(Measurement.get(console, console.options.update_width(10_000), x).maximum <= console.width
+           for x in (t, bench) if x is not None):
         console.print(t)
+        if bench is not None:
+            console.print()
+            console.print(bench)
         return
     for b in blocks(rows):
         console.print(b)
@@ -188,7 +222,8 @@ def to_json(rows: list[dict]) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    bench = sorted({k for r in rows for k in r if k.startswith(BENCH_PREFIX)})
+    writer = csv.DictWriter(buf, fieldnames=[*FIELDS, *bench], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)  # floats as repr: full precision; None as an empty cell
     return buf.getvalue()

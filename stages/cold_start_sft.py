@@ -63,8 +63,8 @@ def readable_samples(ctx, r1_uri: str, problems) -> list[dict]:
         log.info("cold_start_sft: reusing the sampled set in %s", cached)
         return load_rows(cached)
     model, tok = load_model_and_tokenizer(r1_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
-    sampler = RejectionSampler(model, tok, problems, source_run=r1_uri, template=recipe.prompt.template,
-                               target_language=recipe.prompt.target_language, samples_per_prompt=cfg.samples_per_prompt,
+    sampler = RejectionSampler(model, tok, problems, source_run=r1_uri, prompt=recipe.prompt,
+                               samples_per_prompt=cfg.samples_per_prompt,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                filters=Filters(max_completion_tokens=cfg.max_completion_tokens),
                                batch_prompts=cfg.batch_prompts, seed=recipe.seed)

@@ -148,8 +148,8 @@ def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]
                  state["next_batch"])
 
     model, tok = load_model_and_tokenizer(model_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
-    sampler = RejectionSampler(model, tok, problems, source_run=model_uri, template=recipe.prompt.template,
-                               target_language=recipe.prompt.target_language, samples_per_prompt=cfg.samples_per_prompt,
+    sampler = RejectionSampler(model, tok, problems, source_run=model_uri, prompt=recipe.prompt,
+                               samples_per_prompt=cfg.samples_per_prompt,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, filters=filters_of(cfg),
                                batch_prompts=cfg.batch_prompts, seed=recipe.seed)
     target, buffer, shard = cfg.reasoning_target, list(state["carry"]), state["shard"] + 1

@@ -70,7 +70,7 @@ def test_tiny_base_model_shows_r1_zero_flaws(tiny_base):
 
     recipe, res = tiny_base
     res_eval = evaluate(load_model(res.path), load_tokenizer(res.path), heldout_problems(recipe), recipe.eval,
-                        recipe.prompt.template, recipe.prompt.target_language)
+                        recipe.prompt)
     assert 0.25 <= res_eval.pass_at_1 <= 0.70
     assert res_eval.greedy_accuracy >= 0.6
     assert 0.5 <= res_eval.format_rate <= 0.92

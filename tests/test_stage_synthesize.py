@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from stages.core.recipe import PromptConfig
 from stages.core.rejection import Counts, Filters, RejectionSampler, apply_filters, normalize_completion, score, to_row
 
 GOOD = " <think>1+2=3, write 3. so the answer is 3.</think><answer>3</answer>"
@@ -116,8 +117,8 @@ def test_sampler_batches_are_seeded_by_index(mini_model):
 
     model, tok = load_model_and_tokenizer(mini_model)
     probs = load_problems(DataSource(num_prompts=8), "train", seed=0)
-    s = RejectionSampler(model, tok, probs, source_run="m", template="User: {question}\nAssistant:",
-                         target_language="en", samples_per_prompt=2, temperature=1.0, max_new_tokens=48,
+    s = RejectionSampler(model, tok, probs, source_run="m", prompt=PromptConfig(),
+                         samples_per_prompt=2, temperature=1.0, max_new_tokens=48,
                          filters=Filters(require_correct=False), batch_prompts=4, seed=3)
     a = s.candidates(1)
     s.candidates(0)

@@ -1,10 +1,13 @@
 """Held-out evaluation, run at the end of every stage on prompts never used in training.
 
 Metrics (all in [0, 1]):
-- pass@1: sampled accuracy averaged over k samples per prompt (temperature from the recipe);
+- pass@1: sampled accuracy averaged over k samples per prompt (temperature and top-p from the recipe);
 - greedy_accuracy: one greedy completion per prompt;
 - format_rate: share of sampled completions in the strict R1 template;
 - language_consistency: mean share of target-language words in the CoT; language_clean_rate: share fully consistent.
+
+Prompts are built the way GRPO builds them (stages.core.heldout.problem_prompts), so a model trained on chat-template
+prompts is evaluated on chat-template prompts. Benchmark sets: stages.core.benchmarks.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 from stages.core import console
-from stages.core.recipe import EvalConfig
+from stages.core.heldout import problem_prompts
+from stages.core.recipe import EvalConfig, PromptConfig
 from stages.core.tasks import Problem
 
 
@@ -35,7 +39,7 @@ class EvalResult:
         return {f"{prefix}{k}": float(v) for k, v in d.items()}
 
 
-def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, template: str, target_language: str = "en",
+def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, prompt: PromptConfig,
              progress: bool = False) -> EvalResult:
     import torch
 
@@ -44,9 +48,10 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     if not problems:
         raise ValueError("evaluation needs at least one held-out problem")
     backend = HFGenerateBackend(model, tokenizer)
-    prompts = [template.format(question=p.question) for p in problems]
+    prompts = problem_prompts(problems, prompt, tokenizer)
     k = cfg.samples_per_prompt
-    sampled = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, do_sample=True)
+    sampled = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             do_sample=True)
     greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=False)
     per_batch = max(1, cfg.batch_size // k)
 
@@ -64,7 +69,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, templat
     rep_prompts = [q for q in prompts for _ in range(k)]
     acc = accuracy_reward(rep_prompts, texts, **cols)
     fmt = format_reward(rep_prompts, texts, **cols)
-    lang = language_consistency_reward(rep_prompts, texts, target_language=target_language, **cols)
+    lang = language_consistency_reward(rep_prompts, texts, target_language=prompt.target_language, **cols)
     g_acc = accuracy_reward(prompts, greedy_texts, answer=[p.answer for p in problems],
                             task=[p.task for p in problems], metadata=[p.metadata for p in problems])
     n = len(texts)

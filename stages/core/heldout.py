@@ -1,13 +1,14 @@
 """The recipe's own problems on either side of the held-out split (stages.core.data.split_of): the evaluation problems
-every stage is scored on, and the noisy pretraining texts of the tiny base model, drawn from the train side only."""
+every stage is scored on, and the noisy pretraining texts of the tiny base model, drawn from the train side only; and
+the prompts a model is sampled on outside training, built the way GRPO builds its own."""
 
 from __future__ import annotations
 
 import random
 
 from stages.core.configs import DataSource
-from stages.core.data import load_problems
-from stages.core.recipe import BaseModelConfig, Recipe
+from stages.core.data import load_problems, prompt_rows, render_chat
+from stages.core.recipe import BaseModelConfig, PromptConfig, Recipe
 from stages.core.tasks import Problem, TraceNoise, noisy_trace
 
 
@@ -19,6 +20,12 @@ def problems_for(cfg: BaseModelConfig, split: str, n: int, seed: int) -> list[Pr
 def heldout_problems(recipe: Recipe, n: int | None = None) -> list[Problem]:
     """The evaluation split: problems whose questions no stage ever trains on."""
     return problems_for(recipe.base_model, "eval", n or recipe.eval.num_prompts, recipe.eval.seed)
+
+
+def problem_prompts(problems: list[Problem], prompt: PromptConfig, tokenizer) -> list[str]:
+    """The prompt texts of `problems` exactly as GRPO trains on them (stages.core.grpo_runner: prompt_rows, then
+    render_chat): the template, or with style chat the system turn and the model's chat template."""
+    return [row["prompt"] for row in render_chat(prompt_rows(problems, prompt), tokenizer)]
 
 
 def pretraining_texts(recipe: Recipe) -> list[tuple[str, str]]:

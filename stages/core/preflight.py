@@ -24,6 +24,7 @@ from pathlib import Path
 
 from grpo.rewards_io import check_reward_funcs
 from rewards import build_rewards
+from stages.core.benchmarks import check_benchmarks
 from stages.core.config_base import expand_path
 from stages.core.data import (
     CONVERSATION,
@@ -81,6 +82,7 @@ def preflight(recipe: Recipe, stages: list[str], inputs: dict[str, str] | None =
         lambda: check_context(recipe, stages, inputs or {}),
         lambda: check_other_models(recipe, stages),
         lambda: check_data(recipe, stages),
+        lambda: check_benchmarks(recipe.eval),
         lambda: check_cluster(recipe, stages),
         lambda: check_lengths(recipe, stages),
     ]

@@ -92,15 +92,52 @@ class BaseModelConfig(Strict):
         return self
 
 
+BENCHMARK_COLUMNS = ("question", "answer", "solution")
+
+
+class BenchmarkConfig(Strict):
+    """An evaluation set from a local JSON-lines file (stages.core.benchmarks), scored the way R1 reports benchmarks."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="names the metrics bench/<name>/...: letters, digits, . _ -")
+    path: UserPath = Field(..., description="JSON-lines file, or a shipped fixture's name (aime-fixture, "
+                           "math500-fixture)")
+    format: Literal["aime", "math500", "jsonl"] = Field(
+        "jsonl", description="aime: problem + integer answer; math500: problem + answer (else the solution's \\boxed{}); "
+        "jsonl: question + answer")
+    columns: dict[str, str] = Field(default_factory=dict, description="our column (question, answer, solution) -> "
+                                    "the file's, e.g. {question: Problem, answer: Answer}")
+    samples: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="k samples per problem (default "
+                                "eval.samples_per_prompt; R1: 64 for AIME)")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        if unknown := sorted(set(columns) - set(BENCHMARK_COLUMNS)):
+            raise ValueError(f"unknown column(s) {unknown}; map {list(BENCHMARK_COLUMNS)} to the file's names")
+        return columns
+
+
 class EvalConfig(Strict):
-    """Held-out evaluation run at the end of every stage."""
+    """Held-out evaluation run at the end of every stage, and the benchmarks evaluated with it."""
 
     num_prompts: int = Field(128, ge=1)
     samples_per_prompt: int = Field(4, ge=1, le=MAX_GENERATIONS, description="k for sampled pass@1 averaged over k samples")
     temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (R1 evaluates at temperature 0.6, top-p 0.95)")
     max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     batch_size: int = Field(64, ge=1)
     seed: int = Field(1234, ge=0, le=MAX_SEED)
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="evaluation sets scored after the "
+                                              "held-out evaluation: pass@1 over k, cons@k, pass@k")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_names(cls, benchmarks: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [b.name for b in benchmarks]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"benchmark name(s) {dup} given twice; each names its metrics bench/<name>/...")
+        return benchmarks
 
 
 R1_ZERO_SYSTEM = (  # DeepSeek-R1 paper, Table 1 (the R1-Zero template), as a system turn

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
 from stages.core import console
+from stages.core.heldout import problem_prompts
+from stages.core.recipe import PromptConfig
 from stages.core.tasks import Problem
 
 log = logging.getLogger(__name__)
@@ -139,17 +141,19 @@ def to_row(c: dict, source_run: str) -> dict:
 class RejectionSampler:
     """k samples per prompt from `model`, in batches of `batch_prompts` prompts, scored and filtered.
 
-    `sample_batch(b)` is a pure function of (model, problems, b, seed): the unit a resumable caller works in.
+    `sample_batch(b)` is a pure function of (model, problems, b, seed): the unit a resumable caller works in. Prompts
+    are built as GRPO builds them (`prompt`'s template, or its system turn through the model's chat template).
     """
 
-    def __init__(self, model, tokenizer, problems: Sequence[Problem], *, source_run: str, template: str,
-                 target_language: str, samples_per_prompt: int, temperature: float, max_new_tokens: int,
-                 filters: Filters, batch_prompts: int, seed: int = 0, prompt_prefix: str = "r"):
+    def __init__(self, model, tokenizer, problems: Sequence[Problem], *, source_run: str, prompt: PromptConfig,
+                 samples_per_prompt: int, temperature: float, max_new_tokens: int, filters: Filters,
+                 batch_prompts: int, seed: int = 0, prompt_prefix: str = "r"):
         from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
         self.backend = HFGenerateBackend(model, tokenizer) if model is not None else None
         self.problems = list(problems)
-        self.source_run, self.template, self.target_language = source_run, template, target_language
+        self.tokenizer, self.prompt, self.target_language = tokenizer, prompt, prompt.target_language
+        self.source_run = source_run
         self.k, self.filters, self.batch_prompts, self.seed = samples_per_prompt, filters, batch_prompts, seed
         self.sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, do_sample=True)
         self.prefix = prompt_prefix
@@ -164,7 +168,7 @@ class RejectionSampler:
 
         lo = b * self.batch_prompts
         probs = self.problems[lo : lo + self.batch_prompts]
-        prompts = [self.template.format(question=p.question) for p in probs]
+        prompts = problem_prompts(probs, self.prompt, self.tokenizer)
         torch.manual_seed(self.seed * 1_000_003 + b)
         r = self.backend.generate(prompts, self.k, self.sampling)
         out = []
