@@ -183,6 +183,9 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
 
     benches = [cli_benchmark(b, samples) for b in benchmark] if benchmark else [
         b.model_copy(update={"samples": samples or b.samples}) for b in cfg.eval.benchmarks]
+    for b in benches:
+        if b.pass_k and b.pass_k > (b.samples or cfg.eval.samples_per_prompt):
+            _fail(f"benchmark {b.name}: pass_k {b.pass_k} is more than the {b.samples} samples drawn (--samples)")
     sets = [(b, load_benchmark(b)) for b in benches]  # a bad file is refused before the model loads
     m, tok = load_model_and_tokenizer(model, trust_remote_code=cfg.base_model.trust_remote_code)
     if not benchmark:
@@ -192,11 +195,11 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
             table.add_row(k, f"{v:.3f}")
         console.print(table)
     if sets:
-        table = Table("benchmark", "problems", "k", "pass@1", "cons@k", "pass@k", title=f"benchmarks of {model}")
+        table = Table("benchmark", "problems", "n", "pass@1", "cons@n", "k", "pass@k", title=f"benchmarks of {model}")
         for bench, problems in sets:
             r = evaluate_benchmark(m, tok, problems, bench, cfg.eval, cfg.prompt, progress=True)
             table.add_row(bench.name, str(r.num_problems), str(r.samples), f"{r.pass_at_1:.3f}", f"{r.cons_at_k:.3f}",
-                          f"{r.pass_at_k:.3f}")
+                          str(r.pass_k), f"{r.pass_at_k:.3f}")
         console.print(table)
 
 

@@ -34,7 +34,7 @@ KEY_METRICS = {
 FIELDS = ("run_id", "stage", "pipeline_run_id", "status", "started", "finished", *KEY_METRICS)
 # benchmark metrics (stages.core.benchmarks): bench/<benchmark>/<metric>, shown in a table of their own
 BENCH_PREFIX = "bench/"
-BENCH_METRICS = {"pass_at_1": "pass@1", "cons_at_k": "cons@k", "pass_at_k": "pass@k", "samples": "k"}
+BENCH_METRICS = {"samples": "n", "pass_at_1": "pass@1", "cons_at_k": "cons@n", "pass_k": "k", "pass_at_k": "pass@k"}
 
 # MLflow retries a failing server for about 4 minutes by default (7 retries with backoff, 120 s timeout each);
 # a listing should fail in seconds
@@ -170,7 +170,7 @@ def bench_scores(row: dict) -> dict[str, dict[str, str]]:
     for key, value in row.items():
         name, _, metric = key.removeprefix(BENCH_PREFIX).rpartition("/")
         if key.startswith(BENCH_PREFIX) and metric in BENCH_METRICS and value is not None:
-            out.setdefault(name, {})[BENCH_METRICS[metric]] = f"{value:.0f}" if metric == "samples" else f"{value:.3f}"
+            out.setdefault(name, {})[BENCH_METRICS[metric]] = f"{value:.0f}" if metric in ("samples", "pass_k") else f"{value:.3f}"
     return out
 
 

@@ -135,6 +135,8 @@ def test_benchmark_configs_are_validated_by_the_recipe():
         load_recipe("tiny", {"eval.benchmarks": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]})
     with pytest.raises(RecipeError, match="eval.benchmarks.0.name"):
         load_recipe("tiny", {"eval.benchmarks": [{"name": "a/b", "path": "x"}]})  # would break bench/<name>/...
+    with pytest.raises(RecipeError, match=r"benchmarks.0.pass_k \(8\) is more than the 4 samples drawn per problem"):
+        load_recipe("tiny", {"eval.benchmarks": [{"name": "a", "path": "x", "pass_k": 8}]})  # eval.samples_per_prompt 4
     with pytest.raises(RecipeError, match="eval.top_p"):
         load_recipe("tiny", {"eval.top_p": 1.5})
     assert load_recipe("tiny").eval.top_p == 1.0 and load_recipe("tiny").eval.benchmarks == []
@@ -167,8 +169,9 @@ def spy(monkeypatch):
 
 
 def test_benchmark_metrics_from_scripted_samples(spy, tok, tiny_model):
-    """Problem a: right, wrong, right -> 2/3, majority right, pass@3 1. Problem b: wrong twice (the same answer), then
-    right -> 1/3, majority wrong, pass@3 1. So pass@1 1/2, cons@3 1/2, pass@3 1."""
+    """Problem a: right, wrong, right -> 2/3, majority right, pass@3 1, pass@2 1 - C(1,2)/C(3,2) = 1. Problem b: wrong
+    twice (the same answer), then right -> 1/3, majority wrong, pass@3 1, pass@2 1 - C(2,2)/C(3,2) = 2/3. So pass@1
+    1/2, cons@3 1/2, pass@3 1, pass@2 5/6."""
     problems = [Problem("a", "7", "t"), Problem("b", "8", "t")]
     script = {("a", 0): "7", ("a", 1): "1", ("a", 2): "7", ("b", 0): "2", ("b", 1): "2", ("b", 2): "8"}
     s = spy(lambda prompt, j: f"<answer>{script[(prompt.split(': ')[1].split(chr(10))[0], j)]}</answer>")
@@ -177,8 +180,11 @@ def test_benchmark_metrics_from_scripted_samples(spy, tok, tiny_model):
                              PromptConfig())
     assert (res.pass_at_1, res.cons_at_k, res.pass_at_k) == (pytest.approx(0.5), 0.5, 1.0)
     assert res.metrics() == {"bench/t/pass_at_1": pytest.approx(0.5), "bench/t/cons_at_k": 0.5,
-                             "bench/t/pass_at_k": 1.0, "bench/t/samples": 3.0}
+                             "bench/t/pass_at_k": 1.0, "bench/t/samples": 3.0, "bench/t/pass_k": 3.0}
     assert [(len(p), k, sp.temperature, sp.top_p, sp.do_sample) for p, k, sp in s.calls] == [(1, 3, 0.6, 0.95, True)] * 2
+    res = evaluate_benchmark(tiny_model(tok), tok, problems, BenchmarkConfig(name="t", path="x", samples=3, pass_k=2),
+                             cfg, PromptConfig())
+    assert (res.pass_at_1, res.cons_at_k, res.pass_at_k, res.pass_k) == (pytest.approx(0.5), 0.5, pytest.approx(5 / 6), 2)
 
 
 def test_heldout_evaluation_samples_at_the_recipes_top_p(spy, tok, tiny_model):
@@ -224,12 +230,13 @@ def test_stage_evaluation_logs_benchmarks_and_compare_shows_them(spy, tok, tiny_
     n = len(load_benchmark(recipe.eval.benchmarks[0]))
     assert {k: v for k, v in metrics.items() if k.startswith("bench/")} == {
         "bench/aime-fixture/pass_at_1": pytest.approx(1 / n), "bench/aime-fixture/cons_at_k": pytest.approx(1 / n),
-        "bench/aime-fixture/pass_at_k": pytest.approx(1 / n), "bench/aime-fixture/samples": 2.0}
+        "bench/aime-fixture/pass_at_k": pytest.approx(1 / n), "bench/aime-fixture/samples": 2.0,
+        "bench/aime-fixture/pass_k": 2.0}
     assert "eval/pass_at_1" in metrics
 
     (row,) = compare_rows(recipe)
-    assert bench_scores(row) == {"aime-fixture": {"pass@1": f"{1 / n:.3f}", "cons@k": f"{1 / n:.3f}",
-                                                  "pass@k": f"{1 / n:.3f}", "k": "2"}}
+    assert bench_scores(row) == {"aime-fixture": {"n": "2", "pass@1": f"{1 / n:.3f}", "cons@n": f"{1 / n:.3f}",
+                                                  "k": "2", "pass@k": f"{1 / n:.3f}"}}
     assert "bench/aime-fixture/cons_at_k" in to_csv([row]).splitlines()[0].split(",")
     from rich.console import Console
 
@@ -253,7 +260,8 @@ def test_r1_evaluate_runs_a_benchmark_and_writes_nothing(mini_base, tmp_path, mo
     assert set(rows) == {"aime-fixture", "math500-fixture"}
     for line in rows.values():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        assert cells[1:3] == ["12", "2"] and all(0.0 <= float(v) <= 1.0 for v in cells[3:])
+        assert cells[1:3] == ["12", "2"] and cells[5] == "2"
+        assert all(0.0 <= float(cells[i]) <= 1.0 for i in (3, 4, 6))
     assert "held-out" not in res.stdout  # --benchmark: only the benchmarks
     assert list(tmp_path.iterdir()) == []  # printed, not logged: no store, no files
 

@@ -1,6 +1,6 @@
-"""Benchmark evaluation the way DeepSeek-R1 reports it: k samples per problem at the evaluation temperature and top-p,
-then pass@1 averaged over the k samples, cons@k (the majority answer of the k), and pass@k (Chen et al. 2021's unbiased
-estimator).
+"""Benchmark evaluation the way DeepSeek-R1 reports it: n samples per problem at the evaluation temperature and top-p,
+then pass@1 averaged over the n samples, cons@n (the majority answer of the n; R1's cons@64), and pass@k for a k <= n
+(Chen et al. 2021's unbiased estimator from all n samples; k = n by default).
 
 Sets are local JSON-lines files in the shapes real benchmarks come in: `aime` (problem, integer answer), `math500`
 (problem, solution ending in `\\boxed{}`, answer) or `jsonl` (question, answer); `columns` maps other names. Answers are
@@ -145,45 +145,49 @@ def _problem(line: str, names: dict[str, str], cfg: BenchmarkConfig, where: str)
 @dataclass
 class BenchmarkResult:
     name: str
-    pass_at_1: float  # sampled accuracy averaged over the k samples of every problem
-    cons_at_k: float  # majority vote of the k samples
-    pass_at_k: float  # unbiased estimator, k = samples
+    pass_at_1: float  # sampled accuracy averaged over the n samples of every problem
+    cons_at_k: float  # majority vote of the n samples
+    pass_at_k: float  # unbiased estimator at k = pass_k
     num_problems: int
-    samples: int
+    samples: int  # n
+    pass_k: int  # k
 
     def metrics(self, prefix: str = "bench/") -> dict[str, float]:
         """bench/<name>/pass_at_1 ... (MLflow refuses `@` in a metric name)."""
         base = f"{prefix}{self.name}/"
         return {base + "pass_at_1": self.pass_at_1, base + "cons_at_k": self.cons_at_k,
-                base + "pass_at_k": self.pass_at_k, base + "samples": float(self.samples)}
+                base + "pass_at_k": self.pass_at_k, base + "samples": float(self.samples),
+                base + "pass_k": float(self.pass_k)}
 
 
 def evaluate_benchmark(model, tokenizer, problems: list[Problem], bench: BenchmarkConfig, cfg: EvalConfig,
                        prompt: PromptConfig, progress: bool = False) -> BenchmarkResult:
-    """k samples per problem at cfg's temperature and top-p, prompts built as in training; the three metrics."""
+    """n samples per problem at cfg's temperature and top-p, prompts built as in training; the three metrics."""
     import torch
 
     from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
-    k = bench.samples or cfg.samples_per_prompt
+    n = bench.samples or cfg.samples_per_prompt
+    k = bench.pass_k or n
     prompts = problem_prompts(problems, prompt, tokenizer)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
-    backend, per_batch = HFGenerateBackend(model, tokenizer), max(1, cfg.batch_size // k)
+    backend, per_batch = HFGenerateBackend(model, tokenizer), max(1, cfg.batch_size // n)
     torch.manual_seed(cfg.seed)
     texts: list[str] = []
     with torch.no_grad():
         for i in console.progress_iter(range(0, len(prompts), per_batch), f"benchmark {bench.name}", progress):
-            texts.extend(backend.generate(prompts[i : i + per_batch], k, sampling).completions)
-    answers = [p.answer for p in problems for _ in range(k)]
-    correct = [a >= 1.0 for a in accuracy_reward([q for q in prompts for _ in range(k)], texts, answers)]
-    groups = [(texts[i * k : (i + 1) * k], correct[i * k : (i + 1) * k]) for i in range(len(problems))]
+            texts.extend(backend.generate(prompts[i : i + per_batch], n, sampling).completions)
+    answers = [p.answer for p in problems for _ in range(n)]
+    correct = [a >= 1.0 for a in accuracy_reward([q for q in prompts for _ in range(n)], texts, answers)]
+    groups = [(texts[i * n : (i + 1) * n], correct[i * n : (i + 1) * n]) for i in range(len(problems))]
     return BenchmarkResult(
         name=bench.name,
         pass_at_1=sum(correct) / len(correct),
         cons_at_k=sum(cons_at_k(t, c) for t, c in groups) / len(groups),
-        pass_at_k=sum(pass_at_k(k, sum(c), k) for _, c in groups) / len(groups),
+        pass_at_k=sum(pass_at_k(n, sum(c), k) for _, c in groups) / len(groups),
         num_problems=len(problems),
-        samples=k,
+        samples=n,
+        pass_k=k,
     )
 
 

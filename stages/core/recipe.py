@@ -107,8 +107,10 @@ class BenchmarkConfig(Strict):
         "jsonl: question + answer")
     columns: dict[str, str] = Field(default_factory=dict, description="our column (question, answer, solution) -> "
                                     "the file's, e.g. {question: Problem, answer: Answer}")
-    samples: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="k samples per problem (default "
+    samples: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="n samples per problem (default "
                                 "eval.samples_per_prompt; R1: 64 for AIME)")
+    pass_k: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="k of pass@k (default: samples); below "
+                               "samples, estimated without bias from all n samples (Chen et al. 2021)")
 
     @field_validator("columns")
     @classmethod
@@ -138,6 +140,13 @@ class EvalConfig(Strict):
         if dup := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"benchmark name(s) {dup} given twice; each names its metrics bench/<name>/...")
         return benchmarks
+
+    @model_validator(mode="after")
+    def _pass_k_within_samples(self):
+        for i, b in enumerate(self.benchmarks):
+            if b.pass_k is not None and b.pass_k > (n := b.samples or self.samples_per_prompt):
+                raise ValueError(f"benchmarks.{i}.pass_k ({b.pass_k}) is more than the {n} samples drawn per problem")
+        return self
 
 
 R1_ZERO_SYSTEM = (  # DeepSeek-R1 paper, Table 1 (the R1-Zero template), as a system turn
