@@ -233,6 +233,8 @@ def test_stage_evaluation_logs_benchmarks_and_compare_shows_them(spy, tok, tiny_
         "bench/aime-fixture/pass_at_k": pytest.approx(1 / n), "bench/aime-fixture/samples": 2.0,
         "bench/aime-fixture/pass_k": 2.0}
     assert "eval/pass_at_1" in metrics
+    inputs = {d.dataset.name: d.dataset.source for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert "aime.jsonl" in inputs["bench-aime-fixture"] and "heldout" in inputs
 
     (row,) = compare_rows(recipe)
     assert bench_scores(row) == {"aime-fixture": {"n": "2", "pass@1": f"{1 / n:.3f}", "cons@n": f"{1 / n:.3f}",

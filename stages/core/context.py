@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from grpo import distributed, faults
 from stages.core import attempts, console, tracking
-from stages.core.benchmarks import evaluate_benchmark, load_benchmark
+from stages.core.benchmarks import benchmark_file, evaluate_benchmark, load_benchmark
 from stages.core.evaluate import evaluate
 from stages.core.heldout import heldout_problems
 from stages.core.lineage import EVAL_KEY_TAG, KEY_TAG, eval_key, register_model, stage_key
@@ -134,7 +134,10 @@ def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", t
         mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
     log.debug("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
     for bench in r.eval.benchmarks:  # bench/<name>/... (a distilled student's: bench/<student>/<name>/...)
-        scores = evaluate_benchmark(model, tokenizer, load_benchmark(bench), bench, r.eval, r.prompt, ctx.progress)
+        rows = load_benchmark(bench)
+        tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in rows], f"bench-{bench.name}",
+                             f"path:{benchmark_file(bench.path)}", "evaluation")
+        scores = evaluate_benchmark(model, tokenizer, rows, bench, r.eval, r.prompt, ctx.progress)
         mlflow.log_metrics(scores.metrics("bench/" + prefix.removeprefix("eval/")))
     return res
 
