@@ -167,11 +167,11 @@ def evaluate(model: str = typer.Argument(..., help="model directory or URI (runs
              benchmark: list[str] = typer.Option(None, "--benchmark", help="a JSON-lines benchmark file (aime/math500 "
                                                  "shape by its name, else question/answer) or aime-fixture, "
                                                  "math500-fixture (repeatable); only these are evaluated"),
-             samples: int = typer.Option(None, "--samples", min=1, max=1024, help="k samples per benchmark problem "
+             samples: int = typer.Option(None, "--samples", min=1, max=1024, help="n samples per benchmark problem "
                                          "(default: the benchmark's, else eval.samples_per_prompt)"),
              verbose: bool = False) -> None:
     """Evaluate a model on the recipe's held-out prompts (pass@1 over k samples, greedy accuracy, format rate, language
-    consistency) and its eval.benchmarks (pass@1 over k, cons@k, pass@k), at the recipe's temperature and top-p.
+    consistency) and its eval.benchmarks (pass@1 over n samples, cons@n, pass@k), at the recipe's temperature and top-p.
     With --benchmark, only the benchmarks given. Prints the metrics; writes nothing."""
     _logging(verbose)
     cfg = _recipe(recipe, set)
