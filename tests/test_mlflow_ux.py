@@ -99,6 +99,34 @@ def test_runs_show_their_data_sets_with_digests(stage_runs):
     assert profile["num_rows"] == 16
 
 
+def test_logging_synthesized_rows_warns_nothing_and_declares_integers_as_doubles(tmp_path):
+    """MLflow's schema inference warned ("Inferred schema contains integer column(s)") on every stage that logged
+    synthesized rows: `sample_index` is an integer, and `length` one that general rows lack."""
+    import warnings
+
+    from stages.core.rejection import to_row
+
+    sample = {"prompt": "p", "completion": " 3", "question": "1+2", "answer": "3", "prompt_id": "r0",
+              "sample_index": 1, "accuracy": 1.0, "length": 4}
+    general = {"prompt": "q", "completion": " hi", "kind": "general", "prompt_id": "g0", "sample_index": 0,
+               "reward": 1.0}
+    before = mlflow.get_tracking_uri()  # the module's stage runs are read through it by the tests after this one
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        for rows in ([to_row(sample, "runs:/x")], [to_row(sample, "runs:/x"), general]):
+            with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tracking.log_dataset(rows, "synthesized", "runs:/x/data", "training")
+            shown = [str(w.message)[:80] for w in caught if not issubclass(w.category, DeprecationWarning)]
+            assert shown == []  # what the console would print (deprecations inside MLflow's digest are hidden)
+            (logged,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+            types = {c["name"]: c["type"] for c in json.loads(logged.dataset.schema)["mlflow_colspec"]}
+            assert types["sample_index"] == types["length"] == types["reward"] == "double"
+            assert types["prompt"] == "string"
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_stage_runs_log_system_metrics(stage_runs):
     _, base, rl = stage_runs
     for out in (base, rl):

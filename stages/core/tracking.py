@@ -149,6 +149,9 @@ def log_dataset(rows: list[dict], name: str, source: str, context: str) -> None:
         return v if v is None or isinstance(v, str | int | float | bool) else json.dumps(v, sort_keys=True, default=str)
 
     frame = pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in rows])
+    # integer columns as doubles, as MLflow's schema inference advises (it warns on each integer column: an integer
+    # cannot be missing, and synthesized rows' `length` is missing from general rows)
+    frame = frame.astype({c: "float64" for c in frame.select_dtypes("integer").columns})
     mlflow.log_input(mlflow.data.from_pandas(frame, source=_uri_source(source), name=name), context=context)
 
 
