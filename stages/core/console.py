@@ -80,6 +80,14 @@ class ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class CpuFallbackNotice(logging.Filter):
+    """DeepSpeed warns "Setting accelerator to CPU ... unable to detect" at import. On a machine with no NVIDIA driver
+    there is no GPU to miss and the line is noise; where a driver exists it may be a real problem, and it stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU") or os.path.exists("/proc/driver/nvidia")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings` through logging: one line (`Category: message`), no source line, deduplicated with the rest."""
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
@@ -122,6 +130,9 @@ def setup(mode: Mode | None = None) -> None:
     # "Beginning flow run 'tiny · pipeline · ...'" and its end state; a task's own state lines repeat the stage lines
     logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING if mode == "quiet" else logging.INFO)
     logging.getLogger("prefect.task_runs").setLevel(logging.INFO if mode == "verbose" else logging.WARNING)
+    deepspeed = logging.getLogger("DeepSpeed")  # its own handler, added at its import: a logger filter sees every record
+    if not any(isinstance(f, CpuFallbackNotice) for f in deepspeed.filters):
+        deepspeed.addFilter(CpuFallbackNotice())
     warnings.showwarning = _show_warning
 
 
