@@ -190,3 +190,5 @@ def configure_local_prefect() -> None:
     """Serverless local Prefect: a temporary server per run, no telemetry (no network here)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
+    # Prefect waits 20 s for it; on a loaded laptop (a model loading, a test suite) it can take longer
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
