@@ -291,6 +291,12 @@ def test_vllm_settings_refused_before_any_model_loads(monkeypatch):
         load_recipe("tiny", {"synthesize.vllm_tensor_parallel_size": 2})
     with pytest.raises(ValueError, match="vllm.sleep"):
         load_recipe("tiny", {"cold_start_sft.rollout_backend": "vllm", "cold_start_sft.vllm": {"sleep": True}})
+    from stages.core.preflight import check_cluster
+
+    three = load_recipe("tiny", {"cluster.launcher": "torchrun", "cluster.nproc_per_node": 3,
+                                 "synthesize.rollout_backend": "vllm", "synthesize.vllm_tensor_parallel_size": 2})
+    assert check_cluster(three, ["synthesize"]) == [
+        "synthesize.vllm_tensor_parallel_size: 2 does not divide the 3 ranks of cluster (1 node(s))"]
     from grpo.rollout_vllm import VLLMNotInstalledError
 
     monkeypatch.delitem(sys.modules, "vllm", raising=False)  # not installed here
