@@ -111,8 +111,10 @@ def test_two_ranks_keep_the_rows_of_one(one_rank, tmp_path):
     assert merged["counts"] == counts.to_json()  # counted over the same batches
     by_rank = [json.loads((tmp_path / "out" / f"generated-rank{r}.json").read_text()) for r in (0, 1)]
     assert all(b % 2 == r for r, batches in enumerate(by_rank) for b in batches)  # batch b is rank b mod 2's
-    # ranks sync every 4 rounds: they generated past the 1-rank cut, and the merge dropped those batches
+    # ranks learn the kept rows one round late: they generated past the 1-rank cut, and the merge dropped those
     assert len(by_rank[0]) + len(by_rank[1]) > len(generated)
+    cut_round = (len(generated) - 1) // 2  # the round of the batch that reached the target
+    assert len(by_rank[0]) + len(by_rank[1]) <= 2 * (cut_round + 2) < 12  # ...stopping one round after it
     assert sorted(by_rank[0] + by_rank[1])[: len(generated)] == generated
 
     # the shards say how many ranks wrote them: one process cannot resume them

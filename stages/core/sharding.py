@@ -5,11 +5,13 @@ Ownership: with W generating ranks (the launch's ranks; one per tensor-parallel 
 rank b mod W's. Batches are seeded by index (stages.core.rejection), so batch b's samples do not depend on who
 generates it, and the merge (rows in batch order, cut at the target, counts of the batches it used) equals one rank's.
 
-Rounds and stopping: round t is batches tW .. tW+W-1, one per rank. Every `sync_every` rounds (every round on one rank)
-the ranks all-reduce one small vector (kept rows and sample counts of the rounds done); once those rows reach the
-target every rank stops after the same round. Between syncs a rank may generate a few batches past the target; the
-merge drops them. A rank stores a batch's rows only up to what the target may still need (the target minus the rows
-it knows come before), so one rank stores exactly the rows it keeps, shard for shard as before data parallelism.
+Rounds and stopping: round t is batches tW .. tW+W-1, one per rank. After its batch of round t a rank starts a
+non-blocking all-reduce of what it kept there (rows and sample counts: 10 numbers) and collects round t-1's, so the
+ranks learn the rows of every round one round late, without waiting for each other at every batch (a rank may run
+one round ahead of the slowest). Once those rows reach the target every rank stops after the same round, at most one
+round past the one that reached it; the merge drops the rows past the target. On one rank nothing is all-reduced and
+it stops at the batch that reaches the target. A rank stores a batch's rows only up to what the target may still need
+(the target minus the rows it knows come before), so one rank stores exactly the rows it keeps.
 
 Shards: `<shard_dir>/rank-<r>/shard-NNNNN`, `shard_size` rows each (rows + state.json, written under a temporary name
 and renamed: whole or absent). The state says where the rank is: its next batch, rows of its consumed batches not yet
@@ -35,8 +37,6 @@ from stages.core.rejection import Counts, RejectionSampler
 
 log = logging.getLogger(__name__)
 
-SYNC_EVERY = 4  # rounds between all-reduces of the kept counts on several ranks (one rank: every round)
-
 
 class ShardWorldSizeError(RuntimeError):
     """The work dir's shards were written by another number of generating ranks."""
@@ -61,16 +61,35 @@ def generation_rank(tensor_parallel_size: int = 1) -> GenerationRank:
     return GenerationRank(rank // tensor_parallel_size, world // tensor_parallel_size, rank % tensor_parallel_size == 0)
 
 
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sum over all ranks (the identity on one process); on the collective backend's device."""
+def start_sum_over_ranks(values: list[float]) -> Callable[[], list[float]]:
+    """Start an element-wise sum over all ranks without waiting for it; the returned function waits and gives it (the
+    identity on one process). On the collective backend's device (NCCL: this rank's GPU)."""
     import torch
 
-    from grpo.distributed import all_reduce_sum, is_distributed  # lazy: imports torch
+    from grpo.distributed import is_distributed  # lazy: imports torch
 
-    device = "cpu"
-    if is_distributed() and torch.distributed.get_backend() == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
-    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+    if not is_distributed():
+        return lambda: list(values)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    x = torch.tensor(values, dtype=torch.float64, device=device)
+    work = torch.distributed.all_reduce(x, async_op=True)
+
+    def result() -> list[float]:
+        work.wait()
+        return x.tolist()
+
+    return result
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    return start_sum_over_ranks(values)()
+
+
+def summed(counts) -> Counts:
+    total = Counts()
+    for c in counts:
+        total.add(c)
+    return total
 
 
 # ---- shard files ---------------------------------------------------------------------------------------------------
@@ -131,8 +150,7 @@ def check_world(shard_dir: Path, world: int) -> None:
 def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object], target: int, shard_dir: Path,
                    shard_size: int, *, gen: GenerationRank, label: str, progress: bool = True,
                    fault_kind: str | None = None, on_shard: Callable[[int, int, Counts], None] | None = None,
-                   on_sync: Callable[[int, int, Counts], None] | None = None,
-                   sync_every: int = SYNC_EVERY) -> tuple[list[dict], Counts] | None:
+                   on_sync: Callable[[int, int, Counts], None] | None = None) -> tuple[list[dict], Counts] | None:
     """Rejection-sample up to `target` rows on every rank; rank 0 returns the merged (rows, counts), the others None.
 
     load_backend: builds the sampler's backend (loads the model) the first time this rank has a batch to generate.
@@ -142,7 +160,7 @@ def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object]
     """
     if target <= 0 or sampler.num_batches == 0:
         return ([], Counts()) if gen.rank == 0 and gen.writer else None
-    from grpo.distributed import all_reduce_max, barrier  # lazy: imports torch
+    from grpo.distributed import barrier  # lazy: imports torch
 
     check_world(shard_dir, gen.world)
     mine = rank_dir(shard_dir, gen.rank)
@@ -152,7 +170,6 @@ def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object]
     if not gen.writer:
         in_shards, state = load_shards(mine, clean=False)
     W, num_batches = gen.world, sampler.num_batches
-    sync_every = 1 if W == 1 else sync_every
     consumed: dict[int, tuple[int, Counts]] = {b: (n, Counts.from_json(c)) for b, n, c in
                                                (state or {}).get("batches", [])}
     buffer = list(state["carry"]) if state else []
@@ -163,21 +180,36 @@ def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object]
         log.info("%s: %sresuming after shard %d (%d rows) at generation batch %d", label,
                  f"rank {gen.rank}: " if W > 1 else "", state["shard"], len(in_shards), next_batch)
     rounds = -(-num_batches // W)
-    start = -int(all_reduce_max(-float((next_batch - gen.rank) // W)))  # the least advanced rank's next round
+    own_round = [0.0] * W
+    if gen.writer:
+        own_round[gen.rank] = float((next_batch - gen.rank) // W)
+    start = int(min(sum_over_ranks(own_round)))  # every rank restarts at the least advanced rank's next round
 
-    def synced(upto_round: int) -> tuple[int, Counts]:
-        """Rows stored and counts of every rank's batches in rounds < upto_round."""
-        mine_ = [(n, c) for b, (n, c) in consumed.items() if b // W < upto_round] if gen.writer else []
-        own = Counts()
-        for _, c in mine_:
-            own.add(c)
-        total = sum_over_ranks([float(sum(n for n, _ in mine_))] + own.to_vector())
-        return int(total[0]), Counts.from_vector(total[1:])
+    def kept_in(rounds_: range) -> list[float]:
+        """Rows stored and counts of this rank's batches in those rounds (a tensor-parallel peer: nothing, its writer
+        counts them)."""
+        mine_ = [(n, c) for b, (n, c) in consumed.items() if b // W in rounds_] if gen.writer else []
+        return [float(sum(n for n, _ in mine_))] + summed(c for _, c in mine_).to_vector()
 
-    known, known_counts = synced(start)
+    total = sum_over_ranks(kept_in(range(start)))
+    known, known_counts = int(total[0]), Counts.from_vector(total[1:])  # every rank's rows in the rounds < synced
+    synced, pending = start, []  # all-reduces started, not yet collected (one round behind on several ranks)
     shown = progress and gen.rank == 0 and gen.writer
     bar = console.progress(target, label, shown, initial=min(known, target), unit="sample")
-    generated, t, synced_round = 0, start, start
+    generated, t = 0, start
+
+    def collect(keep: int) -> None:
+        """Add the started all-reduces to what is known, all but the last `keep`."""
+        nonlocal known, known_counts, synced
+        while len(pending) > keep:
+            total = pending.pop(0)()
+            known, previous = known + int(total[0]), known
+            known_counts.add(Counts.from_vector(total[1:]))
+            synced += 1
+            bar.update(min(known, target) - min(previous, target))
+            bar.set_postfix(prompts=known_counts.prompts, accept=f"{known_counts.acceptance_rate:.0%}")
+            if on_sync:
+                on_sync(min(synced * W, num_batches), known, known_counts)
 
     def flush(last: bool) -> None:
         """Full shards from the buffer (all of it, at least one shard, when `last`)."""
@@ -190,10 +222,7 @@ def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object]
                                              "carry": buffer, "batches": batches, "done": finished})
             kept_in_shards += len(chunk)
             if on_shard:
-                own = Counts()
-                for _, c in consumed.values():
-                    own.add(c)
-                on_shard(shard, kept_in_shards, own)
+                on_shard(shard, kept_in_shards, summed(c for _, c in consumed.values()))
             if fault_kind:
                 fault_point(fault_kind, shard + 1)
             shard += 1
@@ -209,24 +238,19 @@ def sample_sharded(sampler: RejectionSampler, load_backend: Callable[[], object]
             if sampler.backend is None:
                 sampler.backend = load_backend()
             rows, counts = sampler.sample_batch(b)
-            # rows known to come before b: every rank's up to the last sync, and this rank's own since
-            before = known + sum(n for bb, (n, _) in consumed.items() if synced_round <= bb // W and bb < b)
+            # rows known to come before b: every rank's in the rounds synced, and this rank's own since
+            before = known + sum(n for bb, (n, _) in consumed.items() if synced <= bb // W and bb < b)
             take = rows[: max(0, target - before)]
             consumed[b] = (len(take), counts)
             buffer.extend(take)
             next_batch, generated = b + W, generated + 1
+        pending.append(start_sum_over_ranks(kept_in(range(t, t + 1))))
+        collect(keep=0 if W == 1 else 1)
         t += 1
-        if t % sync_every == 0 or t == rounds:
-            previous = known
-            known, known_counts = synced(t)
-            synced_round = t
-            bar.update(min(known, target) - min(previous, target))
-            bar.set_postfix(prompts=known_counts.prompts, accept=f"{known_counts.acceptance_rate:.0%}")
-            if on_sync:
-                on_sync(min(t * W, num_batches), known, known_counts)
         stopping = known >= target or t >= rounds
         if gen.writer and not done:
             flush(last=stopping)
+    collect(keep=0)
     bar.close()
     if generated:
         log.info("%s: rank %d generated %d batches in this attempt", label, gen.rank, generated)
