@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -79,6 +80,16 @@ def _weight_loader(llm) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
                        f"(vllm {getattr(sys.modules.get('vllm'), '__version__', '?')}); is it running in-process?")
 
 
+def _saved_generation(path: str):
+    """A stand-in for a model: the saved generation config of `path` (its EOS ids), or none."""
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        return None
+
+
 def _ensure_dist_env() -> None:
     """vLLM's external launcher reads the torch.distributed variables (one process without torchrun has none), and its
     engine must run in this process (V1 would otherwise start an engine-core process we could not load weights into)."""
@@ -130,13 +141,15 @@ def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, 
 
 
 class VLLMBackend:
-    """vLLM on this rank's GPU, fed the policy's weights whenever `weights_version()` changed since the last sync."""
+    """vLLM on this rank's GPU, fed the policy's weights whenever `weights_version()` changed since the last sync.
+    Without a policy (bulk generation from a saved model) the engine keeps the weights it loaded from `model_path`."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, config: VLLMConfig | None = None, *,
+    def __init__(self, policy: torch.nn.Module | None, tokenizer, config: VLLMConfig | None = None, *,
                  max_prompt_length: int, max_completion_length: int, seed: int = 0, model_path: str | None = None,
-                 weights_version: Callable[[], int] | None = None):
+                 weights_version: Callable[[], int] | None = None, tensor_parallel_size: int = 1):
         """policy: the trained model (its `name_or_path` directory gives vLLM the architecture, unless `model_path`);
-        weights_version: a counter that changes when the policy's weights do (the trainer's step)."""
+        weights_version: a counter that changes when the policy's weights do (the trainer's step);
+        tensor_parallel_size: consecutive ranks that hold one engine and send it the same requests."""
         check_vllm_installed()
         check_tokenizer(tokenizer)
         import vllm
@@ -144,14 +157,18 @@ class VLLMBackend:
         self.vllm, self.policy, self.tokenizer = vllm, policy, tokenizer
         self.config = config or VLLMConfig()
         self.max_prompt_length = max_prompt_length
-        self.eos_ids = eos_token_ids(policy, tokenizer)
-        self.weights_version = weights_version or (lambda: 0)
-        self.synced_version: int | None = None  # nothing synced yet: the first rollout syncs
         path = model_path or getattr(policy, "name_or_path", "")
         if not path or not Path(path).is_dir():
             raise ValueError(f"vLLM needs the policy's model directory (policy.name_or_path={path!r} is not one): load "
                              "the policy with from_pretrained(<dir>) or pass model_path")
-        rank, _ = rank_and_world()
+        if policy is None and self.config.sleep:
+            raise ValueError("vllm.sleep needs a policy to reload the weights from after each rollout")
+        self.eos_ids = eos_token_ids(policy if policy is not None else _saved_generation(path), tokenizer)
+        self.weights_version = weights_version or (lambda: 0)
+        self.synced_version: int | None = None  # nothing synced yet: the first rollout syncs
+        rank, world = rank_and_world()
+        if world % tensor_parallel_size:
+            raise ValueError(f"{world} ranks do not split into tensor-parallel groups of {tensor_parallel_size}")
         _ensure_dist_env()
         kwargs = {
             "model": str(path),
@@ -161,9 +178,11 @@ class VLLMBackend:
             "max_model_len": max_prompt_length + max_completion_length,
             "enable_sleep_mode": self.config.sleep,
             "enforce_eager": self.config.enforce_eager,
-            "seed": seed + rank,  # unseeded requests: a different stream per rank
+            "seed": seed + rank // tensor_parallel_size,  # unseeded requests: one stream per engine
             "distributed_executor_backend": "external_launcher",  # this process's engine, on this rank's GPU
         }
+        if tensor_parallel_size > 1:  # vLLM's torchrun layout: ranks [dp][tp], one engine per tp group
+            kwargs |= {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size}
         if self.config.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.config.max_num_seqs
         self.llm = vllm.LLM(**kwargs)
@@ -185,6 +204,8 @@ class VLLMBackend:
         self.synced_version = self.weights_version()
 
     def _sync_if_stale(self) -> None:
+        if self.policy is None:  # bulk generation: the weights loaded from model_path are the ones to sample
+            return
         if self._weights_released or self.synced_version != self.weights_version():
             self.sync_weights()
 

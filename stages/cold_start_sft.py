@@ -20,13 +20,15 @@ from stages.core.data import load_cot_dataset, load_problems, load_rows, save_ro
 from stages.core.lineage import resolve_input
 from stages.core.models import load_model_and_tokenizer, pick_device
 from stages.core.recipe import Recipe
-from stages.core.rejection import Filters, RejectionSampler, rejection_sample
+from stages.core.rejection import Filters, RejectionSampler, load_backend
 from stages.core.sft_runner import train_and_finish
+from stages.core.sharding import generation_rank, sample_sharded
 
 log = logging.getLogger(__name__)
 
 STAGE = "cold_start_sft"
 UPSTREAM = {"model": ("base_model", "model"), "r1_zero_model": ("r1_zero", "model")}
+SHARD_ROWS = 256  # rows per sampling shard (resume granularity)
 
 
 def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = None,
@@ -42,9 +44,13 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
         problems = load_problems(cfg.prompt_data or recipe.r1_zero.data, "train", n=cfg.num_prompts,
                                  seed=recipe.seed + 1)
         stage_inputs = {"model": base_uri, "r1_zero_model": r1_uri}
+        if cfg.rollout_backend == "vllm":
+            from grpo.rollout_vllm import check_vllm_installed  # lazy: imports torch
+
+            check_vllm_installed()  # a missing vLLM fails before any model loads
     with stage_context(recipe, STAGE, cfg, stage_inputs, parent_run_id, progress) as ctx:
-        if examples is None:  # on several ranks: rank 0 samples the set, the others receive it
-            examples = broadcast(readable_samples(ctx, r1_uri, problems) if ctx.main else None)
+        if examples is None:  # on several ranks: each samples its share, rank 0 merges, the others receive the set
+            examples = broadcast(readable_samples(ctx, r1_uri, problems))
         if ctx.main:
             log_data(ctx, examples, cfg.samples_to_log)
         model, tok = load_model_and_tokenizer(base_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
@@ -52,36 +58,42 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
                                 extra_outputs={"data": f"runs:/{ctx.run_id}/data"})
 
 
-def readable_samples(ctx, r1_uri: str, problems) -> list[dict]:
-    """Rejection-sample the R1-Zero model up to target_size readable samples; reuse the work dir's set on a rerun (so a
-    resumed SFT trains on the same examples)."""
+def readable_samples(ctx, r1_uri: str, problems) -> list[dict] | None:
+    """Rejection-sample the R1-Zero model up to target_size readable samples on every rank (stages.core.sharding);
+    rank 0 returns the merged set, the others None. A rerun reuses the work dir's set (so a resumed SFT trains on the
+    same examples)."""
     import mlflow
 
     cfg, recipe = ctx.recipe.cold_start_sft, ctx.recipe
     cached = ctx.workdir / "data"
-    if cached.exists():
+    if broadcast(cached.exists()):  # rank 0 decides: every rank takes the same path
         log.info("cold_start_sft: reusing the sampled set in %s", cached)
-        return load_rows(cached)
-    model, tok = load_model_and_tokenizer(r1_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
-    sampler = RejectionSampler(model, tok, problems, source_run=r1_uri, prompt=recipe.prompt,
+        return load_rows(cached) if ctx.main else None
+    sampler = RejectionSampler(None, problems, source_run=r1_uri, prompt=recipe.prompt,
                                samples_per_prompt=cfg.samples_per_prompt,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                filters=Filters(max_completion_tokens=cfg.max_completion_tokens),
-                               batch_prompts=cfg.batch_prompts, seed=recipe.seed)
-    res = rejection_sample(sampler, cfg.target_size, progress=ctx.progress)
-    mlflow.log_metrics(res.counts.metrics("cold_start/") | {"cold_start/examples": len(res.rows)})
-    if not res.rows:
-        raise RuntimeError(f"cold_start_sft: no readable sample from the R1-Zero model {r1_uri}: {res.counts.why()}. "
+                               batch_prompts=cfg.batch_prompts, seed=recipe.seed,
+                               seeded_completions=cfg.rollout_backend == "vllm")
+    merged = sample_sharded(sampler, lambda: load_backend(r1_uri, cfg, recipe), cfg.target_size,
+                            ctx.workdir / "shards", SHARD_ROWS, gen=generation_rank(cfg.vllm_tensor_parallel_size),
+                            label="cold-start sampling", progress=ctx.progress)
+    del sampler  # the R1-Zero model: SFT trains the base model next
+    if not ctx.main:
+        return None
+    rows, counts = merged
+    mlflow.log_metrics(counts.metrics("cold_start/") | {"cold_start/examples": len(rows)})
+    if not rows:
+        raise RuntimeError(f"cold_start_sft: no readable sample from the R1-Zero model {r1_uri}: {counts.why()}. "
                            "Raise num_prompts / samples_per_prompt, or give a dataset (cold_start_sft.data)")
-    if not res.reached:
-        msg = (f"cold_start_sft: kept {len(res.rows)} of target_size={cfg.target_size} readable samples from "
-               f"{len(problems)} prompts: {res.counts.why()}")
+    if len(rows) < cfg.target_size:
+        msg = (f"cold_start_sft: kept {len(rows)} of target_size={cfg.target_size} readable samples from "
+               f"{len(problems)} prompts: {counts.why()}")
         mlflow.set_tag("r1.cold_start_sft.target_not_reached", msg[:5000])
         log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
-    del model
-    save_rows(res.rows, cached)
-    return res.rows
+    save_rows(rows, cached)
+    return rows
 
 
 def log_data(ctx, examples: list[dict], samples_to_log: int) -> None:

@@ -2,32 +2,27 @@
 (non-reasoning) samples. The paper keeps ~600k reasoning samples (correct, one language, clean format, not too long, no
 duplicates) and adds ~200k general ones; here both counts are `reasoning_target` and `general_target`.
 
-Resumable in shards: the reasoning rows are produced in shards of `shard_size` rows under `<workdir>/shards/`. A shard is
-a folder (its rows, plus `state.json` with the position reached: next generation batch, the rows of that position not
-yet in a shard, the cumulative counts) written under a temporary name and renamed, so it either exists whole or not at
-all. A rerun (same config and input, hence the same work dir) reads the finished shards and continues from the last
-one's position; since each generation batch is seeded by its index, the final rows equal an uninterrupted run's.
+Data parallel and resumable (stages.core.sharding): on N ranks each generates its share of the generation batches into
+its own shards of `shard_size` rows under `<workdir>/shards/rank-<r>/` (whole or absent: written, then renamed); rank 0
+merges them in batch order, so the rows equal a 1-rank run's, and alone writes the outputs and talks to MLflow. A rerun
+(same config and input, hence the same work dir) resumes every rank from its own last shard; since each generation
+batch is seeded by its index, the final rows equal an uninterrupted run's.
 
 mlflow is imported inside functions: the registry imports every stage, and `r1 validate` must start fast.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import warnings
-from pathlib import Path
 
-from grpo.faults import fault_point
-from stages.core import console, tracking
+from stages.core import tracking
 from stages.core.context import stage_context
-from stages.core.data import load_problems, load_rows, save_rows
+from stages.core.data import load_problems, save_rows
 from stages.core.lineage import resolve_input
-from stages.core.models import load_model_and_tokenizer, pick_device
 from stages.core.recipe import Recipe
-from stages.core.rejection import Counts, Filters, RejectionSampler
+from stages.core.rejection import Counts, Filters, RejectionSampler, load_backend
+from stages.core.sharding import generation_rank, sample_sharded
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +82,15 @@ def run(recipe: Recipe, inputs: dict | None = None, parent_run_id: str | None = 
     model_uri = resolve_input(recipe, inputs, "model", *UPSTREAM["model"])
     problems = reasoning_problems(recipe)  # a bad data source fails here, before any model loads
     general = general_rows(recipe)
+    if cfg.rollout_backend == "vllm":
+        from grpo.rollout_vllm import check_vllm_installed  # lazy: imports torch
+
+        check_vllm_installed()  # a missing vLLM fails before any model loads
     with stage_context(recipe, STAGE, cfg, {"model": model_uri}, parent_run_id, progress) as ctx:
-        reasoning, counts = sample_reasoning(ctx, model_uri, problems)
+        sampled = sample_reasoning(ctx, model_uri, problems)
+        if not ctx.main:  # rank 0 merged the shards and writes the outputs
+            return {"run_id": ctx.run_id, "data": f"runs:/{ctx.run_id}/data"}
+        reasoning, counts = sampled
         rows = reasoning + general
         metrics = counts.metrics("synth/") | {
             "synth/reasoning_rows": len(reasoning), "synth/general_rows": len(general), "synth/rows": len(rows),
@@ -130,96 +132,28 @@ def _check_targets(cfg, reasoning: list[dict], general: list[dict], counts: Coun
     warnings.warn(msg, TargetNotReachedWarning, stacklevel=3)
 
 
-def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts]:
-    """Rejection-sample up to reasoning_target rows, shard by shard, resuming from the work dir's finished shards."""
+def sample_reasoning(ctx, model_uri: str, problems) -> tuple[list[dict], Counts] | None:
+    """Rejection-sample up to reasoning_target rows on every rank of the launch, each rank resuming from its own shards
+    in the work dir; rank 0 gets the merged rows (a 1-rank run's), the others None."""
     cfg, recipe = ctx.recipe.synthesize, ctx.recipe
-    shard_dir = ctx.workdir / "shards"
-    rows, state = load_shards(shard_dir)
-    if state is None:
-        state = {"shard": -1, "next_batch": 0, "carry": [], "counts": Counts().to_json(),
-                 "done": cfg.reasoning_target == 0 or not problems}
-    counts = Counts.from_json(state["counts"])
-    if state["done"]:
-        if state["shard"] >= 0:
-            log.info("synthesize: all %d shards already finished in %s", state["shard"] + 1, shard_dir)
-        return rows, counts
-    if state["shard"] >= 0:
-        log.info("synthesize: resuming after shard %d (%d rows) at generation batch %d", state["shard"], len(rows),
-                 state["next_batch"])
-
-    model, tok = load_model_and_tokenizer(model_uri, pick_device(recipe.device), recipe.base_model.trust_remote_code)
-    sampler = RejectionSampler(model, tok, problems, source_run=model_uri, prompt=recipe.prompt,
+    sampler = RejectionSampler(None, problems, source_run=model_uri, prompt=recipe.prompt,
                                samples_per_prompt=cfg.samples_per_prompt,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, filters=filters_of(cfg),
-                               batch_prompts=cfg.batch_prompts, seed=recipe.seed)
-    target, buffer, shard = cfg.reasoning_target, list(state["carry"]), state["shard"] + 1
-    bar = console.progress(target, "synthesize", ctx.progress, initial=len(rows) + len(buffer), unit="sample")
+                               batch_prompts=cfg.batch_prompts, seed=recipe.seed,
+                               seeded_completions=cfg.rollout_backend == "vllm")
+    gen = generation_rank(cfg.vllm_tensor_parallel_size)
 
-    def write_shards(next_batch: int, last: bool) -> bool:
-        """Full shards from the buffer (all of it when `last`); True once the final shard is written."""
-        nonlocal buffer, shard
-        while len(buffer) >= cfg.shard_size or last:
-            chunk, buffer = buffer[: cfg.shard_size], buffer[cfg.shard_size :]
-            done = last and not buffer
-            write_shard(shard_dir, shard, chunk, {"shard": shard, "rows": len(chunk), "next_batch": next_batch,
-                                                  "carry": buffer, "counts": counts.to_json(), "done": done})
-            rows.extend(chunk)
-            # step = shards written (from 1: the end-of-stage summary is logged at step 0)
-            ctx.logger.log_metrics(counts.metrics("synth/") | {"synth/kept": len(rows)}, step=shard + 1)
-            fault_point(STAGE, shard + 1)
-            shard += 1
-            if done:
-                return True
-        return False
+    def log_shard(shard: int, kept: int, counts: Counts) -> None:
+        # step = shards written (from 1: the end-of-stage summary is logged at step 0)
+        ctx.logger.log_metrics(counts.metrics("synth/") | {"synth/kept": kept}, step=shard + 1)
 
-    if len(rows) + len(buffer) >= target or state["next_batch"] >= sampler.num_batches:
-        # killed while writing the last batch's shards: write the rest of them, generate nothing more
-        write_shards(state["next_batch"], last=True)
-    else:
-        for b, kept, batch_counts in sampler.batches(state["next_batch"]):
-            take = kept[: target - len(rows) - len(buffer)]
-            buffer.extend(take)
-            counts.add(batch_counts)
-            bar.update(len(take))
-            bar.set_postfix(prompts=counts.prompts, accept=f"{counts.acceptance_rate:.0%}")
-            if write_shards(b + 1, last=len(rows) + len(buffer) >= target or b == sampler.num_batches - 1):
-                break
-    bar.close()
-    return rows, counts
+    def log_sync(batches: int, kept: int, counts: Counts) -> None:
+        # several ranks: step = generation batches done, at each all-reduce of the counts. `sampled` counts the batches
+        # past the target too (the merge drops them): the counts of the rows kept are logged once, at the end
+        ctx.logger.log_metrics({"synth/kept": min(kept, cfg.reasoning_target), "synth/sampled": counts.generated},
+                               step=batches)
 
-
-def shard_path(shard_dir: Path, i: int) -> Path:
-    return shard_dir / f"shard-{i:05d}"
-
-
-def write_shard(shard_dir: Path, i: int, rows: list[dict], state: dict) -> Path:
-    """Rows and state into a temporary folder, then one rename: a shard is whole or absent."""
-    final = shard_path(shard_dir, i)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if rows:
-        save_rows(rows, tmp / "rows")
-    fault_point("shard_write", i + 1, by_stage=False)
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def load_shards(shard_dir: Path) -> tuple[list[dict], dict | None]:
-    """Rows of the finished shards 0, 1, ... up to the first missing one, and the last one's state. Shards after a gap
-    (and unfinished temporaries) are stale: removed, their batches are redone."""
-    rows, state, i = [], None, 0
-    while (shard_path(shard_dir, i) / "state.json").exists():
-        d = shard_path(shard_dir, i)
-        state = json.loads((d / "state.json").read_text())
-        if state["rows"]:
-            rows.extend(load_rows(d / "rows"))
-        i += 1
-    if shard_dir.exists():
-        for stale in shard_dir.glob("shard-*"):
-            if stale.name.endswith(".tmp") or int(stale.name.split("-")[1]) >= i:
-                shutil.rmtree(stale, ignore_errors=True)
-    return rows, state
+    return sample_sharded(sampler, lambda: load_backend(model_uri, cfg, recipe), cfg.reasoning_target,
+                          ctx.workdir / "shards", cfg.shard_size, gen=gen, label=STAGE, progress=ctx.progress,
+                          fault_kind=STAGE, on_shard=log_shard if ctx.main and gen.world == 1 else None,
+                          on_sync=log_sync if ctx.main and gen.world > 1 else None)

@@ -205,7 +205,7 @@ def test_chat_style_evaluation_prompts_are_grpos(spy, tok, tiny_model):
         s = spy()
         evaluate(model, tok, problems, EvalConfig(samples_per_prompt=1), prompt)
         evaluate_benchmark(model, tok, problems, BenchmarkConfig(name="b", path="x", samples=1), EvalConfig(), prompt)
-        RejectionSampler(model, tok, problems, source_run="m", prompt=prompt, samples_per_prompt=1, temperature=1.0,
+        RejectionSampler(HFGenerateBackend(model, tok), problems, source_run="m", prompt=prompt, samples_per_prompt=1, temperature=1.0,
                          max_new_tokens=8, filters=Filters(), batch_prompts=2).candidates(0)
         assert [p for p, _, _ in s.calls] == [grpo] * 4  # sampled and greedy held-out, benchmark, rejection
     assert grpo == ["User: 1+2\nAssistant:", "User: 40+2\nAssistant:"]

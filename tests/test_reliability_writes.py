@@ -33,7 +33,7 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed_from(tok, tmp_path,
 
 
 def test_a_shard_interrupted_mid_write_is_redone(tmp_path, monkeypatch):
-    from stages.synthesize import load_shards, write_shard
+    from stages.core.sharding import load_shards, write_shard
 
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
     write_shard(tmp_path, 0, rows[:2], {"shard": 0, "rows": 2, "next_batch": 1, "carry": [], "counts": {},

@@ -34,11 +34,11 @@ def test_checkpoint_from_another_world_size_is_refused_before_loading(tmp_path):
 def fake_stage(monkeypatch):
     calls = []
 
-    def synthesize(recipe, inputs=None, parent_run_id=None, progress=True):
+    def distill(recipe, inputs=None, parent_run_id=None, progress=True):
         calls.append(is_distributed())
         return {"run_id": "r", "data": "runs:/r/data"}
 
-    monkeypatch.setattr("stages.registry.runnable", lambda: {"synthesize": synthesize})
+    monkeypatch.setattr("stages.registry.runnable", lambda: {"distill": distill})
     return calls
 
 
@@ -47,7 +47,7 @@ def test_a_stage_without_a_multi_rank_path_runs_on_rank_0_alone(rank, fake_stage
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
     result = tmp_path / "result.json"
-    assert entry.main(["synthesize", "--recipe", "tiny", "--result-file", str(result)]) == 0
+    assert entry.main(["distill", "--recipe", "tiny", "--result-file", str(result)]) == 0
     if rank == 1:
         assert fake_stage == [] and not result.exists()  # rank 1 left at once
     else:

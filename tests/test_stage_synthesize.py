@@ -111,13 +111,14 @@ def _workdir(recipe, run_id) -> Path:
 
 
 def test_sampler_batches_are_seeded_by_index(mini_model):
+    from grpo.rollout import HFGenerateBackend
     from stages.core.configs import DataSource
     from stages.core.data import load_problems
     from stages.core.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(mini_model)
     probs = load_problems(DataSource(num_prompts=8), "train", seed=0)
-    s = RejectionSampler(model, tok, probs, source_run="m", prompt=PromptConfig(),
+    s = RejectionSampler(HFGenerateBackend(model, tok), probs, source_run="m", prompt=PromptConfig(),
                          samples_per_prompt=2, temperature=1.0, max_new_tokens=48,
                          filters=Filters(require_correct=False), batch_prompts=4, seed=3)
     a = s.candidates(1)
@@ -153,7 +154,7 @@ def test_synthesize_end_to_end_and_resume_from_a_shard(store, mini_model):
 
     # a crash after the first shard: the final output and later shards are gone; the rerun redoes exactly those
     work = _workdir(recipe, out["run_id"])
-    shards = sorted((work / "shards").iterdir())
+    shards = sorted((work / "shards" / "rank-0").iterdir())
     assert [s.name for s in shards] == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
     shutil.rmtree(work / "data")
     for s in shards[1:]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from grpo.config import GRPOConfig
+from grpo.config import GRPOConfig, VLLMConfig
 from rewards.registry import RewardSpec
 from stages.core.config_base import MAX_GENERATIONS, MAX_TOKENS, ModelArch, Strict, UserPath
 from stages.core.sft import SFTConfig
@@ -71,7 +71,27 @@ class R1ZeroConfig(GRPOStageConfig):
     """Pure RL from the base model: accuracy + format rewards, the R1-Zero template."""
 
 
-class ColdStartConfig(Strict):
+class BulkGeneration(Strict):
+    """Where rejection sampling generates (synthesis, cold-start sampling): Hugging Face generate, or vLLM's offline
+    engine on each rank's GPUs (tensor-parallel over `vllm_tensor_parallel_size` consecutive ranks)."""
+
+    rollout_backend: Literal["hf", "vllm"] = Field("hf", description="hf: Hugging Face generate (CPU or GPU); vllm: "
+                                                   "vLLM's LLM.generate (`pip install .[gpu]`)")
+    vllm: VLLMConfig = Field(default_factory=lambda: VLLMConfig(gpu_memory_utilization=0.9),
+                             description="vLLM engine settings (the engine has the GPU to itself here)")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="GPUs (consecutive ranks) that hold one vLLM engine; "
+                                           "the ranks' count must be a multiple of it")
+
+    @model_validator(mode="after")
+    def _vllm_only(self):
+        if self.rollout_backend != "vllm" and self.vllm_tensor_parallel_size > 1:
+            raise ValueError(f"vllm_tensor_parallel_size={self.vllm_tensor_parallel_size} needs rollout_backend: vllm")
+        if self.vllm.sleep:
+            raise ValueError("vllm.sleep: bulk generation has no trainer to give the GPU back to; set it false")
+        return self
+
+
+class ColdStartConfig(BulkGeneration):
     """SFT of the base model on long, readable CoT: a given dataset, or R1-Zero samples filtered for readability."""
 
     data: DataSource | None = Field(None, description="a CoT dataset (source path/hub; columns prompt + completion, or "
@@ -95,7 +115,7 @@ class ReasoningRLConfig(GRPOStageConfig):
         ("accuracy", 1.0), ("format", 0.5), ("language_consistency", 0.5)))
 
 
-class SynthesizeConfig(Strict):
+class SynthesizeConfig(BulkGeneration):
     """Rejection sampling from the reasoning-RL model plus general samples: the 800k set (600k + 200k in the paper)."""
 
     reasoning_target: int = Field(600, ge=0, description="reasoning samples kept")

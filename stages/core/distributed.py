@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # stages/core/distributed.py -> the repository
 
-# Stages whose run() works on N ranks (their trainer shards the batch under DeepSpeed ZeRO; rank 0 logs). The others
-# (base_model, synthesize, preference_rl, distill) run on rank 0 alone when launched on several: the rest exit at once.
-DISTRIBUTED_STAGES = frozenset({"r1_zero", "reasoning_rl", "cold_start_sft", "general_sft"})
+# Stages whose run() works on N ranks (their trainer shards the batch under DeepSpeed ZeRO, or their rejection sampling
+# the generation batches, stages.core.sharding; rank 0 logs). The others (base_model, preference_rl, distill) run on
+# rank 0 alone when launched on several: the rest exit at once.
+DISTRIBUTED_STAGES = frozenset({"r1_zero", "reasoning_rl", "cold_start_sft", "general_sft", "synthesize"})
 
 
 def launched_world_size() -> int:

@@ -26,6 +26,7 @@ from grpo.rewards_io import check_reward_funcs
 from rewards import build_rewards
 from stages.core.benchmarks import check_benchmarks
 from stages.core.config_base import expand_path
+from stages.core.configs import BulkGeneration
 from stages.core.data import (
     CONVERSATION,
     REQUIRED,
@@ -466,7 +467,11 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
             if s in GRPO_STAGES:  # prompts and minibatches: the trainer's own check
                 problems += [f"{s}.grpo.{p}" for p in cfg.grpo.world_problems(world, f" of cluster ({c.nodes} node(s))")]
                 continue
-            problems += [f"{s}.sft.{p}" for p in cfg.sft.world_problems(world, f" of cluster ({c.nodes} node(s))")]
+            if isinstance(cfg, BulkGeneration) and world % cfg.vllm_tensor_parallel_size:  # vLLM engines span ranks
+                problems.append(f"{s}.vllm_tensor_parallel_size: {cfg.vllm_tensor_parallel_size} does not divide the "
+                                f"{world} ranks of cluster ({c.nodes} node(s))")
+            if hasattr(cfg, "sft"):  # synthesize trains nothing
+                problems += [f"{s}.sft.{p}" for p in cfg.sft.world_problems(world, f" of cluster ({c.nodes} node(s))")]
     return problems
 
 

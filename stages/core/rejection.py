@@ -10,20 +10,21 @@ A sample is kept only if it passes every enabled filter:
 - `duplicate`: the same normalised completion as one already kept for the same prompt.
 
 Rejection counts are per filter and overlap (a sample can fail several), so a caller can say why a target was missed.
-Generation batch `b` is seeded from (seed, b), so a batch's samples do not depend on which batches ran before it:
-a resumed run regenerates exactly what an uninterrupted one would have.
+Generation batch `b` is seeded from (seed, b), so a batch's samples do not depend on which batches ran before it, nor
+on which rank generates it: a resumed run regenerates exactly what an uninterrupted one would have, and N ranks
+(stages.core.sharding) sample what one does.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rewards import accuracy_reward, format_reward, language_consistency_reward
-from stages.core import console
 from stages.core.heldout import problem_prompts
+from stages.core.models import check_model_dir, load_model, load_tokenizer, pick_device, resolve_model_uri
 from stages.core.recipe import PromptConfig
 from stages.core.tasks import Problem
 
@@ -82,6 +83,15 @@ class Counts:
     def from_json(cls, d: dict) -> Counts:
         return cls(d["prompts"], d["generated"], d["passed"], d["rejected"], Counter(d["by_filter"]))
 
+    def to_vector(self) -> list[float]:
+        """The counts as numbers in a fixed order (for an all-reduce over ranks)."""
+        return [self.prompts, self.generated, self.passed, self.rejected] + [self.by_filter.get(f, 0) for f in FILTERS]
+
+    @classmethod
+    def from_vector(cls, v: Sequence[float]) -> Counts:
+        n = [round(x) for x in v]
+        return cls(*n[:4], Counter({f: c for f, c in zip(FILTERS, n[4:]) if c}))
+
 
 def normalize_completion(text: str) -> str:
     """What counts as the same completion: case and whitespace do not."""
@@ -139,24 +149,31 @@ def to_row(c: dict, source_run: str) -> dict:
 
 
 class RejectionSampler:
-    """k samples per prompt from `model`, in batches of `batch_prompts` prompts, scored and filtered.
+    """k samples per prompt from a rollout backend, in batches of `batch_prompts` prompts, scored and filtered.
 
-    `sample_batch(b)` is a pure function of (model, problems, b, seed): the unit a resumable caller works in. Prompts
-    are built as GRPO builds them (`prompt`'s template, or its system turn through the model's chat template).
+    `sample_batch(b)` is a pure function of (model, problems, b, seed): the unit a resumable caller (and each rank of a
+    data-parallel one, stages.core.sharding) works in. Prompts are built as GRPO builds them (`prompt`'s template, or
+    its system turn through the model's chat template). The Hugging Face backend draws batch b from the global torch
+    stream seeded (seed, b); a backend given `seeds=` (vLLM: `seeded_completions`) draws each completion from its own
+    seed, a hash of (seed, prompt index, j).
     """
 
-    def __init__(self, model, tokenizer, problems: Sequence[Problem], *, source_run: str, prompt: PromptConfig,
+    def __init__(self, backend, problems: Sequence[Problem], *, source_run: str, prompt: PromptConfig,
                  samples_per_prompt: int, temperature: float, max_new_tokens: int, filters: Filters,
-                 batch_prompts: int, seed: int = 0, prompt_prefix: str = "r"):
-        from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
+                 batch_prompts: int, seed: int = 0, prompt_prefix: str = "r", seeded_completions: bool = False):
+        from grpo.rollout import SamplingParams  # lazy: imports torch
 
-        self.backend = HFGenerateBackend(model, tokenizer) if model is not None else None
+        self.backend, self.seeded_completions = backend, seeded_completions
         self.problems = list(problems)
-        self.tokenizer, self.prompt, self.target_language = tokenizer, prompt, prompt.target_language
+        self.prompt, self.target_language = prompt, prompt.target_language
         self.source_run = source_run
         self.k, self.filters, self.batch_prompts, self.seed = samples_per_prompt, filters, batch_prompts, seed
         self.sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, do_sample=True)
         self.prefix = prompt_prefix
+
+    @property
+    def tokenizer(self):  # the backend's: a data-parallel caller sets the backend only on ranks that generate
+        return getattr(self.backend, "tokenizer", None)
 
     @property
     def num_batches(self) -> int:
@@ -166,11 +183,17 @@ class RejectionSampler:
         """The raw samples of batch b (seeded from (seed, b)), with lengths and truncation."""
         import torch
 
+        from grpo.rollout import mix_seed  # lazy: imports torch
+
         lo = b * self.batch_prompts
         probs = self.problems[lo : lo + self.batch_prompts]
         prompts = problem_prompts(probs, self.prompt, self.tokenizer)
-        torch.manual_seed(self.seed * 1_000_003 + b)
-        r = self.backend.generate(prompts, self.k, self.sampling)
+        if self.seeded_completions:
+            seeds = [mix_seed(self.seed, lo + i) for i in range(len(probs))]
+            r = self.backend.generate(prompts, self.k, self.sampling, seeds=seeds)
+        else:
+            torch.manual_seed(self.seed * 1_000_003 + b)
+            r = self.backend.generate(prompts, self.k, self.sampling)
         out = []
         for j, text in enumerate(r.completions):
             i, s = divmod(j, self.k)
@@ -188,36 +211,22 @@ class RejectionSampler:
         counts.prompts = len(self.problems[b * self.batch_prompts : (b + 1) * self.batch_prompts])
         return [to_row(c, self.source_run) for c in kept], counts
 
-    def batches(self, start: int = 0) -> Iterator[tuple[int, list[dict], Counts]]:
-        for b in range(start, self.num_batches):
-            rows, counts = self.sample_batch(b)
-            yield b, rows, counts
 
+def load_backend(model_uri: str, cfg, recipe):
+    """The rollout backend a rejection sampler generates with (`cfg`: a stage's BulkGeneration settings): Hugging Face
+    generate on this rank's device, or vLLM's offline engine reading the model's directory (no weights in torch)."""
+    path = check_model_dir(resolve_model_uri(model_uri))
+    trust = recipe.base_model.trust_remote_code
+    if cfg.rollout_backend == "vllm":
+        from transformers import AutoConfig
 
-@dataclass
-class RejectionResult:
-    rows: list[dict]
-    counts: Counts
-    target: int
+        from grpo.rollout_vllm import VLLMBackend  # lazy: imports torch
 
-    @property
-    def reached(self) -> bool:
-        return len(self.rows) >= self.target
+        context = AutoConfig.from_pretrained(path, trust_remote_code=trust).max_position_embeddings
+        return VLLMBackend(None, load_tokenizer(path, trust), cfg.vllm, max_prompt_length=context - cfg.max_new_tokens,
+                           max_completion_length=cfg.max_new_tokens, seed=recipe.seed, model_path=str(path),
+                           tensor_parallel_size=cfg.vllm_tensor_parallel_size)
+    from grpo.rollout import HFGenerateBackend  # lazy: imports torch
 
+    return HFGenerateBackend(load_model(path, pick_device(recipe.device), trust), load_tokenizer(path, trust))
 
-def rejection_sample(sampler: RejectionSampler, target: int, progress: bool = True) -> RejectionResult:
-    """Batches until `target` rows are kept or the prompts run out."""
-    rows: list[dict] = []
-    total = Counts()
-    bar = console.progress(target, "rejection sampling", progress, unit="sample")
-    if target > 0:
-        for _, kept, counts in sampler.batches():
-            take = kept[: target - len(rows)]
-            rows.extend(take)
-            total.add(counts)
-            bar.update(len(take))
-            bar.set_postfix(prompts=total.prompts, accept=f"{total.acceptance_rate:.0%}")
-            if len(rows) >= target:
-                break
-    bar.close()
-    return RejectionResult(rows, total, target)
