@@ -43,12 +43,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor built from Python numbers must live to be reduced: this rank's GPU under NCCL (it reduces CUDA
+    tensors only), else the CPU (gloo)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of a tensor over ranks, as a new tensor (a copy on one process)."""
-    x = x.detach().clone()
-    if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
+    if not (is_distributed() and dist.get_world_size() > 1):
+        return x.detach().clone()
+    y = x.detach().to(collective_device(), copy=True)  # rewards and counts live on the CPU; NCCL reduces CUDA tensors
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
@@ -57,7 +66,7 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
@@ -68,7 +77,8 @@ def all_reduce_weighted_mean(values: dict[str, float], weight: float) -> dict[st
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64,
+                     device=collective_device())
     dist.all_reduce(t)
     return {k: v / max(t[-1].item(), 1e-12) for k, v in zip(keys, t[:-1].tolist())}
 
@@ -78,15 +88,13 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     _, world = rank_and_world()
     if world == 1:
         return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world
+    return all_reduce_sum(x) / world
 
 
 def all_reduce_max(value: float) -> float:
     _, world = rank_and_world()
     if world == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()

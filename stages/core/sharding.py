@@ -66,12 +66,11 @@ def start_sum_over_ranks(values: list[float]) -> Callable[[], list[float]]:
     identity on one process). On the collective backend's device (NCCL: this rank's GPU)."""
     import torch
 
-    from grpo.distributed import is_distributed  # lazy: imports torch
+    from grpo.distributed import collective_device, is_distributed  # lazy: imports torch
 
     if not is_distributed():
         return lambda: list(values)
-    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
-    x = torch.tensor(values, dtype=torch.float64, device=device)
+    x = torch.tensor(values, dtype=torch.float64, device=collective_device())
     work = torch.distributed.all_reduce(x, async_op=True)
 
     def result() -> list[float]:
