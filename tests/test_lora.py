@@ -301,3 +301,64 @@ def test_sft_with_lora_lowers_the_loss_and_saves_the_merged_model(tok, tmp_path)
         assert torch.allclose(saved(ids).logits, model(ids).logits, atol=1e-4)
     untouched = [k for k in plain if "norm" in k or "embed" in k or k.endswith("bias")]
     assert untouched and all(torch.equal(saved.state_dict()[k], plain[k]) for k in untouched)
+
+
+# ---- DeepSpeed ZeRO-2 (2 CPU ranks)
+
+
+def zero2_worker(out: str) -> None:
+    """Run by torchrun: 3 LoRA steps on 2 ranks, the merged weights saved; a fresh trainer resumes from step 2."""
+    import json
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from tests.test_grpo_distributed import setup
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}
+
+    def trainer():
+        model, tok, cfg, dataset, funcs, backend = setup()
+        cfg = cfg.model_copy(update={"lora": LORA, "checkpoint_every": 2})
+        return GRPOTrainer(model, tok, cfg, dataset, funcs, backend=backend, deepspeed_config=ds, progress=False,
+                           output_dir=f"{out}/ckpt")
+
+    full = trainer()
+    history = [m["loss"] for m in full.train()]
+    merged = full.engine.full_state_dict()
+    resumed = trainer()
+    assert [m["loss"] for m in resumed.train(resume_from=f"{out}/ckpt/checkpoint-2")] == history[2:]
+    assert equal(resumed.engine.full_state_dict(), merged)
+    if dist.get_rank() == 0:
+        torch.save(merged, f"{out}/merged.pt")
+        with open(f"{out}/history.json", "w") as f:
+            json.dump(history, f)
+
+
+@pytest.mark.slow
+def test_lora_on_two_zero2_ranks_matches_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from tests.test_grpo_distributed import setup
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29618", __file__,
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model, tok, cfg, dataset, funcs, backend = setup()
+    single = GRPOTrainer(model, tok, cfg.model_copy(update={"lora": LORA}), dataset, funcs, backend=backend,
+                         progress=False)
+    losses = [m["loss"] for m in single.train()]
+    assert losses == pytest.approx(json.loads((tmp_path / "history.json").read_text()), rel=1e-4, abs=1e-6)
+    ds_merged = torch.load(tmp_path / "merged.pt")
+    assert all(torch.allclose(v, ds_merged[k], atol=1e-5) for k, v in single.engine.full_state_dict().items())
+
+
+if __name__ == "__main__":
+    zero2_worker(sys.argv[1])
