@@ -43,7 +43,8 @@ class LoRAConfig(BaseModel):
     enabled: bool = Field(False, description="train LoRA adapters instead of every weight")
     rank: int = Field(16, ge=1, description="r: the rank of each adapter's A (r x in) and B (out x r)")
     alpha: float = Field(32.0, gt=0, description="the adapter's output is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while the model is in "
+                           "training mode (SFT; in GRPO it would make the ratio and the KL noisy: keep 0 there)")
     target_modules: list[str] = Field(
         default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1,
         description="names of the Linear layers that get an adapter (a module whose name ends with one); default: "

@@ -172,13 +172,12 @@ class Training:
 
     def trained(self) -> str:
         """What the optimiser trains, for the log: every weight, or LoRA adapters (their share of the weights)."""
-        params = list(self.engine.module.parameters())
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.engine.module.parameters()]
+        total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)  # ds_numel: a ZeRO-3 shard's whole
         if not self.cfg.lora.enabled:
-            return f"all {sum(p.numel() for p in params):,} weights trained"
-        trained = sum(p.numel() for p in params if p.requires_grad)
+            return f"all {total:,} weights trained"
         lora = self.cfg.lora
-        return (f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {trained:,} of "
-                f"{sum(p.numel() for p in params):,} weights trained")
+        return f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {trained:,} of {total:,} weights trained"
 
     def autocast(self):
         """The context of the loop's forward passes: autocast(fp16) for fp16 on plain torch (DeepSpeed's fp16 casts
