@@ -18,6 +18,7 @@ the stage's model is `merged_state_dict` (W + (alpha/r)·B A under the plain Hug
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 
@@ -51,6 +52,19 @@ def has_adapter(model: torch.nn.Module) -> bool:
 
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ADAPTER_KEY.search(k)}
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the frozen base weights (plain names, per-tensor float64 sum and norm, no copies; where the adapters
+    sit does not change it): a LoRA checkpoint holds the adapter only, so a resume must find the same base under it
+    (grpo.checkpoint records and checks this)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not ADAPTER_KEY.search(name):
+                total, norm = t.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(t, dtype=torch.float64).item()
+                digest.update(f"{name.replace('.base_layer.', '.')}:{total!r}:{norm!r};".encode())
+    return digest.hexdigest()[:16]
 
 
 def trained_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from grpo.checkpoint import CheckpointMismatchError
 from grpo.config import GRPOConfig, LoRAConfig
 from grpo.lora import ADAPTER_KEY, adapter_state_dict, merged_state_dict
 from grpo.trainer import GRPOTrainer
@@ -197,7 +198,7 @@ def test_trained_weights_and_optimizer_state_far_below_full_fine_tuning(tok, dat
 # ---- checkpoints, saved model, vLLM
 
 
-def checkpoint_trainer(tok, out, adapter_shift=0.0, lora=None):
+def checkpoint_trainer(tok, out, adapter_shift=0.0, lora=None, base_seed=0):
     cfg = config(prompts_per_step=3, iterations=2, steps_per_iteration=4, mu=2, minibatch_size=6, beta=0.05,
                  warmup_steps=2, lr_schedule="cosine", checkpoint_every=3, seed=7,
                  lora=lora or LoRAConfig(enabled=True, rank=4, alpha=8.0, dropout=0.1))
@@ -206,7 +207,7 @@ def checkpoint_trainer(tok, out, adapter_shift=0.0, lora=None):
     def digits(prompts, completions, answer, **kw):
         return [sum(ch.isdigit() for ch in c) / 8 + random.random() * 0.01 for c in completions]
 
-    trainer = GRPOTrainer(build_tiny_model(tok), tok, cfg, rows, [("digits", digits, 1.0)], output_dir=out,
+    trainer = GRPOTrainer(build_tiny_model(tok, base_seed), tok, cfg, rows, [("digits", digits, 1.0)], output_dir=out,
                           progress=False)
     with torch.no_grad():
         for p in adapter_state_dict(trainer.engine.module).values():
@@ -237,6 +238,11 @@ def test_lora_resume_equals_uninterrupted_and_checkpoints_hold_the_adapter(tok, 
         other = checkpoint_trainer(tok, tmp_path / "other", lora=lora)
         with pytest.raises(ValueError, match=r"policy.pt does not hold this model's LoRA adapter \(lora.rank"):
             other.resume(tmp_path / "split" / "checkpoint-8")
+    # the adapter alone would resume over any base of the same architecture: the base weights' fingerprint refuses it
+    other_base = checkpoint_trainer(tok, tmp_path / "other", base_seed=1)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-8 \(model_config.json\) belongs to a different "
+                       r"model \(lora_base_weights: '\w+' in the checkpoint, '\w+' in the model\)"):
+        other_base.resume(tmp_path / "split" / "checkpoint-8")
 
 
 def test_saved_model_is_the_merged_plain_model(tok, dataset, tmp_path):
