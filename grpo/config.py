@@ -58,6 +58,15 @@ class LoRAConfig(BaseModel):
             raise ValueError(f"target_modules holds an empty name ({blank[0]!r}); list module names like 'q_proj'")
         return v
 
+    def deepspeed_problems(self, ds_config: dict | None) -> list[str]:
+        """What keeps these adapters from training under a DeepSpeed config: ZeRO-3 partitions the base weights, which
+        the LoRA reference shares with the policy and the merged export reads whole (grpo.lora)."""
+        if self.enabled and (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+            return [("lora.enabled with DeepSpeed ZeRO-3 (zero_optimization.stage 3) is not supported: use ZeRO-2 "
+                    "(infra/deepspeed/zero2.json; a frozen base is small next to full fine-tuning's optimizer state), "
+                    "or full fine-tuning under ZeRO-3")]
+        return []
+
 
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -45,6 +46,8 @@ def add_adapter(model: torch.nn.Module, cfg: LoRAConfig) -> torch.nn.Module:
 
 
 def has_adapter(model: torch.nn.Module) -> bool:
+    if "peft" not in sys.modules:  # no adapter exists before peft is imported: full fine-tuning never imports it
+        return False
     from peft.tuners.lora import LoraLayer
 
     return any(isinstance(m, LoraLayer) for m in model.modules())

@@ -104,17 +104,6 @@ def prepare_model(model: torch.nn.Module, cfg: OptimizerSettings) -> torch.nn.Mo
     return model
 
 
-def lora_problems(cfg: OptimizerSettings, ds_config: dict | None) -> list[str]:
-    """What keeps LoRA from training with this DeepSpeed config: ZeRO-3 partitions the base weights, which the LoRA
-    reference (grpo.lora.frozen_reference) shares with the policy and the merged export reads whole."""
-    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
-    if cfg.lora.enabled and stage == 3:
-        return [("lora.enabled with DeepSpeed ZeRO-3 (zero_optimization.stage 3) is not supported: use ZeRO-2 "
-                "(infra/deepspeed/zero2.json; the frozen base is small next to full fine-tuning's optimizer state), or "
-                "full fine-tuning with ZeRO-3")]
-    return []
-
-
 def deepspeed_builds_optimizer(ds_config: dict) -> bool:
     """An `optimizer` section, or the optimizer offloaded (ZeRO-Offload): DeepSpeed's optimizer, not a torch one."""
     return "optimizer" in ds_config or "offload_optimizer" in ds_config.get("zero_optimization", {})
@@ -156,7 +145,7 @@ class Training:
                  accumulation: int = 1):
         self.rank, self.world = rank_and_world()
         self.cfg, self.loop, self.advice = cfg, loop, advice
-        if problems := lora_problems(cfg, deepspeed_config):
+        if problems := cfg.lora.deepspeed_problems(deepspeed_config):
             raise ValueError("; ".join(problems))
         self.engine = build_engine(prepare_model(model, cfg), cfg, total_updates, deepspeed_config, accumulation)
         log.info("%s: precision %s (%s), %s engine, %s, gradient checkpointing %s, %s", loop, cfg.precision,

@@ -68,6 +68,9 @@ def test_lora_defaults_off_with_the_llama_projections():
 
 
 def test_unknown_target_module_and_zero3_are_refused(tok, dataset):
+    from stages.core.preflight import check_cluster
+    from stages.core.recipe import load_recipe
+
     cfg = config(lora=LoRAConfig(enabled=True, target_modules=["qkv"]))
     with pytest.raises(ValueError, match=r"lora.target_modules=\['qkv'\].*q_proj"):
         GRPOTrainer(build_tiny_model(tok), tok, cfg, dataset, [("d", digit_share, 1.0)], progress=False)
@@ -75,6 +78,16 @@ def test_unknown_target_module_and_zero3_are_refused(tok, dataset):
     with pytest.raises(ValueError, match="lora.enabled with DeepSpeed ZeRO-3"):  # before DeepSpeed is touched
         GRPOTrainer(build_tiny_model(tok), tok, config(), dataset, [("d", digit_share, 1.0)], progress=False,
                     deepspeed_config=zero3)
+    assert LoRAConfig().deepspeed_problems(zero3) == LORA.deepspeed_problems({"zero_optimization": {"stage": 2}}) == []
+    # and at preflight, before any model loads: the stage's own config, else the cluster's
+    over = {"cluster.launcher": "torchrun", "cluster.nproc_per_node": 2, "cluster.deepspeed_config":
+            "infra/deepspeed/zero3.json", "r1_zero.grpo.lora.enabled": True, "cold_start_sft.sft.lora.enabled": True}
+    problems = check_cluster(load_recipe("tiny", over), ["r1_zero", "cold_start_sft"])
+    assert [p.split(" with DeepSpeed ZeRO-3")[0] for p in problems] == ["r1_zero.grpo.lora.enabled",
+                                                                         "cold_start_sft.sft.lora.enabled"]
+    assert all(p.endswith("(infra/deepspeed/zero3.json)") for p in problems)
+    over["r1_zero.deepspeed_config"] = "infra/deepspeed/zero2.json"
+    assert len(check_cluster(load_recipe("tiny", over), ["r1_zero", "cold_start_sft"])) == 1
 
 
 # ---- the model: log-probs, fast path, merged weights
