@@ -477,11 +477,11 @@ def _json_path(path: str) -> Path:
 def _lora_problems(recipe: Recipe, stage: str) -> list[str]:
     """LoRA under the stage's DeepSpeed config (its own, else the cluster's) when it cannot train there (ZeRO-3)."""
     cfg, section = getattr(recipe, stage), "grpo" if stage in GRPO_STAGES else "sft"
-    path = getattr(cfg, "deepspeed_config", None) or recipe.cluster.deepspeed_config
-    if path is None or not getattr(cfg, section).lora.enabled or _json_file_problems("", path):
-        return []  # an unreadable file is reported on its own
+    loop, path = getattr(cfg, section, None), getattr(cfg, "deepspeed_config", None) or recipe.cluster.deepspeed_config
+    if loop is None or path is None or not loop.lora.enabled or _json_file_problems("", path):
+        return []  # a stage that trains nothing; no DeepSpeed; an unreadable file (reported on its own)
     ds = json.loads(_json_path(path).read_bytes())
-    return [f"{stage}.{section}.{p} ({path})" for p in getattr(cfg, section).lora.deepspeed_problems(ds)]
+    return [f"{stage}.{section}.{p} ({path})" for p in loop.lora.deepspeed_problems(ds)]
 
 
 def _json_file_problems(field: str, path: str) -> list[str]:
