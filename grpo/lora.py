@@ -8,11 +8,15 @@ plain nn.Linear).
 The reference model. GRPO resets π_ref ← π_θ at each iteration (DeepSeekMath §4.1), and with LoRA π_θ = base +
 adapter, so "the base with adapters disabled" is π_ref only until the first reset. `frozen_reference` is the faithful
 version at the price of an adapter: the same modules sharing every base weight (held once), with a frozen copy of the
-adapter's A and B. Before any update B is zero (peft's init), so the first iteration's reference is exactly the base.
+adapter's A and B. Before any update B is zero (peft's init), so the first iteration's reference (the only one when
+`iterations` is 1) is exactly the base with adapters disabled. A separate module tree rather than a second peft adapter
+switched on around the reference's forward: the reference stays a model like any other for the trainer and the
+log-prob paths, and peft's `set_adapter` would also flip which weights require gradients.
 
-What is saved: checkpoints hold `trained_state_dict` (the adapter; the frozen base comes from the model directory),
-the stage's model is `merged_state_dict` (W + (alpha/r)·B A under the plain Hugging Face names) and vLLM is fed
-`merged_weights`: a plain model folder, loaded by every later stage as today. The policy itself is never merged.
+What is saved: checkpoints hold `trained_state_dict` (the adapter; the frozen base comes from the model directory, and
+`base_fingerprint` in the checkpoint refuses a resume over other base weights), the stage's model is
+`merged_state_dict` (W + (alpha/r)·B A under the plain Hugging Face names) and vLLM is fed `merged_weights`: a plain
+model folder, loaded by every later stage as today. The policy itself is never merged.
 """
 
 from __future__ import annotations
