@@ -18,9 +18,10 @@ import torch
 
 from grpo.distributed import barrier, rank_and_world
 from grpo.faults import fault_point
+from grpo.lora import base_fingerprint, has_adapter
 
 STATE_FILE = "trainer_state.json"
-MODEL_FILE = "model_config.json"  # the architecture the checkpoint belongs to: a resume into another model is refused
+MODEL_FILE = "model_config.json"  # the model the checkpoint belongs to: a resume into another one is refused
 
 # config fields that make two models' weights incompatible (Hugging Face config names)
 ARCH_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -40,18 +41,24 @@ def model_signature(config: dict | None) -> dict:
     return {k: config[k] for k in ARCH_FIELDS if config and config.get(k) is not None}
 
 
-def _module_config(module) -> dict | None:
+def model_record(module) -> dict:
+    """What a checkpoint records of its model: the architecture fields of its Hugging Face config and, for a LoRA model
+    (whose checkpoint holds the adapter only), a fingerprint of the frozen base weights."""
     cfg = getattr(module, "config", None)
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+    record = model_signature(cfg.to_dict() if hasattr(cfg, "to_dict") else None)
+    if has_adapter(module):
+        record["lora_base_weights"] = base_fingerprint(module)
+    return record
 
 
-def check_checkpoint_model(path: str | Path, config: dict | None) -> None:
+def check_checkpoint_model(path: str | Path, here: dict) -> None:
     """Raise CheckpointMismatchError naming the checkpoint file and the differing fields when checkpoint `path` was
-    written for another architecture than `config` (a Hugging Face config dict). Checkpoints without the record pass."""
+    written for another model than the one whose `model_record` is `here` (another architecture, or a LoRA adapter over
+    other base weights). Checkpoints without the record pass."""
     record = Path(path) / MODEL_FILE
-    if not record.exists() or not config:
+    if not record.exists() or not here:
         return
-    saved, here = json.loads(record.read_text()), model_signature(config)
+    saved = json.loads(record.read_text())
     diff = {k: (saved.get(k), here.get(k)) for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)}
     if diff:
         shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} in the model" for k, (a, b) in diff.items())
@@ -92,7 +99,7 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     barrier()
     if rank == 0:
         trainer_state = {**trainer_state, "world_size": world}
-        (tmp / MODEL_FILE).write_text(json.dumps(model_signature(_module_config(engine.module)), indent=2))
+        (tmp / MODEL_FILE).write_text(json.dumps(model_record(engine.module), indent=2))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         old = path.with_name(path.name + ".old")
         if path.exists():
@@ -108,7 +115,7 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None)
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    check_checkpoint_model(path, _module_config(engine.module))
+    check_checkpoint_model(path, model_record(engine.module))
     state = json.loads((path / STATE_FILE).read_text())
     rank, world = rank_and_world()
     if state.get("world_size", world) != world:

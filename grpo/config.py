@@ -32,6 +32,42 @@ class VLLMConfig(BaseModel):
     enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decoding)")
 
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAConfig(BaseModel):
+    """LoRA adapters (peft) on the policy: only the adapters train, the base weights stay frozen (grpo.lora)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of every weight")
+    rank: int = Field(16, ge=1, description="r: the rank of each adapter's A (r x in) and B (out x r)")
+    alpha: float = Field(32.0, gt=0, description="the adapter's output is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while the model is in "
+                           "training mode (SFT; in GRPO it would make the ratio and the KL noisy: keep 0 there)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1,
+        description="names of the Linear layers that get an adapter (a module whose name ends with one); default: "
+        "the attention and MLP projections of Llama/Qwen models",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if blank := [name for name in v if not name.strip()]:
+            raise ValueError(f"target_modules holds an empty name ({blank[0]!r}); list module names like 'q_proj'")
+        return v
+
+    def deepspeed_problems(self, ds_config: dict | None) -> list[str]:
+        """What keeps these adapters from training under a DeepSpeed config: ZeRO-3 partitions the base weights, which
+        the LoRA reference shares with the policy and the merged export reads whole (grpo.lora)."""
+        if self.enabled and (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+            return [("lora.enabled with DeepSpeed ZeRO-3 (zero_optimization.stage 3) is not supported: use ZeRO-2 "
+                    "(infra/deepspeed/zero2.json; a frozen base is small next to full fine-tuning's optimizer state), "
+                    "or full fine-tuning under ZeRO-3")]
+        return []
+
+
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
@@ -117,6 +153,7 @@ class GRPOConfig(BaseModel):
         None, ge=1, description="completions per forward/backward on each rank; an update's minibatch is accumulated "
         "over micro-batches (same gradient). None = one forward per minibatch"
     )
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="train LoRA adapters only (grpo.lora)")
 
     @field_validator("mu")
     @classmethod

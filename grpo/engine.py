@@ -14,6 +14,7 @@ import os
 import torch
 
 from grpo.distributed import all_reduce_max, rank_and_world
+from grpo.lora import frozen_reference, has_adapter, load_trained_state_dict, merged_state_dict, trained_state_dict
 
 
 def lr_lambda(warmup_steps: int, total_updates: int, schedule: str):
@@ -54,7 +55,10 @@ def runtime_config(ds_config: dict, max_grad_norm: float | None, world: int, pre
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A reference model: a copy of the policy's current weights, never trained."""
+    """A reference model: a copy of the policy's current weights, never trained. A LoRA policy's copies only its
+    adapter and shares the frozen base weights (grpo.lora.frozen_reference)."""
+    if has_adapter(model):
+        return frozen_reference(model)
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
@@ -120,23 +124,28 @@ class TorchEngine(_SkipCounter):
         return frozen_copy(self.module)
 
     def full_state_dict(self) -> dict:
-        return self.module.state_dict()
+        """The weights of the model to save: a LoRA policy's merged (grpo.lora.merged_state_dict)."""
+        return merged_state_dict(self.module) if has_adapter(self.module) else self.module.state_dict()
 
     def save_reference(self, reference: torch.nn.Module, directory: str) -> None:
-        torch.save(reference.state_dict(), os.path.join(directory, "reference.pt"))
+        torch.save(trained_state_dict(reference), os.path.join(directory, "reference.pt"))
 
     def load_reference(self, reference: torch.nn.Module, directory: str) -> None:
-        reference.load_state_dict(torch.load(os.path.join(directory, "reference.pt"), weights_only=True))
+        file = os.path.join(directory, "reference.pt")
+        load_trained_state_dict(reference, torch.load(file, weights_only=True), file)
 
     def save(self, directory: str) -> None:
-        torch.save(self.module.state_dict(), os.path.join(directory, "policy.pt"))
+        """The trained weights (a LoRA policy: the adapter only; the frozen base is the model directory's), the
+        optimiser, the scheduler and the loss scaler."""
+        torch.save(trained_state_dict(self.module), os.path.join(directory, "policy.pt"))
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if self.scaler is not None:
             torch.save(self.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
 
     def load(self, directory: str) -> None:
-        self.module.load_state_dict(torch.load(os.path.join(directory, "policy.pt"), weights_only=True))
+        file = os.path.join(directory, "policy.pt")
+        load_trained_state_dict(self.module, torch.load(file, weights_only=True), file)
         self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
         if self.scaler is not None:
@@ -241,7 +250,7 @@ class DeepSpeedEngine(_SkipCounter):
             shards = [p.ds_tensor.detach().cpu().clone() for p in reference.parameters()]
             torch.save(shards, os.path.join(directory, f"reference_shards_rank{rank}.pt"))
         elif rank == 0:
-            torch.save(reference.state_dict(), os.path.join(directory, "reference.pt"))
+            torch.save(trained_state_dict(reference), os.path.join(directory, "reference.pt"))
 
     def load_reference(self, reference: torch.nn.Module, directory: str) -> None:
         rank, _ = rank_and_world()
@@ -252,13 +261,14 @@ class DeepSpeedEngine(_SkipCounter):
                 p.ds_tensor.data.copy_(shard)
             _release_gathered(params)
         else:
-            reference.load_state_dict(torch.load(os.path.join(directory, "reference.pt"), weights_only=True))
+            file = os.path.join(directory, "reference.pt")
+            load_trained_state_dict(reference, torch.load(file, weights_only=True), file)
 
     def full_state_dict(self) -> dict:
         """Whole weights for saving the model. ZeRO-3: gathered one parameter at a time (a collective: every rank calls
         this), and only rank 0 keeps them, on the CPU; the other ranks get {}."""
         if self.zero_stage < 3:
-            return self.module.state_dict()
+            return merged_state_dict(self.module) if has_adapter(self.module) else self.module.state_dict()
         import deepspeed
 
         rank, _ = rank_and_world()
@@ -275,10 +285,11 @@ class DeepSpeedEngine(_SkipCounter):
         return out
 
     def save(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="engine")
+        """A LoRA policy's checkpoint holds its adapter only (frozen parameters excluded)."""
+        self.engine.save_checkpoint(directory, tag="engine", exclude_frozen_parameters=has_adapter(self.module))
 
     def load(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory, tag="engine")
+        self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not has_adapter(self.module))
 
 
 def _copy_shards(policy: torch.nn.Module, reference: torch.nn.Module) -> None:

@@ -2,9 +2,10 @@
 on its own GPU, in its own process, and generates its share of the step's prompts there.
 
 Weights: vLLM loads the architecture and the first weights from the policy's directory; afterwards, before the first
-rollout that follows an optimiser update, the policy's parameters are streamed into vLLM's model with its
-`load_weights` (Hugging Face names in; vLLM fuses q/k/v and gate/up itself). Under ZeRO-3 each parameter is gathered on
-its own, copied into vLLM and released, so no rank holds a second full copy of the training weights.
+rollout that follows an optimiser update, the policy's parameters (a LoRA policy's merged weights) are streamed into
+vLLM's model with its `load_weights` (Hugging Face names in; vLLM fuses q/k/v and gate/up itself). Under ZeRO-3 each
+parameter is gathered on its own, copied into vLLM and released, so no rank holds a second full copy of the training
+weights.
 
 Imported only when `GRPOConfig.rollout_backend == "vllm"`; vLLM comes with the `gpu` extra (`pip install -e '.[gpu]'`).
 Written against vLLM's V1 engine (0.10 and later): `LLM(..., distributed_executor_backend="external_launcher")` keeps
@@ -25,6 +26,7 @@ import torch
 
 from grpo.config import VLLMConfig
 from grpo.distributed import rank_and_world
+from grpo.lora import has_adapter, merged_weights
 from grpo.rollout import (
     HFGenerateBackend,
     Rollout,
@@ -65,6 +67,13 @@ def full_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
                 yield name, param.data
         else:
             yield name, param.data
+
+
+def policy_weights(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What vLLM's model is fed: every parameter, or for a LoRA policy the merged weights under the plain names
+    (vLLM serves the base architecture; the policy itself is not merged)."""
+    named = full_parameters(module)
+    return merged_weights(module, named) if has_adapter(module) else named
 
 
 def _weight_loader(llm) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
@@ -197,7 +206,7 @@ class VLLMBackend:
         """Copy the policy's current weights into vLLM (every rank calls it: gathers are collective under ZeRO-3)."""
         if self.config.sleep and self._weights_released:
             self.llm.wake_up(tags=["weights"])
-        for name, tensor in full_parameters(self.policy):
+        for name, tensor in policy_weights(self.policy):
             self._load_weights([(name, tensor)])
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._weights_released = False

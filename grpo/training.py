@@ -28,10 +28,12 @@ from typing import Protocol
 import torch
 
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from grpo.config import LoRAConfig
 from grpo.distributed import rank_and_world
 from grpo.engine import DeepSpeedEngine, TorchEngine, lr_lambda
 from grpo.faults import fault_point
 from grpo.logging import MetricLogger, NullLogger
+from grpo.lora import add_adapter
 
 log = logging.getLogger(__name__)
 PRECISION_DETAIL = {"fp32": "fp32 weights", "bf16": "bf16 weights", "fp16": "fp32 weights, autocast fp16, loss scaling"}
@@ -55,6 +57,7 @@ class OptimizerSettings(Protocol):
     precision: str  # fp32 | bf16 | fp16
     gradient_checkpointing: bool
     micro_batch_size: int | None
+    lora: LoRAConfig
 
 
 def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int,
@@ -88,9 +91,12 @@ def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: 
 
 
 def prepare_model(model: torch.nn.Module, cfg: OptimizerSettings) -> torch.nn.Module:
-    """The model as the loop trains it: bf16 casts the weights (AdamW then keeps its states in bf16, as torch does);
-    fp32 and fp16 keep fp32 weights (fp16 runs the forward under `autocast`). Gradient checkpointing is Hugging
-    Face's, non-reentrant; the fast path's training pass honours the same per-layer flag (grpo.fast.shared_prompt)."""
+    """The model as the loop trains it: with LoRA adapters injected (only they train); bf16 casts the weights, adapters
+    included (AdamW then keeps its states in bf16, as torch does); fp32 and fp16 keep fp32 weights (fp16 runs the
+    forward under `autocast`). Gradient checkpointing is Hugging Face's, non-reentrant; the fast path's training pass
+    honours the same per-layer flag (grpo.fast.shared_prompt)."""
+    if cfg.lora.enabled:
+        model = add_adapter(model, cfg.lora)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
     if cfg.gradient_checkpointing:  # the name every transformers 5.x has (later ones alias activation_checkpointing_*)
@@ -139,17 +145,28 @@ class Training:
                  accumulation: int = 1):
         self.rank, self.world = rank_and_world()
         self.cfg, self.loop, self.advice = cfg, loop, advice
+        if problems := cfg.lora.deepspeed_problems(deepspeed_config):
+            raise ValueError("; ".join(problems))
         self.engine = build_engine(prepare_model(model, cfg), cfg, total_updates, deepspeed_config, accumulation)
-        log.info("%s: precision %s (%s), %s engine, %s, gradient checkpointing %s", loop, cfg.precision,
+        log.info("%s: precision %s (%s), %s engine, %s, gradient checkpointing %s, %s", loop, cfg.precision,
                  PRECISION_DETAIL[cfg.precision], type(self.engine).__name__.removesuffix("Engine"),
                  f"{accumulation} micro-batches of {cfg.micro_batch_size} per update" if cfg.micro_batch_size
-                 else "one forward per update", "on" if cfg.gradient_checkpointing else "off")
+                 else "one forward per update", "on" if cfg.gradient_checkpointing else "off", self.trained())
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.logger = logger or NullLogger()
         self.keep_checkpoints = keep_checkpoints
         self.bad_in_a_row = 0  # consecutive steps with at least one skipped (non-finite) update
         self._skipped_before = 0
         self._python = random.getstate()  # the loop's own `random` stream (python_random), as the caller seeded it
+
+    def trained(self) -> str:
+        """What the optimiser trains, for the log: every weight, or LoRA adapters (their share of the weights)."""
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.engine.module.parameters()]
+        total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)  # ds_numel: a ZeRO-3 shard's whole
+        if not self.cfg.lora.enabled:
+            return f"all {total:,} weights trained"
+        lora = self.cfg.lora
+        return f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {trained:,} of {total:,} weights trained"
 
     def autocast(self):
         """The context of the loop's forward passes: autocast(fp16) for fp16 on plain torch (DeepSpeed's fp16 casts

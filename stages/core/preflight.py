@@ -464,6 +464,7 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
         world = c.nodes * (getattr(c, "nproc_per_node", None) or max(c.gpus_per_node, 1))
         for s in (s for s in stages if s in DISTRIBUTED_STAGES):
             cfg = getattr(recipe, s)
+            problems += _lora_problems(recipe, s)
             if s in GRPO_STAGES:  # prompts and minibatches: the trainer's own check
                 problems += [f"{s}.grpo.{p}" for p in cfg.grpo.world_problems(world, f" of cluster ({c.nodes} node(s))")]
                 continue
@@ -475,10 +476,23 @@ def check_cluster(recipe: Recipe, stages: list[str]) -> list[str]:
     return problems
 
 
-def _json_file_problems(field: str, path: str) -> list[str]:
+def _json_path(path: str) -> Path:
     p = expand_path(path)
-    if not p.is_absolute() and not p.exists():
-        p = REPO_ROOT / p
+    return REPO_ROOT / p if not p.is_absolute() and not p.exists() else p
+
+
+def _lora_problems(recipe: Recipe, stage: str) -> list[str]:
+    """LoRA under the stage's DeepSpeed config (its own, else the cluster's) when it cannot train there (ZeRO-3)."""
+    cfg, section = getattr(recipe, stage), "grpo" if stage in GRPO_STAGES else "sft"
+    loop, path = getattr(cfg, section, None), getattr(cfg, "deepspeed_config", None) or recipe.cluster.deepspeed_config
+    if loop is None or path is None or not loop.lora.enabled or _json_file_problems("", path):
+        return []  # a stage that trains nothing; no DeepSpeed; an unreadable file (reported on its own)
+    ds = json.loads(_json_path(path).read_bytes())
+    return [f"{stage}.{section}.{p} ({path})" for p in loop.lora.deepspeed_problems(ds)]
+
+
+def _json_file_problems(field: str, path: str) -> list[str]:
+    p = _json_path(path)
     if not p.exists():
         return [f"{field}: {path} does not exist"]
     try:

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 # torch and grpo's engine are imported inside functions: recipes import this module (SFTConfig) and must load fast
+from grpo.config import LoRAConfig
 from stages.core import console
 from stages.core.config_base import MAX_SEED, MAX_TOKENS, Strict
 
@@ -51,6 +52,7 @@ class SFTConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
     micro_batch_size: int | None = Field(None, ge=1, description="examples per forward/backward on each rank; a "
                                          "step's batch is accumulated over micro-batches. None = the whole batch")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="train LoRA adapters only (grpo.lora)")
 
     @model_validator(mode="after")
     def _warmup_fits(self):
