@@ -1,8 +1,12 @@
-"""Prefect and the cluster: stage launches inside flows take a slot of the cluster's concurrency limit (two GPU stages
-never share the nodes), against the session's local Prefect server."""
+"""Prefect and the cluster, against the session's local Prefect server: stage launches inside flows take a slot of the
+cluster's concurrency limit (two GPU stages never share the nodes), and a flow run whose process was SIGKILLed is
+marked Crashed by the heartbeat automation `r1 serve` creates."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -74,3 +78,73 @@ def test_two_stage_flows_on_one_cluster_run_one_after_the_other(prefect_harness,
 def test_two_slots_let_two_stage_flows_overlap(prefect_harness, monkeypatch):
     (_, _, first_end), (_, second_start, _) = _two_overlapping_stage_flows(monkeypatch, 2, "pair")
     assert second_start < first_end
+
+
+CRASHING_FLOW = """
+import time
+from prefect import flow
+
+@flow(name="r1-test-crash")
+def long_stage():
+    print("running", flush=True)
+    time.sleep(600)
+
+long_stage()
+"""
+
+
+def test_a_killed_flow_run_is_marked_crashed_instead_of_running_forever(prefect_harness, tmp_path):
+    """The automation `r1 serve` creates, with a short window: SIGKILL the process of a running flow, and the run
+    (Running, its heartbeats stopped) becomes Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import crash_automation
+
+    automation = crash_automation(within_seconds=10).create()  # on this test's server only: 10 s would crash live runs
+    try:
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+        proc = subprocess.Popen([sys.executable, "-c", CRASHING_FLOW], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "running"  # the flow run is Running, its first heartbeat sent
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 180
+            while True:
+                (run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["r1-test-crash"])),
+                                               sort=FlowRunSort.START_TIME_DESC, limit=5)
+                if run.state.is_crashed() or time.monotonic() > deadline:
+                    break
+                assert run.state.is_running(), run.state
+                time.sleep(2)
+        assert run.state.is_crashed() and "no heartbeat for 10 s" in (run.state.message or "")
+    finally:
+        automation.delete()
+
+
+def test_serve_sets_up_heartbeats_the_crash_automation_and_the_cluster_limit(prefect_harness, monkeypatch):
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+
+    from flows.deployments import CRASH_AUTOMATION, build_deployments, prepare_server
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)  # restored (unset) afterwards
+    cfg = load_recipe("tiny", {"cluster.gpus_per_node": 4, "cluster.name": "served", "cluster.concurrency": 3})
+    overrides = {"cluster.gpus_per_node": 4, "cluster.name": "served", "cluster.concurrency": 3}
+    prepare_server(build_deployments(cfg, "tiny", overrides))
+    try:
+        assert os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "180"  # inherited by the flow runs it starts
+        automation = Automation.read(name=CRASH_AUTOMATION)
+        assert automation.trigger.within.total_seconds() == 540 and automation.trigger.posture == "Proactive"
+        assert [a.type for a in automation.actions] == ["change-flow-run-state"]
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name("r1-cluster-served").limit == 3
+        prepare_server(build_deployments(cfg, "tiny", overrides))  # again: nothing duplicated
+        with get_client(sync_client=True) as client:
+            assert len(client.read_automations_by_name(CRASH_AUTOMATION)) == 1
+    finally:
+        Automation.read(name=CRASH_AUTOMATION).delete()
