@@ -45,12 +45,6 @@ def _note(signum, frame) -> None:
     _requested = True
 
 
-def clear() -> None:
-    """Forget a request (a new run in the same process, e.g. the next test)."""
-    global _requested
-    _requested = False
-
-
 def requested_here() -> bool:
     stop_file = os.environ.get(STOP_FILE_ENV)
     return _requested or bool(stop_file and Path(stop_file).exists())
