@@ -190,3 +190,63 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_the_rerun_resumes(mini_base, 
     assert reference.returncode == 0, ref_err[-3000:]
     a, b = final_weights(stopped), final_weights(ref)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # as if it had never stopped
+
+
+# --- the SFT loop, and ranks that see the request at different moments -------------------------------------------------
+
+
+def test_sft_stops_at_the_step_boundary_and_resumes_exactly(tiny_model, tok, tmp_path, monkeypatch):
+    """The stop file (what the batch script's trap writes): the SFT loop checkpoints the step it just finished, raises
+    Preempted, and a resumed run ends with the weights of an uninterrupted one."""
+    import torch
+
+    from grpo.preemption import STOP_FILE_ENV, Preempted
+    from stages.core.sft import SFTConfig, SFTTrainer
+    from stages.core.tasks import clean_trace, make_problems
+
+    data = [{"prompt": f"User: {p.question}\nAssistant:", "completion": " " + clean_trace(p)}
+            for p in make_problems("addition", 40, seed=2)]
+    cfg = SFTConfig(max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1, checkpoint_every=3)
+    arch = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    straight = tiny_model(tok, **arch)
+    SFTTrainer(straight, tok, data, cfg, progress=False).train()
+
+    stop = tmp_path / "stop-requested"
+    stop.touch()
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop))
+    with pytest.raises(Preempted, match="SFT stopped on request after step 1") as info:
+        SFTTrainer(tiny_model(tok, **arch), tok, data, cfg, output_dir=tmp_path / "ckpt", progress=False).train()
+    assert info.value.checkpoint == tmp_path / "ckpt" / "checkpoint-1"  # not due (every 3): written for the stop
+    assert json.loads((info.value.checkpoint / "trainer_state.json").read_text())["step"] == 1
+    stop.unlink()  # the requeued job starts without it
+    resumed = tiny_model(tok, seed=99, **arch)
+    res = SFTTrainer(resumed, tok, data, cfg, output_dir=tmp_path / "ckpt", progress=False).train(resume_from="latest")
+    assert res.steps == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from grpo import preemption
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    preemption.listen()
+    before = preemption.stop_requested()
+    if rank == 1:  # only rank 1 gets the signal
+        os.kill(os.getpid(), signal.SIGUSR1)
+    after = preemption.stop_requested()
+    Path(out, f"rank{rank}.json").write_text(json.dumps([before, after, preemption.requested_here()]))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_request_only_one_of_them_got():
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank, args=(f"file://{out}/store", out), nprocs=2, join=True)
+        seen = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen == [[False, True, False], [False, True, True]]  # rank 0 stops too, though it got nothing itself
