@@ -23,6 +23,7 @@ PREEMPTED_FILE_ENV = "R1_PREEMPTED_FILE"  # rank 0 writes it once the checkpoint
 STOP_SIGNAL = signal.SIGUSR1
 
 _requested = False
+_votes = None  # the process group of the ranks' votes: gloo on the CPU, apart from the engine's collectives
 
 
 class Preempted(RuntimeError):
@@ -52,18 +53,21 @@ def requested_here() -> bool:
 
 def stop_requested() -> bool:
     """Whether any rank was asked to stop. Ranks see a signal or the file at different moments, so on several ranks
-    they agree (a MAX all-reduce, one number per step) and all save the same step."""
+    they agree (a MAX all-reduce, one number per step, in a gloo group of its own: on the default group it would
+    interleave with DeepSpeed's own collectives) and all save the same step."""
     import torch  # lazy: the launch side (flows.launch.slurm) imports this module without torch
     import torch.distributed as dist
 
     from grpo.distributed import is_distributed  # lazy: imports torch
 
+    global _votes
     local = requested_here()
     if not is_distributed() or dist.get_world_size() == 1:
         return local
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    flag = torch.tensor([float(local)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if _votes is None:  # every rank gets here at the same step: a collective, once
+        _votes = dist.new_group(backend="gloo")
+    flag = torch.tensor([float(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_votes)
     return bool(flag.item())
 
 

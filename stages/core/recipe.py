@@ -205,7 +205,7 @@ def slurm_seconds(text: str) -> int:
     else:  # MM[:SS]
         seconds = int(a) * 60 + int(b or 0)
     if seconds <= 0:
-        raise ValueError(f"time limit {text!r} is zero")
+        raise ValueError(f"time limit {cut(repr(text))} is zero")
     return seconds
 
 
