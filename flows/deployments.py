@@ -3,12 +3,15 @@
 Deployments are named after the recipe (`r1-pipeline/tiny`, `r1-reasoning-rl/tiny`); their default parameters carry the
 recipe and its overrides, so the UI's "Run" button reruns exactly what was served, and "Custom run" edits the form.
 The serving process runs the flow runs itself (Prefect's `serve`), in subprocesses started from the current folder.
+It also sets up what long runs need (`prepare_server`): heartbeats, an automation that marks a flow run whose process
+died Crashed, and the served cluster's concurrency limit (docs/scaling.md, "Cluster concurrency").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,15 @@ from prefect.exceptions import TerminationSignal
 from prefect.runner import Runner
 from prefect.schedules import Cron
 
+from flows.launch.cluster import ensure_limit
 from flows.pipeline import r1_pipeline
 from flows.stage_flows import STAGE_FLOWS
-from stages.core.recipe import PRESET_DIR, Recipe
+from stages.core.recipe import PRESET_DIR, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 180  # flow runs report this often: Prefect's default, which runs started elsewhere keep too
+MISSED_HEARTBEATS = 3  # a run silent this many heartbeats long is marked Crashed (the automation sees every run)
+CRASH_AUTOMATION = "r1: mark flow runs without heartbeats Crashed"
 PAUSE_TIMEOUT = 5.0  # seconds to pause the schedules on Ctrl-C; the server may already be gone (`r1 up` stopped first)
 
 
@@ -98,9 +105,54 @@ class ServeRunner(Runner):
                         "the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
 
 
+def crash_automation(within_seconds: float):
+    """Prefect's zombie-flow automation: a flow run whose heartbeat is not followed by another heartbeat or a final
+    state within `within_seconds` (its process was SIGKILLed, OOM-killed, or its node lost) is set Crashed, instead of
+    showing Running forever."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    final = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return Automation(
+        name=CRASH_AUTOMATION, description="set up by `r1 serve` (flows/deployments.py)",
+        trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *final},
+                             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=timedelta(seconds=within_seconds)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within_seconds:g} s: the flow run's process is gone")])
+
+
+def ensure_crash_automation(within_seconds: float = MISSED_HEARTBEATS * HEARTBEAT_SECONDS) -> None:
+    """Create the crash automation on the Prefect server unless one of that name exists (edit it in the UI)."""
+    from prefect.automations import Automation
+
+    try:
+        Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:  # none of that name
+        crash_automation(within_seconds).create()
+        log.info("created automation %r (%g s without heartbeat)", CRASH_AUTOMATION, within_seconds)
+
+
+def prepare_server(deployments: list) -> None:
+    """What `r1 serve` sets up besides the deployments: heartbeats of its flow runs (inherited by the processes it
+    starts), the automation that marks silent ones Crashed, and the served recipe's cluster concurrency limit."""
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
+    ensure_crash_automation()
+    served = next((d.parameters for d in deployments if d.flow_name == r1_pipeline.name), None)
+    if served:
+        ensure_limit(load_recipe(served["recipe"], served.get("overrides")).cluster)
+
+
 def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=None) -> None:
     """Register the deployments, call `on_ready()` (they can be run from then on), and run their flow runs until
     Ctrl-C (or SIGTERM); then stop cleanly, with or without a server."""
+    prepare_server(deployments)
     runner = ServeRunner(limit=limit)
     for d in deployments:
         runner.add_deployment(d)  # registers it with the server before returning

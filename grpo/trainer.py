@@ -203,6 +203,7 @@ class GRPOTrainer:
             ):
                 self.save()
             self.training.stop_if_non_finite(self.global_step, self.save)
+            self.training.stop_if_preempted(self.global_step, self.save)
             self.training.fault_point(self.global_step)
         bar.close()
         return history

@@ -10,6 +10,7 @@ metric logger. A loop owns its loss and its data; everything around them is here
         run.end_step()                             # counts bad steps in a row
         if due: run.save(path, state)
         run.stop_if_non_finite(step, save)         # NonFiniteError (after a checkpoint) when too many
+        run.stop_if_preempted(step, save)          # Preempted (after a checkpoint) when asked to stop (SIGUSR1)
         run.fault_point(step)
 """
 
@@ -27,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from grpo import preemption
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from grpo.config import LoRAConfig
 from grpo.distributed import rank_and_world
@@ -158,6 +160,7 @@ class Training:
         self.bad_in_a_row = 0  # consecutive steps with at least one skipped (non-finite) update
         self._skipped_before = 0
         self._python = random.getstate()  # the loop's own `random` stream (python_random), as the caller seeded it
+        preemption.listen()
 
     def trained(self) -> str:
         """What the optimiser trains, for the log: every weight, or LoRA adapters (their share of the weights)."""
@@ -213,6 +216,16 @@ class Training:
                 f"(max_bad_steps={self.cfg.max_bad_steps}); their updates were skipped ({self.engine.skipped_steps} in "
                 "all) and the run stopped. " + saved + self.advice
             )
+
+    def stop_if_preempted(self, step: int, save: Callable[[], Path | None]) -> None:
+        """On a stop request (grpo.preemption: SIGUSR1, the stop file) at the end of step `step`: its checkpoint (the
+        one just written, else `save()`), then Preempted."""
+        if not preemption.stop_requested():
+            return
+        last = self.latest()
+        if last is None or last.name != f"checkpoint-{step}":
+            last = save() if self.output_dir is not None else None
+        raise preemption.Preempted(self.loop, step, last)
 
     def _no_finite_checkpoint(self) -> str:
         last = self.latest()

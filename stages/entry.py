@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from grpo import preemption
 from stages import registry
 from stages.core import console, distributed
 from stages.core.jsonio import write_json_atomic
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result-file", type=Path, default=None, help="where rank 0 writes the outputs as JSON")
     args = parser.parse_args(argv)
     console.setup()  # the launching process's mode (R1_CONSOLE)
+    preemption.listen()  # from the start: a stop request while the model loads must not kill the process
 
     check_stages([args.stage])
     recipe = load_recipe(args.recipe, json.loads(args.overrides))
@@ -49,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).info("stage %s runs on rank 0 alone (it has no multi-rank path)", args.stage)
         else:
             distributed.init_from_env()
-    out = registry.runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None, parent_run_id=args.parent_run_id,
-                                 progress=True)
+    try:
+        out = registry.runnable()[args.stage](recipe, inputs=json.loads(args.inputs) or None,
+                                              parent_run_id=args.parent_run_id, progress=True)
+    except preemption.Preempted as stop:  # checkpoint written: the batch script requeues, the rerun resumes
+        logging.getLogger(__name__).warning("%s", stop)
+        if distributed.launched_rank() == 0:
+            preemption.record(stop)
+        return preemption.REQUEUE_EXIT
     if args.result_file and distributed.launched_rank() == 0:
         write_json_atomic(args.result_file, out)
     return 0

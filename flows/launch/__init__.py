@@ -9,8 +9,10 @@ JSON --inputs JSON --parent-run-id ID --result-file F`, and rank 0 writes the st
   slurm       an sbatch script (`srun torchrun` with a c10d rendezvous on the first node), `sbatch --wait`
   kubernetes  a run of the `r1-stage` flow deployment on a Prefect Kubernetes work pool (infra/prefect/), one pod
 
-Modules: `spec` (what to run and where), `commands` (entry point, torchrun and deepspeed command lines), `slurm`,
-`kubernetes`, `supervise` (running the launcher, timeouts, a failing rank's error), `stage` (`launch_stage`).
+Modules: `spec` (what to run and where), `commands` (entry point, torchrun and deepspeed command lines), `slurm`
+(the sbatch script, requeued before the time limit), `kubernetes`, `supervise` (running the launcher, timeouts, a
+failing rank's error), `cluster` (one stage at a time per cluster: a Prefect concurrency limit), `stage`
+(`launch_stage`).
 Multi-node targets need `workdir` on storage every node sees (rank 0 writes the result file there). See docs/scaling.md.
 """
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stages.core.recipe import Recipe, load_recipe
+from stages.core.recipe import Recipe, load_recipe, slurm_seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
@@ -39,6 +39,8 @@ class LaunchSpec(BaseModel):
     # slurm
     job_name: str | None = Field(None, description="slurm job / k8s job name (default r1-<stage>)")
     time_limit: str = Field("24:00:00", description="slurm --time")
+    checkpoint_before_limit: int = Field(300, ge=30, description="slurm: seconds before the time limit at which the "
+                                         "stage checkpoints and the job is requeued")
     partition: str | None = None
     account: str | None = None
     cpus_per_task: int | None = Field(None, ge=1)
@@ -49,6 +51,12 @@ class LaunchSpec(BaseModel):
     cpu: str | None = None
     memory: str | None = None
     namespace: str | None = None
+
+    @field_validator("time_limit")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        slurm_seconds(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self):

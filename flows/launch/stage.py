@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows.launch.cluster import cluster_slot
 from flows.launch.commands import deepspeed_command, entry_args, torchrun_command
 from flows.launch.kubernetes import run_kubernetes
 from flows.launch.slurm import scancel, slurm_script
@@ -39,12 +40,17 @@ def launch_stage(stage: str, recipe: Any, overrides: dict | None = None, parent_
     """
     spec = spec or LaunchSpec()
     log = log or default_log()
+    cfg = recipe_obj(recipe, overrides)
+    with cluster_slot(cfg.cluster, f"stage {stage}", log):  # one stage at a time on the cluster's nodes
+        return _launch(stage, recipe, overrides, parent_run_id, spec, log, cluster, inputs, cfg)
+
+
+def _launch(stage, recipe, overrides, parent_run_id, spec: LaunchSpec, log, cluster, inputs, cfg) -> dict:
     if spec.target == "local":
         return run_local(stage, recipe, overrides, parent_run_id, inputs)
     if spec.target == "kubernetes":
         return run_kubernetes(stage, recipe, overrides, parent_run_id, inputs, spec, log)
 
-    cfg = recipe_obj(recipe, overrides)
     workdir = Path(spec.workdir) if spec.workdir else \
         Path(cfg.output_dir) / "launch" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     workdir = workdir.resolve()

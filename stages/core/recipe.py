@@ -195,10 +195,16 @@ class ClusterConfig(Strict):
     master_port: int | None = Field(None, ge=1, le=65535, description="rendezvous port (default: a free one)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for launched processes")
     timeout: float | None = Field(None, gt=0, description="seconds before a launched stage is killed")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the cluster's name in the "
+                             "Prefect concurrency limit r1-cluster-<name> (default: the partition, else the launcher)")
+    concurrency: int | None = Field(None, ge=1, description="stages launched by Prefect flows that may run on this "
+                                    "cluster at once (default: 1 with GPUs, no limit on CPU)")
     # slurm
     partition: str | None = None
     account: str | None = None
-    time_limit: str | None = Field(None, description="slurm --time, e.g. 24:00:00")
+    time_limit: str | None = Field(None, description="slurm --time, e.g. 24:00:00 or 2-00:00:00 (days-hours:min:sec)")
+    checkpoint_before_limit: int = Field(300, ge=30, description="slurm: seconds before the time limit at which the "
+                                         "stage checkpoints and the job is requeued (--signal=B:USR1@<this>)")
     cpus_per_task: int | None = Field(None, ge=1)
     setup: list[str] | None = Field(None, description="slurm: shell lines run before srun")
     # kubernetes (a Prefect work pool; see infra/prefect and docs/scaling.md)
@@ -208,13 +214,45 @@ class ClusterConfig(Strict):
     namespace: str | None = None
     deployment: str | None = Field(None, description="flow/deployment on the Kubernetes work pool")
 
+    @field_validator("time_limit")
+    @classmethod
+    def _slurm_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            slurm_seconds(value)
+        return value
+
     @model_validator(mode="after")
     def _multi_node_needs_launcher(self):
         if self.nodes > 1 and self.launcher in ("local", "torchrun", "kubernetes"):
             raise ValueError(f"nodes={self.nodes} needs launcher deepspeed or slurm (got {self.launcher})")
         if self.launcher == "deepspeed" and self.nodes > 1 and not self.hostfile:
             raise ValueError("launcher deepspeed on several nodes needs cluster.hostfile")
+        if self.time_limit and self.checkpoint_before_limit >= slurm_seconds(self.time_limit):
+            raise ValueError(f"checkpoint_before_limit={self.checkpoint_before_limit} s leaves no time to train within "
+                             f"time_limit={self.time_limit} ({slurm_seconds(self.time_limit)} s)")
         return self
+
+
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def slurm_seconds(text: str) -> int:
+    """Seconds of a Slurm time limit: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds (sbatch --time)."""
+    m = _SLURM_TIME.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"time limit {cut(repr(text))} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, D-HH, "
+                         "D-HH:MM or D-HH:MM:SS (e.g. 24:00:00)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = int(a) * 3600 + int(b) * 60 + int(c)
+    else:  # MM[:SS]
+        seconds = int(a) * 60 + int(b or 0)
+    if seconds <= 0:
+        raise ValueError(f"time limit {cut(repr(text))} is zero")
+    return seconds
 
 
 class ScheduleConfig(Strict):

@@ -221,6 +221,7 @@ class SFTTrainer:
             if self.output_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
             self.training.stop_if_non_finite(self.step, self.save)
+            self.training.stop_if_preempted(self.step, self.save)
             self.training.fault_point(self.step)
         bar.close()
         model.eval()
