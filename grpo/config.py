@@ -117,6 +117,14 @@ class GRPOConfig(BaseModel):
         "(seed, step, prompt position, g), so the rollouts, and the run, do not depend on the number of ranks",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="settings of the vllm rollout backend")
+    vllm_importance_sampling: bool | None = Field(
+        None, description="truncated importance sampling: weight each token's policy-gradient loss (not the KL) by "
+        "min(pi_old / pi_vllm, vllm_importance_sampling_cap), correcting for vLLM's log-probs differing from the "
+        "trainer's. None: on with rollout_backend vllm, as in TRL; true with another backend is refused",
+    )
+    vllm_importance_sampling_cap: float = Field(
+        2.0, gt=1, description="C, the cap of the importance weight (TRL's default)"
+    )
 
     # --- optimiser
     learning_rate: float = Field(1e-6, gt=0)
@@ -199,6 +207,11 @@ class GRPOConfig(BaseModel):
                 raise ValueError(
                     f"minibatch_size={self.minibatch_size} must divide prompts_per_step*num_generations={n}"
                 )
+        if self.vllm_importance_sampling and self.rollout_backend != "vllm":
+            raise ValueError(
+                f"vllm_importance_sampling: true needs rollout_backend 'vllm' (got {self.rollout_backend!r}): it "
+                "corrects for vLLM's log-probs, which no other backend reports; leave it unset or false"
+            )
         if problems := self.world_problems(1):  # one process: only micro_batch_size can fail here
             raise ValueError("; ".join(problems))
         return self
@@ -220,6 +233,13 @@ class GRPOConfig(BaseModel):
                        f"minibatch per rank{where} (minibatch_size or prompts_per_step*num_generations, / {world} "
                        "processes); each update accumulates whole micro-batches")
         return out
+
+    @property
+    def importance_sampling(self) -> bool:
+        """Whether the truncated importance-sampling correction is on (vllm_importance_sampling, resolved)."""
+        if self.vllm_importance_sampling is None:
+            return self.rollout_backend == "vllm"
+        return self.vllm_importance_sampling
 
     @property
     def eps_low(self) -> float:

@@ -2,7 +2,8 @@
 
     loss_i,t = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) + β·KL_t,    ρ = exp(logp_new − logp_old)
 
-then aggregated over tokens and sequences. Clip-higher (DAPO), the aggregations and the KL estimators are options of
+then aggregated over tokens and sequences. With tokens sampled by another engine (vLLM), the surrogate term may be
+weighted per token by the truncated importance weight w_t = min(π_old / π_sampler, C). Clip-higher (DAPO), the aggregations and the KL estimators are options of
 this one loss, not copies of it.
 """
 
@@ -47,6 +48,32 @@ def clipped_surrogate(
     clipped_low = (ratio < 1 - eps_low) & (adv < 0)
     clipped_high = (ratio > 1 + eps_high) & (adv > 0)
     return per_token, clipped_low, clipped_high
+
+
+def truncated_is_weight(logp_old: torch.Tensor, logp_sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(exp(logp_old − logp_sampler), C) per token, detached (truncated importance sampling, as TRL and verl):
+    the rollout was drawn from the sampler's π (vLLM's kernels), not the trainer's π_old. 1 where the sampler's
+    log-prob is unknown (NaN)."""
+    w = torch.exp(logp_old.detach().float() - logp_sampler.float()).clamp(max=cap)
+    return torch.where(torch.isnan(logp_sampler), torch.ones_like(w), w)
+
+
+def sampler_gap_stats(logp_old: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor,
+                      cap: float) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's π_old, over the completion tokens whose sampler
+    log-prob is known: mean and max |Δ|, the mean importance weight and the share of tokens whose weight is capped."""
+    known = mask.bool() & ~torch.isnan(logp_sampler)
+    diff = (logp_old.detach().float() - logp_sampler.float())[known]
+    if diff.numel() == 0:  # every rank logs the same keys
+        return {"sampler/logp_diff_mean": 0.0, "sampler/logp_diff_max": 0.0, "sampler/is_weight_mean": 1.0,
+                "sampler/is_truncated_frac": 0.0}
+    ratio = torch.exp(diff)
+    return {
+        "sampler/logp_diff_mean": diff.abs().mean().item(),
+        "sampler/logp_diff_max": diff.abs().max().item(),
+        "sampler/is_weight_mean": ratio.clamp(max=cap).mean().item(),
+        "sampler/is_truncated_frac": (ratio > cap).float().mean().item(),
+    }
 
 
 def aggregate(
@@ -96,9 +123,14 @@ def grpo_loss(
     aggregation: str = "sequence_mean",
     max_len: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss (scalar) and its diagnostics (KL, clip fractions) as floats."""
+    """The GRPO loss (scalar) and its diagnostics (KL, clip fractions) as floats.
+
+    is_weight: (N, T) per-token weights of the surrogate term (`truncated_is_weight`); the KL term is not weighted."""
     per_token, clipped_low, clipped_high = clipped_surrogate(logp_new, logp_old, adv, eps_low, eps_high)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     stats = {}
     if beta > 0:
         if logp_ref is None:

@@ -53,6 +53,9 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     lengths: torch.Tensor  # (N,) number of completion tokens (EOS included)
     num_generations: int
+    # (N, T) the sampler's log-prob of each completion token, NaN where unknown (an EOS appended because the engine left
+    # it out, padding); None from backends that report none (HF generate, the fast decoder)
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -10,11 +10,16 @@ weights.
 Imported only when `GRPOConfig.rollout_backend == "vllm"`; vLLM comes with the `gpu` extra (`pip install -e '.[gpu]'`).
 Written against vLLM's V1 engine (0.10 and later): `LLM(..., distributed_executor_backend="external_launcher")` keeps
 the engine in this process, `LLM.generate` takes token-id prompts and one SamplingParams per request.
+
+Sampler log-probs: each request asks for its sampled tokens' log-probs (`SamplingParams(logprobs=0)`: the chosen token
+only), with the engine's `logprobs_mode="processed_logprobs"` (after temperature and top-p, the distribution the tokens
+were drawn from; vLLM's default, raw, is before temperature), for the trainer's truncated importance sampling.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 import sys
@@ -122,31 +127,49 @@ def stop_token(output, eos_ids: list[int]) -> int | None:
     return reason if isinstance(reason, int) and reason in eos_ids else eos_ids[0]
 
 
+def sampled_logprobs(output) -> list[float]:
+    """The sampler's log-prob of each token of a vLLM completion output (`logprobs`: one {token id: Logprob} per
+    generated token); NaN where the engine reported none."""
+    per_token = list(getattr(output, "logprobs", None) or [])
+    ids = list(output.token_ids)
+    per_token += [None] * (len(ids) - len(per_token))
+    return [lp[t].logprob if lp and t in lp else math.nan for t, lp in zip(ids, per_token)]
+
+
 def rollout_from_token_ids(tokenizer, prompts: list[str], num_generations: int, prompt_ids: torch.Tensor,
                            prompt_mask: torch.Tensor, completions: list[list[int]], stopped_on: list[int | None],
-                           eos_ids: list[int] | None = None) -> Rollout:
+                           eos_ids: list[int] | None = None, logprobs: list[list[float]] | None = None) -> Rollout:
     """A Rollout from per-request completion token ids (N = len(prompts) * G, grouped by prompt).
 
     prompt_ids / prompt_mask: the prompts left-padded, one row per prompt. A row ends at its first EOS (any of
     eos_ids, default the tokenizer's), as on the other backends, whatever the engine's finish reason (an EOS drawn as
     the last allowed token is still an ending). stopped_on[k]: the EOS id request k stopped on (`stop_token`), appended
     only if the engine left it out of the ids; None: it hit max_tokens, nothing is appended and, without an EOS in its
-    ids, the row is truncated.
+    ids, the row is truncated. logprobs[k]: the sampler's log-prob of each of request k's ids, cut like the ids (NaN
+    for an appended EOS), become `Rollout.sampler_logp`.
     """
     eos_ids = eos_ids or [tokenizer.eos_token_id]
     if len(completions) != len(prompts) * num_generations or len(stopped_on) != len(completions):
         raise ValueError(f"need {len(prompts)} x {num_generations} completions, got {len(completions)}")
-    rows, truncated = [], []
-    for ids, stop in zip(completions, stopped_on):
+    rows, truncated, logp_rows = [], [], []
+    for i, (ids, stop) in enumerate(zip(completions, stopped_on)):
         ids = list(ids)
+        lps = list(logprobs[i]) if logprobs is not None else []
         end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
         if end is not None:
-            ids = ids[: end + 1]
+            ids, lps = ids[: end + 1], lps[: end + 1]
         elif stop is not None:
             ids.append(stop)
+            lps.append(math.nan)
         rows.append(ids)
+        logp_rows.append(lps)
         truncated.append(end is None and stop is None)
-    return rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, truncated, num_generations)
+    rollout = rollout_from_token_rows(tokenizer, prompts, prompt_ids, prompt_mask, rows, truncated, num_generations)
+    if logprobs is not None:
+        rollout.sampler_logp = torch.full(rollout.completion_ids.shape, math.nan)
+        for i, lps in enumerate(logp_rows):
+            rollout.sampler_logp[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    return rollout
 
 
 class VLLMBackend:
@@ -189,6 +212,7 @@ class VLLMBackend:
             "enforce_eager": self.config.enforce_eager,
             "seed": seed + rank // tensor_parallel_size,  # unseeded requests: one stream per engine
             "distributed_executor_backend": "external_launcher",  # this process's engine, on this rank's GPU
+            "logprobs_mode": "processed_logprobs",  # sampled tokens' log-probs after temperature, as the trainer's
         }
         if tensor_parallel_size > 1:  # vLLM's torchrun layout: ranks [dp][tp], one engine per tp group
             kwargs |= {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size}
@@ -228,6 +252,7 @@ class VLLMBackend:
             seed=seed,
             stop_token_ids=self.eos_ids,
             detokenize=False,
+            logprobs=0,  # the sampled token's log-prob only (for truncated importance sampling)
         )
 
     @torch.no_grad()
@@ -258,5 +283,6 @@ class VLLMBackend:
                 self._weights_released = True
         completions = [list(o.outputs[0].token_ids) for o in outputs]
         stopped_on = [stop_token(o.outputs[0], self.eos_ids) for o in outputs]
+        logprobs = [sampled_logprobs(o.outputs[0]) for o in outputs]
         return rollout_from_token_ids(self.tokenizer, prompts, num_generations, prompt_ids, prompt_mask, completions,
-                                      stopped_on, self.eos_ids)
+                                      stopped_on, self.eos_ids, logprobs)

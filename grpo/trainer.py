@@ -36,7 +36,7 @@ from grpo.distributed import (
 from grpo.fast import shared_prompt_logprobs, use_fast_path
 from grpo.logging import MetricLogger
 from grpo.logprobs import packed_completion_logprobs
-from grpo.loss import grpo_loss, masked_mean
+from grpo.loss import grpo_loss, masked_mean, sampler_gap_stats, truncated_is_weight
 from grpo.rewards_io import (
     RewardFunc,
     call_reward,
@@ -47,7 +47,8 @@ from grpo.rewards_io import (
 from grpo.rollout import HFGenerateBackend, Rollout, RolloutBackend, SamplingParams, mix_seed
 from grpo.training import Training
 
-TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy")
+TOKEN_METRICS = ("kl", "clip_low", "clip_high", "entropy", "sampler/logp_diff_mean", "sampler/is_weight_mean",
+                 "sampler/is_truncated_frac")
 
 
 def pooled_std_metrics(metrics: dict[str, float], n: int) -> dict[str, float]:
@@ -242,9 +243,11 @@ class GRPOTrainer:
         }
         # per-token diagnostics are token means over the whole batch: weight each rank by its token count
         per_token = {k: metrics.pop(k) for k in TOKEN_METRICS if k in metrics}
+        maxima = {k: metrics.pop(k) for k in ("sampler/logp_diff_max",) if k in metrics}
         metrics = all_reduce_mean(pooled_std_metrics(metrics, len(rollout.completions)))
         metrics.update(all_reduce_weighted_mean(per_token, rollout.completion_mask.sum().item()))
         metrics["completion_length/max"] = all_reduce_max(lengths.max().item())
+        metrics.update({k: all_reduce_max(v) for k, v in maxima.items()})
         step_time = time.perf_counter() - t0
         metrics["lr"] = self.engine.lr()
         metrics["step_time"] = step_time
@@ -394,6 +397,10 @@ class GRPOTrainer:
                          without micro-batches), so L_k = Σ_{tokens∈k} / num_tokens is already its share.
           dr_grpo        L = Σ_tokens / (M·max_len); grpo_loss gives Σ_{tokens∈k} / (m·max_len): the share is (m/M) L_k.
         The update's diagnostics are the micro-batches' token-weighted means (the loss: their sum).
+
+        Truncated importance sampling (a rollout with the sampler's log-probs, `cfg.importance_sampling`): each token's
+        surrogate is weighted by min(π_old / π_sampler, C), π_old being the same frozen or detached log-probs as in the
+        ratio. The gap between the sampler's and π_old's log-probs is logged whenever the sampler reported them.
         """
         cfg = self.cfg
         policy = self.engine.module
@@ -401,12 +408,15 @@ class GRPOTrainer:
         micro = cfg.micro_batch_size or mb
         updates_per_rollout = cfg.mu * self.minibatches_per_rollout
         old_logp = self.frozen_logprobs(policy, rollout) if updates_per_rollout > 1 else None
+        sampler_logp, cap = rollout.sampler_logp, cfg.vllm_importance_sampling_cap
+        correct = cfg.importance_sampling and sampler_logp is not None
+        detached_old: list[torch.Tensor] = []  # π_old = the first pass's detached log-probs, when not frozen
         ref_logp = self.frozen_logprobs(self.reference, rollout) if cfg.beta > 0 else None
         was_training = policy.training
         policy.train(was_training or cfg.gradient_checkpointing)  # Hugging Face checkpoints only in training mode
 
         stats: dict[str, list[float]] = {}
-        for _ in range(cfg.mu):
+        for inner in range(cfg.mu):
             for start in range(0, n, mb):
                 minibatch_mask = rollout.completion_mask[start : start + mb]
                 minibatch_tokens = minibatch_mask.sum().float()
@@ -417,9 +427,12 @@ class GRPOTrainer:
                     mask = rollout.completion_mask[rows]
                     t_forward = time.perf_counter()
                     logp, entropy = self.logprobs(policy, rollout, rows)
+                    old = old_logp[rows] if old_logp is not None else logp.detach()
+                    if old_logp is None and sampler_logp is not None and inner == 0:
+                        detached_old.append(old)
                     loss, s = grpo_loss(
                         logp,
-                        old_logp[rows] if old_logp is not None else logp.detach(),
+                        old,
                         advantages[rows],
                         mask,
                         logp_ref=ref_logp[rows] if ref_logp is not None else None,
@@ -430,6 +443,7 @@ class GRPOTrainer:
                         aggregation=cfg.loss_aggregation,
                         max_len=cfg.max_completion_length,
                         num_tokens=num_tokens,
+                        is_weight=truncated_is_weight(old, sampler_logp[rows], cap) if correct else None,
                     )
                     if micro < mb and cfg.loss_aggregation != "token_mean":
                         loss = loss * (mask.shape[0] / mb)  # this micro-batch's share (see the docstring)
@@ -449,7 +463,11 @@ class GRPOTrainer:
                     stats.setdefault(k, []).append(v)
         policy.train(was_training)
         self.last_update_stats = stats  # every update's values (the returned dict holds means)
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        if sampler_logp is not None:
+            old_all = old_logp if old_logp is not None else torch.cat(detached_old)
+            out.update(sampler_gap_stats(old_all, sampler_logp, rollout.completion_mask, cap))
+        return out
 
     # ---- outputs
     def save_model(self, directory: str | Path) -> None:
