@@ -2,9 +2,9 @@
 
     loss_i,t = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) + β·KL_t,    ρ = exp(logp_new − logp_old)
 
-then aggregated over tokens and sequences. With tokens sampled by another engine (vLLM), the surrogate term may be
-weighted per token by the truncated importance weight w_t = min(π_old / π_sampler, C). Clip-higher (DAPO), the aggregations and the KL estimators are options of
-this one loss, not copies of it.
+then aggregated over tokens and sequences. Clip-higher (DAPO), the aggregations and the KL estimators are options of
+this one loss, not copies of it. Tokens sampled by another engine (vLLM) may weight the surrogate term by the
+truncated importance weight w_t = min(π_old / π_sampler, C).
 """
 
 from __future__ import annotations

@@ -214,7 +214,8 @@ def test_vllm_backend_fills_sampler_logp_aligned_with_the_kept_tokens(tok, tiny_
 
 
 def test_hf_backend_reports_no_sampler_logp(tok, tiny_model):
-    r = HFGenerateBackend(tiny_model(tok), tok).generate(["User: 1+2=?\nAssistant:"], 2, SamplingParams(max_new_tokens=3))
+    backend = HFGenerateBackend(tiny_model(tok), tok)
+    r = backend.generate(["User: 1+2=?\nAssistant:"], 2, SamplingParams(max_new_tokens=3))
     assert r.sampler_logp is None
 
 
