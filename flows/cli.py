@@ -9,9 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import click
@@ -22,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stages.core import console as r1_console
+from stages.core import errors
 
 app = typer.Typer(
     help="Train reasoning models the DeepSeek-R1 way: base model -> R1-Zero -> cold-start SFT -> reasoning RL -> "
@@ -37,7 +35,6 @@ RECIPE_HELP = "recipe preset name (see `r1 presets`) or path to a YAML recipe"
 SET_HELP = "override a recipe value, e.g. --set eval.num_prompts=32 (repeatable)"
 
 
-OWN_PACKAGES = ("stages", "grpo", "flows", "rewards")  # an exception class defined here is an error raised on purpose
 DEBUG = {"on": False}
 
 
@@ -53,41 +50,27 @@ def _fail(message: str, code: int = 2):
 
 
 def _handled(command):
-    """The tool's own errors (bad input, refusals) print one message and exit 2; anything else prints a short line
-    and the file holding its traceback, and exits 1. `r1 --debug ...` shows tracebacks instead."""
+    """Every command ends the same way (stages/core/errors.py): the tool's own errors (bad input, refusals) print one
+    message and exit 2; anything else prints a short line and the file holding its traceback, and exits 1; Ctrl-C or
+    SIGTERM prints one line and exits 130. `r1 --debug ...` shows tracebacks instead."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, click.ClickException):
             raise
-        except Exception as e:  # the one place every error reaches the user
-            if DEBUG["on"]:
+        except BaseException as e:  # the one place every error reaches the user
+            if DEBUG["on"] or not (isinstance(e, Exception) or errors.is_interrupt(e)):
                 raise
-            if type(e).__module__.split(".")[0] in OWN_PACKAGES:
-                _fail(str(e))
-            _fail(f"unexpected error: {type(e).__name__}: {_cut(str(e))}\nfull traceback: {_save_traceback(e)} "
-                  "(or rerun with r1 --debug ...)", code=1)
+            code, message = errors.outcome(e)
+            if code == errors.EXIT_INTERRUPTED:
+                sys.stdout.flush()
+                console.print(escape(message), style="yellow", highlight=False)
+                raise typer.Exit(code) from None
+            _fail(message, code)
 
     return run
-
-
-def _cut(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _save_traceback(e: BaseException) -> str:
-    text = "".join(traceback.format_exception(e))
-    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{id(e):x}.txt"
-    for folder in (Path(".r1/logs"), Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text)
-            return str(folder / name)
-        except OSError:
-            continue
-    return "(could not be written)"
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -271,14 +254,14 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     `r1 pipeline` in another terminal."""
     cfg = _recipe(recipe, set)
     # lazy: fast `r1 --help` (see top)
-    from flows.servers import ServerError, local_servers, raise_on_signals, start, stop, wait_ready, watch
+    from flows.servers import ServerError, local_servers, start, stop, wait_ready, watch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]binding to {escape(host)}: anyone who can reach it can use both servers (no "
                       "authentication)[/yellow]")
     servers = local_servers(cfg.tracking.uri, host, prefect_port, mlflow_port,
                             cfg.tracking.artifact_location or "./mlartifacts")
-    raise_on_signals()  # before any server starts: Ctrl-C while they boot stops them too
+    errors.raise_on_signals()  # before any server starts: Ctrl-C while they boot stops them too
     procs = start(servers, log_dir)
     code = 0
     try:

@@ -95,7 +95,7 @@ def test_local_servers_bind_to_loopback_and_skip_mlflow_for_a_tracking_server():
 
 def test_r1_up_stops_on_sigint_even_when_started_with_sigint_ignored():
     """A background job of a non-interactive shell starts with SIGINT ignored; `r1 up` must still stop on it."""
-    from flows.servers import raise_on_signals
+    from stages.core.errors import raise_on_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
