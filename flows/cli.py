@@ -7,6 +7,7 @@ Every command takes a recipe: a preset name (`tiny`, `qwen2.5-7b`) or a YAML fil
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def _handled(command):
             code, message = errors.outcome(e)
             if code == errors.EXIT_INTERRUPTED:
                 sys.stdout.flush()
-                console.print(escape(message), style="yellow", highlight=False)
+                console.print(escape(message), style="yellow", highlight=False, soft_wrap=True)
+                gc.freeze()  # the exit's last garbage collection skips them: seconds, with torch/Prefect/MLflow loaded
                 raise typer.Exit(code) from None
             _fail(message, code)
 
@@ -180,6 +182,7 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
     """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
     the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose, quiet)
+    errors.raise_on_signals()
     # lazy: fast `r1 --help` (see top)
     from stages.core.order import check_stages, inputs_of
     from stages.registry import runnable
@@ -218,6 +221,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     skipped and their outputs reused (--force NAME reruns one). Results: `mlflow ui --backend-store-uri
     sqlite:///mlflow.db`."""
     _logging(verbose, quiet)
+    errors.raise_on_signals()
     cfg = _recipe(recipe, set)  # validate before Prefect starts
     # lazy: fast `r1 --help` (see top)
     from flows.pipeline import configure_local_prefect
@@ -232,9 +236,14 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         _fail(str(e))
     configure_local_prefect()
     # lazy: fast `r1 --help` (see top)
+    from prefect.exceptions import CancelledRun
+
     from flows.pipeline import r1_pipeline
 
-    result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
+    try:
+        result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
+    except CancelledRun as e:  # Ctrl-C or SIGTERM: the flow run ended Cancelled, with the line to show
+        raise errors.Interrupted(str(e)) from None
     console.print_json(json.dumps(result))
     console.print(f"MLflow: `mlflow ui --backend-store-uri {cfg.tracking.uri}` then open experiment "
                   f"{cfg.tracking.experiment!r}")
