@@ -238,7 +238,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     # lazy: fast `r1 --help` (see top)
     from prefect.exceptions import CancelledRun
 
-    from flows.pipeline import r1_pipeline
+    from flows.pipeline import r1_pipeline  # lazy: fast `r1 --help` (see top)
 
     try:
         result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
