@@ -95,7 +95,7 @@ def wait_ready(servers: list[Server], procs: list[subprocess.Popen], log_dir: Pa
             time.sleep(0.5)
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
+def stop(procs: list[subprocess.Popen], grace: float = 8) -> None:
     """SIGTERM each server's process group, then SIGKILL what is left after `grace` seconds."""
     for p in procs:
         if p.poll() is None:

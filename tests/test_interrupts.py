@@ -30,7 +30,8 @@ INTERRUPTED = re.compile(r"^interrupted: stage r1_zero stopped, MLflow run (\w{8
 
 
 def _env(tmp_path: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # a new database on a loaded machine
     env.pop("PREFECT_API_URL", None)  # a temporary Prefect server, whose database is PREFECT_HOME/prefect.db
     return env
 
