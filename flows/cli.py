@@ -66,6 +66,7 @@ def _handled(command):
                 raise
             code, message = errors.outcome(e)
             if code == errors.EXIT_INTERRUPTED:
+                errors.handled()
                 sys.stdout.flush()
                 console.print(escape(message), style="yellow", highlight=False, soft_wrap=True)
                 gc.freeze()  # the exit's last garbage collection skips them: seconds, with torch/Prefect/MLflow loaded
@@ -292,6 +293,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         console.print(escape(str(e)), style="red", highlight=False)
         code = 1
     except KeyboardInterrupt:
+        errors.handled()
         console.print("stopping the servers")
     finally:
         sys.stdout.flush()  # a log file is block-buffered: say it before the (slow) shutdown

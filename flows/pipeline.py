@@ -67,6 +67,7 @@ def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, s
 def cancelled(e: BaseException, what: str) -> State:
     """The Prefect state of a run stopped by Ctrl-C or SIGTERM: Cancelled, not Crashed (no retry either), carrying the
     one line the user sees. Prefect's own lines about it stay off the console from here on: that line says it all."""
+    errors.handled()
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: not record.name.startswith("prefect"))
     message = str(e) if str(e).startswith("interrupted:") else f"interrupted: {what} stopped"

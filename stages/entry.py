@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
         return code
     except KeyboardInterrupt as e:
+        errors.handled()
         print(errors.outcome(e)[1], file=sys.stderr, flush=True)
         return errors.EXIT_INTERRUPTED
 

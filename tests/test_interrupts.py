@@ -181,3 +181,33 @@ def test_the_launcher_shows_a_rank_s_one_line_error(tmp_path):
     text = torchrun_failure("r1_zero", 1, ["  rank      : 0 (local_rank: 0)", "  exitcode  : 2 (pid: 7)"], tmp_path / "logs")
     assert text.endswith("rank 0 error:\npreflight: 1 problem found before any model was loaded:\n - "
                          "r1_zero.data.path: data set 'x' does not exist"), text
+
+
+def test_an_interrupt_swallowed_by_a_finaliser_is_raised_again():
+    """Python prints an exception raised inside a weakref callback or `__del__` as "ignored" and goes on: the handler
+    raises it again every second until it is caught (`handled`)."""
+    import gc
+    import weakref
+
+    from stages.core.errors import Interrupted, handled, raise_on_signals
+
+    class Box:
+        pass
+
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)]
+    try:
+        raise_on_signals()
+        box = Box()
+        weakref.finalize(box, lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.1)))  # raises in there
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted, match=r"interrupted \(SIGINT\)"):
+            del box
+            gc.collect()
+            while time.monotonic() - t0 < 5:  # the training loop going on
+                time.sleep(0.05)
+        assert time.monotonic() - t0 < 3
+        handled()
+        time.sleep(1.5)  # caught: not raised again
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGALRM), before, strict=True):
+            signal.signal(s, h)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flows.launch.spec import REPO_ROOT, LaunchError, LaunchSpec
+from stages.core import errors
 
 
 def _child_env(spec: LaunchSpec) -> dict[str, str]:
@@ -62,6 +63,7 @@ def stream(cmd: list[str], spec: LaunchSpec, log: Callable[[str], None], follow:
     except BaseException as e:  # timeout, Ctrl-C, a cancelled Prefect task: the ranks must not outlive the launch
         if not isinstance(e, Exception):
             aborted.set()
+            errors.handled()  # caught here, raised again below once the ranks are gone
         _kill(proc)
         if on_abort is not None:
             on_abort(list(tail))

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from grpo.logging import MLflowLogger
-from stages.core.errors import Interrupted, is_interrupt
+from stages.core.errors import Interrupted, handled, is_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def killed_on_interrupt(run_id: str, what: str, workdir: Path | None = None):
     except BaseException as e:
         if not is_interrupt(e):
             raise
+        handled()
         import mlflow
 
         active = mlflow.active_run()

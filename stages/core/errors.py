@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import tempfile
 import threading
@@ -35,10 +36,31 @@ def raise_on_signals() -> None:
         return
 
     def interrupt(signum, frame):
-        raise Interrupted(f"interrupted ({signal.Signals(signum).name})")
+        if not _pending:
+            _pending.append(f"interrupted ({signal.Signals(signum).name})")
+        # again every second until caught (`handled`): raised inside a finaliser or a weakref callback (the garbage
+        # collector runs them anywhere), the exception is printed as "ignored" and the run would go on
+        signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
+        raise Interrupted(_pending[0])
+
+    def again(signum, frame):
+        if _pending:
+            raise Interrupted(_pending[0])
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGALRM, again)
+
+
+_pending: list[str] = []  # the interrupt raised and not yet caught
+
+
+def handled() -> None:
+    """Where an interrupt is caught and acted on (a run marked KILLED, a launch stopped, the line printed): stop
+    raising it again."""
+    _pending.clear()
+    with contextlib.suppress(ValueError, OSError):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def is_interrupt(e: BaseException) -> bool:
