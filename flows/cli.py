@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -332,7 +333,8 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         for d in deployments:
             typer.echo(f"  {d.flow_name}/{d.name}")
 
-    serve_until_stopped(deployments, limit, on_ready=ready)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored; asyncio's
+    serve_until_stopped(deployments, limit, on_ready=ready)       # runner then stops Prefect's runner cleanly
 
 
 @app.command()

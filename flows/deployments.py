@@ -87,15 +87,26 @@ def check_server() -> str:
 
 class ServeRunner(Runner):
     """Prefect's runner, whose shutdown does not hang on a server that is gone: pausing the deployments' schedules
-    (Prefect retries each request for a long while) gets PAUSE_TIMEOUT seconds in all, then one warning."""
+    (Prefect retries each request for a long while) gets PAUSE_TIMEOUT seconds in all, then one warning. Its own
+    lines about pausing stay off the console: `serve_until_stopped` says how it ended in one."""
+
+    schedules_paused = False
 
     async def _pause_schedules(self):
+        runner_log = logging.getLogger("prefect.runner")
+        level = runner_log.level
+        runner_log.setLevel(logging.WARNING)
         try:
             with anyio.fail_after(PAUSE_TIMEOUT):
                 await super()._pause_schedules()
-        except Exception as e:  # noqa: BLE001 -- any failure here only means the schedules stay as they are
-            log.warning("schedules left active: the Prefect server did not answer within %.0f s (%s); pause them in "
-                        "the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
+            self.schedules_paused = True
+        except (Exception, asyncio.CancelledError) as e:  # any failure here only means the schedules stay as they are
+            log.warning("r1 serve stopped; schedules left active: the Prefect server did not answer within %.0f s "
+                        "(%s); pause them in the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            runner_log.setLevel(level)
 
 
 def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=None) -> None:
@@ -110,4 +121,5 @@ def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=No
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal):
         pass
-    log.info("r1 serve stopped")
+    if runner.schedules_paused:  # otherwise its warning was the line
+        log.info("r1 serve stopped; the deployments' schedules are paused")
