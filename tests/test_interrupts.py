@@ -211,3 +211,65 @@ def test_an_interrupt_swallowed_by_a_finaliser_is_raised_again():
     finally:
         for s, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGALRM), before, strict=True):
             signal.signal(s, h)
+
+
+def _ctrl_c(proc: subprocess.Popen, log: Path) -> tuple[float, list[str]]:
+    """SIGINT to the process group (a terminal's Ctrl-C): (seconds until it ended, its lines after the signal)."""
+    before = len(log.read_text())
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return time.monotonic() - t0, log.read_text()[before:].strip().splitlines()
+
+
+def _quiet_for(log: Path, seconds: float, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if log.stat().st_size != size:
+            size, since = log.stat().st_size, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+        time.sleep(0.5)
+
+
+def test_ctrl_c_on_serve_with_the_server_up_and_gone_and_on_up(tmp_path):
+    """`r1 serve` (started with SIGINT ignored, as a script's background job) stops on Ctrl-C with one line, with
+    the Prefect server up (schedules paused) and after `r1 up` stopped it (schedules left active); `r1 up` too."""
+    from tests.test_deployments import _free_port, _wait_for
+
+    pport, mport = _free_port(), _free_port()
+    env = {**_env(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{pport}/api"}
+    up_log = tmp_path / "up.log"
+    up = subprocess.Popen([*R1, "up", "--prefect-port", str(pport), "--mlflow-port", str(mport)], cwd=tmp_path,
+                          env=env, stdout=up_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+    try:
+        _wait_for(up, up_log, "export PREFECT_API_URL", 300)
+        for server in ("up", "gone"):
+            log = tmp_path / f"serve-{server}.log"
+            serve = subprocess.Popen([*ignoring_sigint, *R1, "serve", *_sets(MINI)], cwd=tmp_path, env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            _wait_for(serve, log, "r1-distill/tiny", 300)
+            time.sleep(5)  # the names are printed just before Prefect's runner starts (a Ctrl-C before: nothing to pause)
+            if server == "gone":
+                seconds, lines = _ctrl_c(up, up_log)
+                assert up.returncode == 0 and seconds < 10, (up.returncode, seconds, lines)
+                assert lines == ["stopping the servers"]
+                _quiet_for(log, 5)  # what Prefect's runner says when its server goes away comes before the Ctrl-C
+            seconds, lines = _ctrl_c(serve, log)
+            assert serve.returncode == 0 and seconds < 10, (serve.returncode, seconds, lines)
+            assert len(lines) == 1, (server, log.read_text()[-3000:])
+            if server == "up":
+                assert lines[0].endswith("INFO flows.deployments: r1 serve stopped; the deployments' schedules are "
+                                         "paused"), lines
+            else:
+                assert "WARNING flows.deployments: r1 serve stopped; schedules left active: the Prefect server did " \
+                       "not answer within 5 s" in lines[0], lines
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
