@@ -118,6 +118,24 @@ def test_ctrl_c_stops_the_pipeline_in_seconds_and_a_rerun_resumes(tmp_path):
     assert len(runs["base_model"]) == 1
 
 
+def test_ctrl_c_reaches_a_stage_running_under_torchrun(tmp_path):
+    """The stage runs in torchrun's worker (its own session: a terminal's Ctrl-C does not reach it): the pipeline
+    process stops the launch (SIGTERM, which torchrun forwards), the worker ends its MLflow run KILLED, and the user
+    sees one line, not the worker's."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    over = {**MINI, **RL, "tracking.uri": uri, "cluster.launcher": "torchrun", "cluster.nproc_per_node": 1}
+    args = [*R1, "pipeline", "--recipe", "tiny", "--stage", "base_model", "--stage", "r1_zero", *_sets(over)]
+    log = tmp_path / "torchrun.log"
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(tmp_path), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    seconds, after = _interrupt_after_a_checkpoint(proc, tmp_path, log, signal.SIGINT, group=True)
+    assert proc.returncode == 130 and seconds < 15, (proc.returncode, seconds, after)  # torchrun's own shutdown
+    assert after.strip().splitlines() == ["interrupted: stage r1_zero stopped"], after
+    runs = _runs(uri)
+    assert [r.info.status for r in runs["r1_zero"]] == ["KILLED"]
+    assert [r.info.status for r in runs["pipeline"]] == ["KILLED"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stage_process_ends_killed_on_a_signal(sig, mini_base, tmp_path):
     """`python -m stages.entry` as a launcher runs it (torchrun forwards SIGTERM; `r1 stage` gets a Ctrl-C), with SIGINT
