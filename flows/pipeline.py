@@ -77,13 +77,15 @@ def cancelled(e: BaseException, what: str) -> State:
 def cancel_on_interrupt(chain):
     """Run `chain()` in a flow; Ctrl-C or SIGTERM ends the flow run Cancelled (a direct call then raises CancelledRun
     with the message). SIGTERM is ours again inside the flow run (Prefect's handler would crash the run)."""
-    errors.raise_on_signals()
+    before = errors.raise_on_signals()
     try:
         return chain()
     except BaseException as e:
         if not errors.is_interrupt(e):
             raise
         return cancelled(e, "the pipeline")
+    finally:
+        errors.restore_signals(before)
 
 
 def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = None) -> dict[str, dict[str, str]]:

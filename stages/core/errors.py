@@ -26,14 +26,14 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, as an exception; its text is the one line the user sees (what stopped, what was kept)."""
 
 
-def raise_on_signals() -> None:
+def raise_on_signals() -> dict:
     """SIGINT (Ctrl-C) and SIGTERM raise `Interrupted` in the main thread, so a run ends its MLflow run KILLED and
     keeps its checkpoints on either. Set explicitly: a process started in the background by a non-interactive shell
     (`nohup r1 pipeline &`, a CI script) inherits SIGINT ignored and would never see a Ctrl-C; SIGTERM (what `kill`,
     torchrun, Slurm and Kubernetes send) would otherwise end the process without any cleanup. No-op off the main
-    thread (only it can set handlers)."""
+    thread (only it can set handlers). Returns the handlers it replaced (for `restore_signals`)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def interrupt(signum, frame):
         if not _pending:
@@ -47,9 +47,16 @@ def raise_on_signals() -> None:
         if _pending:
             raise Interrupted(_pending[0])
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGALRM, again)
+    return before
+
+
+def restore_signals(before: dict) -> None:
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 _pending: list[str] = []  # the interrupt raised and not yet caught
