@@ -7,11 +7,10 @@ Every command takes a recipe: a preset name (`tiny`, `qwen2.5-7b`) or a YAML fil
 from __future__ import annotations
 
 import functools
+import gc
 import json
+import signal
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import click
@@ -22,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stages.core import console as r1_console
+from stages.core import errors
 
 app = typer.Typer(
     help="Train reasoning models the DeepSeek-R1 way: base model -> R1-Zero -> cold-start SFT -> reasoning RL -> "
@@ -37,7 +37,6 @@ RECIPE_HELP = "recipe preset name (see `r1 presets`) or path to a YAML recipe"
 SET_HELP = "override a recipe value, e.g. --set eval.num_prompts=32 (repeatable)"
 
 
-OWN_PACKAGES = ("stages", "grpo", "flows", "rewards")  # an exception class defined here is an error raised on purpose
 DEBUG = {"on": False}
 
 
@@ -53,41 +52,29 @@ def _fail(message: str, code: int = 2):
 
 
 def _handled(command):
-    """The tool's own errors (bad input, refusals) print one message and exit 2; anything else prints a short line
-    and the file holding its traceback, and exits 1. `r1 --debug ...` shows tracebacks instead."""
+    """Every command ends the same way (stages/core/errors.py): the tool's own errors (bad input, refusals) print one
+    message and exit 2; anything else prints a short line and the file holding its traceback, and exits 1; Ctrl-C or
+    SIGTERM prints one line and exits 130. `r1 --debug ...` shows tracebacks instead."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, click.ClickException):
             raise
-        except Exception as e:  # the one place every error reaches the user
-            if DEBUG["on"]:
+        except BaseException as e:  # the one place every error reaches the user
+            if DEBUG["on"] or not (isinstance(e, Exception) or errors.is_interrupt(e)):
                 raise
-            if type(e).__module__.split(".")[0] in OWN_PACKAGES:
-                _fail(str(e))
-            _fail(f"unexpected error: {type(e).__name__}: {_cut(str(e))}\nfull traceback: {_save_traceback(e)} "
-                  "(or rerun with r1 --debug ...)", code=1)
+            code, message = errors.outcome(e)
+            if code == errors.EXIT_INTERRUPTED:
+                errors.handled()
+                sys.stdout.flush()
+                console.print(escape(message), style="yellow", highlight=False, soft_wrap=True)
+                gc.freeze()  # the exit's last garbage collection skips them: seconds, with torch/Prefect/MLflow loaded
+                raise typer.Exit(code) from None
+            _fail(message, code)
 
     return run
-
-
-def _cut(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _save_traceback(e: BaseException) -> str:
-    text = "".join(traceback.format_exception(e))
-    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{id(e):x}.txt"
-    for folder in (Path(".r1/logs"), Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text)
-            return str(folder / name)
-        except OSError:
-            continue
-    return "(could not be written)"
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -217,6 +204,7 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
     """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
     the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose, quiet)
+    errors.raise_on_signals()
     # lazy: fast `r1 --help` (see top)
     from stages.core.order import check_stages, inputs_of
     from stages.registry import runnable
@@ -255,6 +243,7 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     skipped and their outputs reused (--force NAME reruns one). Results: `mlflow ui --backend-store-uri
     sqlite:///mlflow.db`."""
     _logging(verbose, quiet)
+    errors.raise_on_signals()
     cfg = _recipe(recipe, set)  # validate before Prefect starts
     # lazy: fast `r1 --help` (see top)
     from flows.pipeline import configure_local_prefect
@@ -269,9 +258,14 @@ def pipeline(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         _fail(str(e))
     configure_local_prefect()
     # lazy: fast `r1 --help` (see top)
-    from flows.pipeline import r1_pipeline
+    from prefect.exceptions import CancelledRun
 
-    result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
+    from flows.pipeline import r1_pipeline  # lazy: fast `r1 --help` (see top)
+
+    try:
+        result = r1_pipeline(recipe=recipe, stages=stages or None, overrides=_overrides(set), force=force or None)
+    except CancelledRun as e:  # Ctrl-C or SIGTERM: the flow run ended Cancelled, with the line to show
+        raise errors.Interrupted(str(e)) from None
     console.print_json(json.dumps(result))
     console.print(f"MLflow: `mlflow ui --backend-store-uri {cfg.tracking.uri}` then open experiment "
                   f"{cfg.tracking.experiment!r}")
@@ -291,14 +285,14 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
     `r1 pipeline` in another terminal."""
     cfg = _recipe(recipe, set)
     # lazy: fast `r1 --help` (see top)
-    from flows.servers import ServerError, local_servers, raise_on_signals, start, stop, wait_ready, watch
+    from flows.servers import ServerError, local_servers, start, stop, wait_ready, watch
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]binding to {escape(host)}: anyone who can reach it can use both servers (no "
                       "authentication)[/yellow]")
     servers = local_servers(cfg.tracking.uri, host, prefect_port, mlflow_port,
                             cfg.tracking.artifact_location or "./mlartifacts")
-    raise_on_signals()  # before any server starts: Ctrl-C while they boot stops them too
+    errors.raise_on_signals()  # before any server starts: Ctrl-C while they boot stops them too
     procs = start(servers, log_dir)
     code = 0
     try:
@@ -320,6 +314,7 @@ def up(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         console.print(escape(str(e)), style="red", highlight=False)
         code = 1
     except KeyboardInterrupt:
+        errors.handled()
         console.print("stopping the servers")
     finally:
         sys.stdout.flush()  # a log file is block-buffered: say it before the (slow) shutdown
@@ -358,7 +353,8 @@ def serve(recipe: str = typer.Option("tiny", help=RECIPE_HELP),
         for d in deployments:
             typer.echo(f"  {d.flow_name}/{d.name}")
 
-    serve_until_stopped(deployments, limit, on_ready=ready)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored; asyncio's
+    serve_until_stopped(deployments, limit, on_ready=ready)       # runner then stops Prefect's runner cleanly
 
 
 @app.command()

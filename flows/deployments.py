@@ -94,15 +94,26 @@ def check_server() -> str:
 
 class ServeRunner(Runner):
     """Prefect's runner, whose shutdown does not hang on a server that is gone: pausing the deployments' schedules
-    (Prefect retries each request for a long while) gets PAUSE_TIMEOUT seconds in all, then one warning."""
+    (Prefect retries each request for a long while) gets PAUSE_TIMEOUT seconds in all, then one warning. Prefect's
+    own lines as it stops stay off the console: `serve_until_stopped` says how it ended in one."""
 
-    async def _pause_schedules(self):
+    schedules: str = "untouched"  # on stopping: paused, or left active (a warning said so)
+
+    async def _pause_schedules(self):  # the first thing Prefect's runner does when it stops
+        # its lines as it stops stay off the console: pausing, its observer's websocket to a server that is gone, and
+        # asyncio's error about that observer's cancelled polling task (Prefect calls .exception() on it)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not record.name.startswith(("prefect", "asyncio")))
         try:
             with anyio.fail_after(PAUSE_TIMEOUT):
                 await super()._pause_schedules()
-        except Exception as e:  # noqa: BLE001 -- any failure here only means the schedules stay as they are
-            log.warning("schedules left active: the Prefect server did not answer within %.0f s (%s); pause them in "
-                        "the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
+            self.schedules = "paused"
+        except (Exception, asyncio.CancelledError) as e:  # any failure here only means the schedules stay as they are
+            self.schedules = "left active"
+            log.warning("r1 serve stopped; schedules left active: the Prefect server did not answer within %.0f s "
+                        "(%s); pause them in the UI if they should not run", PAUSE_TIMEOUT, type(e).__name__)
+            if isinstance(e, asyncio.CancelledError):
+                raise
 
 
 def crash_automation(within_seconds: float):
@@ -162,4 +173,7 @@ def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=No
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal):
         pass
-    log.info("r1 serve stopped")
+    if runner.schedules == "paused":
+        log.info("r1 serve stopped; the deployments' schedules are paused")
+    elif runner.schedules == "untouched":  # stopped before the runner started
+        log.info("r1 serve stopped")

@@ -1,6 +1,8 @@
 """The pipeline flow: the R1 stages chained as Prefect tasks, one MLflow parent run per pipeline run.
 
 Stages hand work on as URIs (runs:/<id>/model). Stages not yet built are refused by name before anything starts.
+Ctrl-C or SIGTERM stops the chain: the stage's MLflow run and the pipeline's are marked KILLED, the task and flow runs
+Cancelled (Prefect would say Crashed), the checkpoints stay, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -8,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled, State
 
 from flows.launch import LaunchSpec, launch_stage
-from stages.core import console, tracking
+from stages.core import console, errors, tracking
+from stages.core.attempts import killed_on_interrupt
 from stages.core.context import evaluate_finished
 from stages.core.lineage import (
     KEY_TAG,
@@ -50,8 +55,37 @@ def run_stage(name: str, recipe: Recipe, parent_run_id: str, inputs: dict[str, s
     """One stage, launched the way the recipe's `cluster` says (in-process, torchrun, DeepSpeed, Slurm, Kubernetes).
     A retry reruns the same stage key, so it resumes from the checkpoints the failed attempt left."""
     log.debug("stage %s inputs: %s", name, inputs)
-    return launch_stage(name, recipe, None, parent_run_id, LaunchSpec.from_cluster(recipe.cluster),
-                        log=logging.getLogger(f"flows.launch.{name}").info, inputs=inputs)
+    try:
+        return launch_stage(name, recipe, None, parent_run_id, LaunchSpec.from_cluster(recipe.cluster),
+                            log=logging.getLogger(f"flows.launch.{name}").info, inputs=inputs)
+    except BaseException as e:
+        if not errors.is_interrupt(e):
+            raise
+        return cancelled(e, f"stage {name}")
+
+
+def cancelled(e: BaseException, what: str) -> State:
+    """The Prefect state of a run stopped by Ctrl-C or SIGTERM: Cancelled, not Crashed (no retry either), carrying the
+    one line the user sees. Prefect's own lines about it stay off the console from here on: that line says it all."""
+    errors.handled()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not record.name.startswith("prefect"))
+    message = str(e) if str(e).startswith("interrupted:") else f"interrupted: {what} stopped"
+    return Cancelled(message=message)
+
+
+def cancel_on_interrupt(chain):
+    """Run `chain()` in a flow; Ctrl-C or SIGTERM ends the flow run Cancelled (a direct call then raises CancelledRun
+    with the message). SIGTERM is ours again inside the flow run (Prefect's handler would crash the run)."""
+    before = errors.raise_on_signals()
+    try:
+        return chain()
+    except BaseException as e:
+        if not errors.is_interrupt(e):
+            raise
+        return cancelled(e, "the pipeline")
+    finally:
+        errors.restore_signals(before)
 
 
 def plan_inputs(cfg: Recipe, chain: list[str], given: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
@@ -93,13 +127,17 @@ def run_chain(recipe: str, stages: list[str] | None, overrides: dict | None, for
     skipped: list[str] = []
     evaluated: dict[str, str] = {}  # reused stage -> the run holding its evaluation under these eval settings
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{run_name}-{cfg.name}",
-                          tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent:
+                          tags={tracking.RECIPE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"}) as parent, \
+            killed_on_interrupt(parent.info.run_id, f"{run_name} {cfg.name}"):
         try:
             for name in chain:
                 stage_inputs = {**planned[name], **pipeline_inputs(cfg, name, outputs)}
                 run = None if name in forced else reusable_run(cfg, name, stage_inputs)
                 if run is None:
-                    outputs[name] = run_stage(name, cfg, parent.info.run_id, stage_inputs)
+                    out = run_stage(name, cfg, parent.info.run_id, stage_inputs)
+                    if isinstance(out, State):  # the task run was cancelled: an interrupt
+                        raise errors.Interrupted(out.message)
+                    outputs[name] = out
                     continue
                 console.stage_reused(name, run.info.run_id, run.data.metrics,
                                      console.run_url(console.ui_address(cfg.tracking), exp_id, run.info.run_id))
@@ -129,7 +167,7 @@ def r1_pipeline(recipe: str = "tiny", stages: list[str] | None = None, overrides
     `force` names stages to rerun anyway. A changed stage gets new outputs, so everything downstream reruns too.
     `inputs` (key -> URI or run id) feeds a sub-chain's first stage instead of the newest finished upstream run.
     """
-    return run_chain(recipe, stages, overrides, force, inputs, run_name="pipeline")
+    return cancel_on_interrupt(lambda: run_chain(recipe, stages, overrides, force, inputs, run_name="pipeline"))
 
 
 SUMMARY_METRICS = ("eval/pass_at_1", "eval/greedy_accuracy", "eval/format_rate", "eval/language_consistency")
@@ -186,9 +224,26 @@ def publish_summary(cfg: Recipe, pipeline_run_id: str, chain: list[str], outputs
     mlflow.MlflowClient().log_text(pipeline_run_id, md, "summary.md")
 
 
+SERVER_STARTUP_S = 180  # Prefect's own wait (20 s) timed out on a loaded laptop (a model loading, a test suite)
+
+
 def configure_local_prefect() -> None:
-    """Serverless local Prefect: a temporary server per run, no telemetry (no network here)."""
+    """Serverless local Prefect: a temporary server per run, no telemetry (no network here).
+
+    The temporary server is started here, with SIGINT blocked (a blocked signal stays blocked across exec): Ctrl-C in
+    a terminal reaches the whole process group, and a server that died with it would leave the interrupted flow run
+    RUNNING, its last API calls failing with connection errors. Prefect stops it at exit (SIGTERM)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
-    # Prefect waits 20 s for it; on a loaded laptop (a model loading, a test suite) it can take longer
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_S))
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start(timeout=SERVER_STARTUP_S)  # the instance Prefect's client uses without an API URL
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -95,7 +95,7 @@ def wait_ready(servers: list[Server], procs: list[subprocess.Popen], log_dir: Pa
             time.sleep(0.5)
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
+def stop(procs: list[subprocess.Popen], grace: float = 8) -> None:
     """SIGTERM each server's process group, then SIGKILL what is left after `grace` seconds."""
     for p in procs:
         if p.poll() is None:
@@ -111,20 +111,9 @@ def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
             p.wait()
 
 
-def raise_on_signals() -> None:
-    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt, so the servers are stopped on either. Set explicitly: a
-    process started in the background by a non-interactive shell (`nohup r1 up &`, a CI script) inherits SIGINT
-    ignored, and Python then never raises KeyboardInterrupt for it."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def watch(servers: list[Server], procs: list[subprocess.Popen]) -> str:
-    """Block until a server exits (returns its name) or this process is interrupted (`raise_on_signals`)."""
+    """Block until a server exits (returns its name) or this process is interrupted
+    (`stages.core.errors.raise_on_signals`)."""
     while True:
         for s, p in zip(servers, procs, strict=True):
             if p.poll() is not None:

@@ -13,7 +13,7 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from flows.pipeline import recipe_label, run_chain
+from flows.pipeline import cancel_on_interrupt, recipe_label, run_chain
 from stages.core.order import INPUTS, ORDER
 
 
@@ -51,8 +51,8 @@ def _stage_flow(stage: str) -> Flow:
 
     def rerun(request: StageRequest = StageRequest(), inputs: Inputs = Inputs()) -> dict:  # noqa: B008 (Prefect form defaults)
         given = {k: v for k, v in inputs.model_dump().items() if v}
-        return run_chain(request.recipe, [stage], request.overrides, [stage] if request.force else None, given,
-                         run_name=stage)
+        return cancel_on_interrupt(lambda: run_chain(request.recipe, [stage], request.overrides,
+                                                     [stage] if request.force else None, given, run_name=stage))
 
     rerun.__name__ = rerun.__qualname__ = stage  # the served deployment's entrypoint: flows/stage_flows.py:<stage>
     rerun.__annotations__ = {"request": StageRequest, "inputs": Inputs, "return": dict}

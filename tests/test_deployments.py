@@ -95,9 +95,9 @@ def test_local_servers_bind_to_loopback_and_skip_mlflow_for_a_tracking_server():
 
 def test_r1_up_stops_on_sigint_even_when_started_with_sigint_ignored():
     """A background job of a non-interactive shell starts with SIGINT ignored; `r1 up` must still stop on it."""
-    from flows.servers import raise_on_signals
+    from stages.core.errors import handled, raise_on_signals
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)]
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise_on_signals()
@@ -105,9 +105,10 @@ def test_r1_up_stops_on_sigint_even_when_started_with_sigint_ignored():
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), sig)
                 time.sleep(1)  # the handler runs at the next bytecode boundary
+            handled()
     finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+        for s, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGALRM), before, strict=True):
+            signal.signal(s, h)
 
 
 def test_stage_flow_resolves_upstream_and_takes_run_ids_and_aliases(prefect_harness, tmp_path):

@@ -408,6 +408,23 @@ FAULTS = [
     ("NaN gradients on one rank only (DeepSpeed ZeRO-2/3, 2 ranks)", "test_grpo_distributed",
      ("Every rank skips the same updates (DeepSpeed's all-reduced overflow check), weights stay equal on all ranks, and "
      "all ranks stop together with NonFiniteError.")),
+    ("Ctrl-C during a GRPO stage of `r1 pipeline` (SIGINT to the terminal's process group), after a checkpoint",
+     "test_interrupts", ("Stops within 10 s (about 1 s here) and prints one line, `interrupted: stage r1_zero stopped, "
+     "MLflow run <id> marked KILLED; its work dir runs/r1_zero/<key> is kept and a rerun resumes from its last "
+     "checkpoint`; exit 130. The stage's and the pipeline's MLflow runs are KILLED, the Prefect task and flow runs "
+     "Cancelled; the rerun reuses the finished stages and resumes the stage from that checkpoint.")),
+    (("SIGTERM to a stage's own process (`python -m stages.entry`: what torchrun, Slurm and Kubernetes send), or "
+      "SIGINT to `r1 stage` started with SIGINT ignored"), "test_interrupts",
+     "The same one line and exit 130; the stage's MLflow run is KILLED."),
+    ("Our own error in a stage's process under a launcher (e.g. a refused input)", "test_interrupts",
+     ("One message on stderr, exit 2, no traceback; the launcher's error shows that message. An unexpected error: a "
+     "short line and the file holding its traceback (also torchrun's `error.json`), exit 1.")),
+    ("A stage whose estimated training memory exceeds the machine's (GPU memory, else RAM)", "test_memory_estimate",
+     ("Refused at preflight, before any model loads: `r1_zero: estimated training memory 6.4 MiB per process: model "
+     "states 2.7 MiB (202,048 parameters, ZeRO stage 0 over 1 process(es)), activations 3.3 MiB (micro-batch 8 × 100 "
+     "tokens), logits 0.4 MiB; more than the 5.7 MiB of GPU memory of …: lower r1_zero.grpo.micro_batch_size, set "
+     "r1_zero.grpo.gradient_checkpointing: true, or shard the model states with DeepSpeed ZeRO stage 2/3 …`; above "
+     "80% of it, a warning.")),
     ("Model output run by a reward (`code_tests`): infinite loop, memory bomb, socket, fork, file write",
      "test_rewards_code", ("Scored 0 (each in a subprocess with CPU, memory, file-size and wall-time limits and no "
      "network); the trainer is not affected.")),

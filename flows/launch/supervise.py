@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flows.launch.spec import REPO_ROOT, LaunchError, LaunchSpec
+from stages.core import errors
 
 
 def _child_env(spec: LaunchSpec) -> dict[str, str]:
@@ -38,11 +39,14 @@ def stream(cmd: list[str], spec: LaunchSpec, log: Callable[[str], None], follow:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             errors="replace", env=_child_env(spec), start_new_session=True)
 
+    aborted = threading.Event()
+
     def pump():
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
-            log(line)
+            if not aborted.is_set():  # after an interrupt, the one line the user sees is the launching process's
+                log(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -56,7 +60,10 @@ def stream(cmd: list[str], spec: LaunchSpec, log: Callable[[str], None], follow:
                 raise LaunchError(f"launch timed out after {spec.timeout:g} s: {shlex.join(cmd)}\n"
                                   + "\n".join(list(tail)[-20:]))
             time.sleep(0.2 if follow is None else 2.0)
-    except BaseException:  # timeout, Ctrl-C, a cancelled Prefect task: the ranks must not outlive the launch
+    except BaseException as e:  # timeout, Ctrl-C, a cancelled Prefect task: the ranks must not outlive the launch
+        if not isinstance(e, Exception):
+            aborted.set()
+            errors.handled()  # caught here, raised again below once the ranks are gone
         _kill(proc)
         if on_abort is not None:
             on_abort(list(tail))
@@ -135,7 +142,7 @@ def torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, un
     errors = []
     for key in dict.fromkeys(order):
         d = ranks[key]
-        err = _error_json(d / "error.json")
+        err = _error_json(d / "error.json") or _own_error(_read(d / "stderr.log"))
         if err is None and "Traceback" in _read(d / "stderr.log"):
             err = traceback_tail(_read(d / "stderr.log").splitlines())
         label = f"local rank {key[1]} of {key[0]}" if several_nodes else f"rank {key[1]}"
@@ -146,6 +153,20 @@ def torchrun_failure(stage: str, code: int, output: list[str], log_dir: Path, un
     if not errors:
         parts.append(traceback_tail(output))
     return "\n".join(parts)
+
+
+_LOG_LINE = re.compile(r"^(\[\w+\]: )?\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+def _own_error(stderr: str) -> str | None:
+    """The message a rank printed last when it exited on one of our own errors (stages/entry.py: no traceback, exit
+    2): the lines after its last log line; None when it ended with a traceback or printed nothing after its logs."""
+    lines = stderr.rstrip().splitlines()
+    if not lines or "Traceback (most recent call last)" in stderr:
+        return None
+    last_log = max((i for i, ln in enumerate(lines) if _LOG_LINE.match(ln)), default=-1)
+    message = [_RANK_PREFIX.sub("", ln) for ln in lines[last_log + 1:]]
+    return "\n".join(message) if message else None
 
 
 def _rank_dirs(log_dir: Path) -> dict[tuple[str, int], Path]:

@@ -11,6 +11,8 @@ finds the checkpoints or shards the killed attempt left and resumes from them. I
   there; the steps the killed attempt logged after its last checkpoint are recomputed (exactly: resume is bit-exact)
   and logged once. Params the trainer logs only at step 0 (e.g. `grpo.*`) are copied too. Stage-level values (step 0:
   data counts, evaluation) are logged afresh by the new attempt.
+- An interrupt (Ctrl-C, SIGTERM: `killed_on_interrupt`) ends the run KILLED at once, not FAILED (MLflow's status for
+  any exception), and keeps the work directory: the rerun resumes it like a killed process's.
 - One process at a time per work directory: a lock file (`.lock`, fcntl) refuses a second concurrent run of the same
   stage key; the kernel releases it when its process dies, even on SIGKILL.
 """
@@ -24,6 +26,7 @@ import os
 from pathlib import Path
 
 from grpo.logging import MLflowLogger
+from stages.core.errors import Interrupted, handled, is_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,29 @@ def work_lock(workdir: Path, stage: str):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def killed_on_interrupt(run_id: str, what: str, workdir: Path | None = None):
+    """Around an open MLflow run: an interrupt ends it KILLED and goes on as `Interrupted`, whose text (the one line
+    the user sees) says what stopped, its run and where its checkpoints stay."""
+    try:
+        yield
+    except BaseException as e:
+        if not is_interrupt(e):
+            raise
+        handled()
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run("KILLED")
+        else:
+            mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+        if isinstance(e, Interrupted) and str(e).startswith("interrupted:"):  # an inner run already said what stopped
+            raise
+        kept = f"; its work dir {workdir} is kept and a rerun resumes from its last checkpoint" if workdir else ""
+        raise Interrupted(f"interrupted: {what} stopped, MLflow run {run_id[:8]} marked KILLED{kept}") from None
 
 
 def earlier_attempts(experiment_id: str, key_tag: str, key: str, run_id: str) -> list:

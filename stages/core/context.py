@@ -66,7 +66,8 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     params |= {f"input.{k}": v for k, v in inputs.items()}
     tags = {KEY_TAG: key, EVAL_KEY_TAG: eval_key(key, recipe)} | {f"r1.input.{k}": v for k, v in inputs.items()}
     with attempts.work_lock(workdir, name), \
-            tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run:
+            tracking.stage_run(recipe.tracking, name, params, recipe.name, parent_run_id, extra_tags=tags) as run, \
+            attempts.killed_on_interrupt(run.info.run_id, f"stage {name}", workdir):
         console.stage_started(name, run.info.run_id, workdir)
         t0 = time.monotonic()
         attempts.begin(run.info.experiment_id, KEY_TAG, key, run.info.run_id)  # after a crash: takes over its steps

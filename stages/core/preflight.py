@@ -4,8 +4,9 @@
 (stages.registry wraps each stage's `run`, which covers `r1 stage`, `python -m stages.entry`, the per-stage flows and
 the launchers). It reads files, never weights: recipe values the schema cannot judge alone, stage and reward names,
 model directories (config, safetensors weights, tokenizer, chat template, custom code), data sets (columns), prompt
-lengths against the base tokenizer, the tracking store, the output directory, the launcher's files and tools. It reports
-every problem it finds at once, each naming the recipe field or the file.
+lengths against the base tokenizer, the tracking store, the output directory, the launcher's files and tools, the
+training memory against the machine (stages/core/memory.py). It reports every problem it finds at once, each naming the
+recipe field or the file.
 
 (The recipe schema itself refuses unknown keys and bad values when the recipe loads: stages.core.recipe.RecipeError.)
 
@@ -15,6 +16,7 @@ torch and pyarrow are imported inside functions: preflight runs before any model
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from grpo.rewards_io import check_reward_funcs
 from rewards import build_rewards
+from stages.core import memory
 from stages.core.benchmarks import check_benchmarks
 from stages.core.config_base import expand_path
 from stages.core.configs import BulkGeneration
@@ -50,7 +53,11 @@ from stages.core.order import check_stages
 from stages.core.recipe import Recipe, cut
 from stages.core.tracking import TrackingError, check_tracking
 
+log = logging.getLogger(__name__)
+
 GRPO_STAGES = ("r1_zero", "reasoning_rl", "preference_rl")
+SFT_STAGES = ("cold_start_sft", "general_sft")
+TIGHT = 0.8  # warn above this share of the machine's memory; refuse above all of it
 MODEL_INPUTS = ("model", "teacher", "r1_zero_model")
 REMOTE_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:", "http://", "https://", "s3://", "gs://", "dbfs:")
 
@@ -86,6 +93,7 @@ def preflight(recipe: Recipe, stages: list[str], inputs: dict[str, str] | None =
         lambda: check_benchmarks(recipe.eval),
         lambda: check_cluster(recipe, stages),
         lambda: check_lengths(recipe, stages),
+        lambda: check_memory(recipe, stages, inputs or {}),
     ]
     for check in checks:
         problems += check()
@@ -563,3 +571,89 @@ def _longest(tok, texts: list[str]) -> tuple[int, str]:
         if n > best[0]:
             best = (n, t)
     return best
+
+
+# ---- memory
+
+def check_memory(recipe: Recipe, stages: list[str], inputs: dict[str, str]) -> list[str]:
+    """Refuse a GRPO or SFT stage whose estimated training memory (stages/core/memory.py) exceeds the machine's; warn
+    when it takes most of it. Needs the starting model's config.json (built, a local path, or a given input)."""
+    config = _model_config(recipe, inputs)
+    trained = [s for s in stages if s in GRPO_STAGES or s in SFT_STAGES]
+    if config is None or not trained:
+        return []
+    machine = memory.machine_memory(recipe.device)
+    if machine is None:
+        return []
+    available, what = machine
+    world = _world_size(recipe)
+    problems = []
+    for stage in trained:
+        zero = _zero_stage(recipe, stage, world)
+        try:
+            est = _stage_estimate(recipe, stage, config, zero, world)
+        except (KeyError, TypeError, ZeroDivisionError):
+            return []  # a config.json without the usual fields: not judged
+        section = f"{stage}.grpo" if stage in GRPO_STAGES else f"{stage}.sft"
+        said = f"{stage}: estimated training memory {est.describe(zero, world)}"
+        knobs = (f"lower {section}.micro_batch_size, set {section}.gradient_checkpointing: true, or shard the model "
+                 "states with DeepSpeed ZeRO stage 2/3 over more processes (cluster.deepspeed_config, "
+                 "infra/deepspeed/)")
+        if est.total > available:
+            problems.append(f"{said}; more than the {memory.gib(available)} of {what}: {knobs}")
+        elif est.total > TIGHT * available:
+            log.warning("%s is %.0f%% of the %s of %s: tight; if it runs out, %s", said,
+                        100 * est.total / available, memory.gib(available), what, knobs)
+    return problems
+
+
+def _model_config(recipe: Recipe, inputs: dict[str, str]) -> dict | None:
+    model = inputs.get("model")
+    if model and not _remote(model) and (expand_path(model) / "config.json").is_file():
+        where = expand_path(model) / "config.json"
+    elif recipe.base_model.source == "build":
+        return {**recipe.base_model.model.model_dump(), "tie_word_embeddings": True}  # stages.base_model builds it so
+    elif (d := _base_tokenizer_dir(recipe)) is not None and (d / "config.json").is_file():
+        where = d / "config.json"
+    else:
+        return None
+    try:
+        return read_json_mapping(where)
+    except ModelInputError:
+        return None  # reported by the model checks
+
+
+def _world_size(recipe: Recipe) -> int:
+    c = recipe.cluster
+    if c.launcher == "local":
+        return 1
+    return c.nodes * (getattr(c, "nproc_per_node", None) or max(c.gpus_per_node, 1))
+
+
+def _zero_stage(recipe: Recipe, stage: str, world: int) -> int:
+    """The ZeRO stage of the DeepSpeed config the stage would use (its own, else the cluster's); 0 without one or on
+    one process."""
+    path = getattr(getattr(recipe, stage), "deepspeed_config", None) or recipe.cluster.deepspeed_config
+    if path is None or world == 1:
+        return 0
+    try:
+        stage_no = json.loads(expand_path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0  # reported by check_cluster
+    return stage_no if isinstance(stage_no, int) and 0 <= stage_no <= 3 else 0
+
+
+def _stage_estimate(recipe: Recipe, stage: str, config: dict, zero: int, world: int) -> memory.Estimate:
+    cfg = getattr(recipe, stage)
+    if stage in GRPO_STAGES:
+        g = cfg.grpo
+        per_rank = (g.minibatch_size or g.prompts_per_step * g.num_generations) // world
+        micro = g.micro_batch_size or per_rank
+        tokens = g.max_prompt_length + g.max_completion_length
+        return memory.estimate(config, g.precision, micro, tokens, g.gradient_checkpointing,
+                               logits_positions=min(g.logprob_chunk_size, micro * tokens), zero_stage=zero,
+                               world=world, reference_model=g.beta > 0)
+    s = cfg.sft
+    micro = s.micro_batch_size or s.batch_size // world
+    return memory.estimate(config, s.precision, micro, s.max_length, s.gradient_checkpointing,
+                           logits_positions=micro * s.max_length, zero_stage=zero, world=world)

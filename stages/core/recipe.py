@@ -26,6 +26,7 @@ from stages.core.configs import (
     ReasoningRLConfig,
     SynthesizeConfig,
 )
+from stages.core.cron import is_valid_cron
 from stages.core.order import ORDER
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -285,20 +286,10 @@ class ScheduleConfig(Strict):
 
 
 def check_cron(cron: str) -> None:
-    """croniter's check when it is installed, else Prefect's (the one `r1 serve` applies; importing it is slower)."""
-    try:
-        from croniter import croniter
-    except ImportError:
-        from prefect._internal.schemas.validators import validate_cron_string
-    else:
-        def validate_cron_string(v: str) -> None:
-            if not croniter.is_valid(v):
-                raise ValueError(f'Invalid cron string: "{v}"')
-    try:
-        validate_cron_string(cron)
-    except ValueError:
+    """Prefect's check (the one `r1 serve` applies), without importing Prefect: see stages/core/cron.py."""
+    if not is_valid_cron(cron):
         raise ValueError(f"cron {cut(repr(cron))} is not a valid cron expression (minute 0-59, hour 0-23, day 1-31, month "
-                         "1-12, weekday 0-6)") from None
+                         "1-12, weekday 0-6)")
 
 
 class Recipe(Strict):
