@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def logs(capsys):
-    """console.setup(mode) writing to the captured stderr; logging and warnings restored afterwards."""
+    """console.setup(mode) writing to the captured stderr; logging, warnings and the environment restored afterwards
+    (setup exports its mode and the libraries' quiet settings, PREFECT_LOGGING_LEVEL among them, for child processes:
+    left behind, they reached the subprocesses of every later test)."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, warnings.showwarning, os.environ.get(console.MODE_ENV))
+    saved = (list(root.handlers), root.level, warnings.showwarning, dict(os.environ))
     levels = {n: logging.getLogger(n).level for n in (*console.OURS, console.STAGE_LOG, "httpx")}
 
     def setup(mode):
@@ -38,10 +40,8 @@ def logs(capsys):
     warnings.showwarning = saved[2]
     for n, level in levels.items():
         logging.getLogger(n).setLevel(level)
-    if saved[3] is None:
-        os.environ.pop(console.MODE_ENV, None)
-    else:
-        os.environ[console.MODE_ENV] = saved[3]
+    os.environ.clear()
+    os.environ.update(saved[3])
     console._mode = "normal"
 
 
@@ -216,7 +216,8 @@ def test_a_short_pipeline_prints_stage_lines_and_step_lines_without_noise(tmp_pa
             "--stage", "base_model", "--stage", "r1_zero"]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # no server: the run starts a temporary one, which on a loaded machine takes longer than Prefect's 20 s default
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("PREFECT_API_URL", None)
     env.pop(console.MODE_ENV, None)
     res = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
