@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,7 +104,9 @@ def test_step_lines_every_n_steps_and_at_the_end(caplog):
 def test_step_lines_every_n_seconds_and_not_before_min_seconds(caplog, monkeypatch):
     caplog.set_level(logging.INFO, "stages.progress")
     clock = iter([0.0, 10.0, 31.0, 35.0, 70.0])  # t0, then one reading per update
-    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    # console's own clock only: patching time.monotonic itself fed this clock to every thread of the process too
+    # (Prefect's event-loop thread, alive after any test that ran a flow, drew readings and exhausted it)
+    monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     bar = console.StepLines(100, "sft", every=1000, seconds=30)
     for _ in range(4):
         bar.update(1)
