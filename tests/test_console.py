@@ -219,8 +219,7 @@ def test_a_short_pipeline_prints_stage_lines_and_step_lines_without_noise(tmp_pa
             "--stage", "base_model", "--stage", "r1_zero"]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
-    # no server: the run starts a temporary one, which on a loaded machine takes longer than Prefect's 20 s default
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PREFECT_API_URL", None)
     env.pop(console.MODE_ENV, None)
     res = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
