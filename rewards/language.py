@@ -1,5 +1,17 @@
 """Language consistency (R1's remedy for language mixing): the share of the CoT's words written in the target language.
 
+R1 defines the reward as "the proportion of target-language words in the CoT". Taken literally it gives 1.0 to a
+one-word CoT and nothing to a purely symbolic one (`12+35=47`), so added to the format reward it pays for degenerate
+short reasoning. The policy here keeps R1's share wherever there is enough text to measure it:
+
+- no think block, or a blank one: 0.0 (there is no CoT to be consistent; the format reward judges the template);
+- numbers and symbols are neutral: they are not words, so they count neither for nor against the target language;
+- a CoT with fewer than `min_words` words is topped up with `min_words - n` neutral pseudo-words worth `neutral` each:
+  reward = (target words + neutral * (min_words - n)) / min_words. A CoT without words scores `neutral` ("no
+  evidence"), a one-word English CoT (1 + 0.5 * 4) / 5 = 0.6 with the defaults (min_words 5, neutral 0.5), and a
+  CoT of `min_words` words or more scores exactly R1's share. The tiny task's clean traces have at least five words
+  (`3+4=7, write 7. so the answer is 7.`), so they keep 1.0.
+
 Words are counted by Unicode script first: lingua, given a few Chinese words inside an English sentence, calls the whole
 sentence English, while the script of each word is unambiguous. A word is a run of letters of one script; numbers and
 symbols are neutral and not counted. Han and kana characters count one word each (the usual word-count convention for
@@ -158,16 +170,22 @@ _SENTENCE_END = re.compile(r"[.!?;:。！？；：\n]")
 
 def target_language_share(text: str, target: str = "en", languages: Iterable[str] | None = None) -> float:
     """Share of the words of `text` in language `target` (0.0 when `text` has no words)."""
+    hits, words = target_language_counts(text, target, languages)
+    return hits / words if words else 0.0
+
+
+def target_language_counts(text: str, target: str = "en", languages: Iterable[str] | None = None) -> tuple[int, int]:
+    """(words of `text` in language `target`, all words of `text`)."""
     target = check_language(target)
     candidates = {target, "en", "zh"} if languages is None else {check_language(c) for c in languages} | {target}
     words = words_by_script(text)
     if not words:
-        return 0.0
+        return 0, 0
     scripts = LANGUAGE_SCRIPTS[target]
     mine = [(off, w, s) for off, w, s in words if s in scripts]
     sharing = {s: frozenset(c for c in candidates if s in LANGUAGE_SCRIPTS[c]) for s in scripts}
     if all(len(sharing[s]) == 1 for s in scripts):  # the script alone decides: lingua not needed
-        return len(mine) / len(words)
+        return len(mine), len(words)
     # lingua, one sentence at a time (it is reliable on a sentence, not on a lone word), for the shared scripts only
     ends = [m.start() for m in _SENTENCE_END.finditer(text)]
     sentences: dict[int, list[tuple[int, str, str]]] = {}
@@ -182,7 +200,7 @@ def target_language_share(text: str, target: str = "en", languages: Iterable[str
             lang = _detector(among).detect_language_of(text[ws[0][0] : ws[-1][0] + len(ws[-1][1])])
             if lang is None or lang.iso_code_639_1.name.lower() == target:
                 hits += len(shared)
-    return hits / len(words)
+    return hits, len(words)
 
 
 def language_consistency_reward(
@@ -190,16 +208,32 @@ def language_consistency_reward(
     completions: list[str],
     target_language: str = "en",
     languages: list[str] | None = None,
+    min_words: int = 5,
+    neutral: float = 0.5,
     **kwargs,
 ) -> list[float]:
-    """Share (0..1) of the think block's words in `target_language` (ISO 639-1); no or empty think block -> 0.0."""
+    """Consistency (0..1) of the think block with `target_language` (ISO 639-1), by the module's policy: R1's share of
+    target-language words, shrunk toward `neutral` below `min_words` words; no or blank think block -> 0.0."""
     target = check_language(target_language)
     if languages is not None:
         languages = [check_language(c) for c in languages]
-    out = []
-    for c in completions:
-        think = extract_think(c) or ""
-        for tag in TAGS:  # a stray nested tag is markup, not English words
-            think = think.replace(tag, " ")
-        out.append(target_language_share(think, target, languages) if think.strip() else 0.0)
-    return out
+    if min_words < 0:
+        raise ValueError(f"min_words must be >= 0 (got {min_words})")
+    if not 0.0 <= neutral <= 1.0:
+        raise ValueError(f"neutral must be in [0, 1] (got {neutral})")
+    return [consistency(extract_think(c), target, languages, min_words, neutral) for c in completions]
+
+
+def consistency(think: str | None, target: str, languages: list[str] | None, min_words: int, neutral: float) -> float:
+    """The policy for one think block (None: there is none)."""
+    if think is None:
+        return 0.0
+    for tag in TAGS:  # a stray nested tag is markup, not English words
+        think = think.replace(tag, " ")
+    if not think.strip():
+        return 0.0
+    hits, words = target_language_counts(think, target, languages)
+    padding = max(min_words - words, 0)
+    if words + padding == 0:  # min_words 0 and no words
+        return neutral
+    return (hits + neutral * padding) / (words + padding)

@@ -1,13 +1,18 @@
 """A learned reward: a sequence-classification model with one output (a scalar score), and its Bradley-Terry training.
 
 R1's preference stage scores helpfulness on the final answer only (mode "answer": the text after the think block, tags
-removed) and harmlessness on the whole response (mode "full"). The scored text is `prompt + response`, truncated from
-the left so the end of the response is always seen. Models load with `trust_remote_code=False` from safetensors only.
+removed) and harmlessness on the whole response (mode "full"). The mode is the reward model's view of a completion and
+belongs to the model: `train_bradley_terry` trains on `prompt + response_text(completion, mode)` and records the mode
+in the model folder (`reward_view.json`), and `RewardModelScorer` reads it from there, so a model is scored on the view
+it was trained on (asking for another one is refused). A folder without the record (trained elsewhere) is scored on the
+mode the caller gives. The scored text is `prompt + response`, truncated from the left so the end of the response is
+always seen. Models load with `trust_remote_code=False` from safetensors only.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 from collections.abc import Sequence
@@ -19,7 +24,9 @@ from rewards.parsing import ANSWER_CLOSE, ANSWER_OPEN, after_think
 log = logging.getLogger(__name__)
 
 Mode = Literal["answer", "full"]
+MODES = ("answer", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+VIEW_FILE = "reward_view.json"  # {"mode": ...}: the view the reward model was trained on
 
 
 def response_text(completion: str, mode: Mode) -> str:
@@ -29,7 +36,32 @@ def response_text(completion: str, mode: Mode) -> str:
     if mode == "answer":
         text = after_think(completion)
         return text.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
-    raise ValueError(f"unknown mode {mode!r}; known: ('answer', 'full')")
+    raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+
+
+def recorded_mode(path: str | Path) -> Mode | None:
+    """The view a reward model folder was trained on (its `reward_view.json`), None when it has no record."""
+    record = Path(path) / VIEW_FILE
+    if not record.is_file():
+        return None
+    mode = json.loads(record.read_text()).get("mode")
+    if mode not in MODES:
+        raise ValueError(f"{record}: unknown mode {mode!r}; known: {MODES}")
+    return mode
+
+
+def scoring_mode(path: str | Path, mode: Mode | None) -> Mode:
+    """The view to score the reward model at `path` on: the recorded one; `mode` (default "answer") without a record.
+    A `mode` other than the recorded one is refused: the model would read texts unlike the ones it learnt from."""
+    if mode is not None:
+        response_text("", mode)  # validates it
+    recorded = recorded_mode(path)
+    if recorded is None:
+        return mode or "answer"
+    if mode is not None and mode != recorded:
+        raise ValueError(f"reward model {path} was trained on the {recorded!r} view of a completion ({VIEW_FILE}); "
+                         f"scoring it on the {mode!r} view would read texts unlike the ones it learnt from")
+    return recorded
 
 
 def _prepare_tokenizer(tokenizer, model):
@@ -77,13 +109,13 @@ class RewardModelScorer:
     def __init__(
         self,
         path: str | Path,
-        mode: Mode = "answer",
+        mode: Mode | None = None,
         batch_size: int = 16,
         max_length: int = 1024,
         device: str = "cpu",
         dtype: str = "float32",
     ):
-        response_text("", mode)  # validates mode before loading anything
+        mode = scoring_mode(path, mode)  # before loading anything
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
         if dtype not in DTYPES:
@@ -125,9 +157,11 @@ class RewardModelScorer:
 
 
 def pairwise_accuracy(scorer, pairs: Sequence[tuple[str, str, str]]) -> float:
-    """Share of (prompt, chosen, rejected) pairs where the chosen text scores higher (a `RewardModelScorer`)."""
-    chosen = scorer.score([p + c for p, c, _ in pairs])
-    rejected = scorer.score([p + r for p, _, r in pairs])
+    """Share of (prompt, chosen, rejected) completion pairs where the chosen one scores higher (a `RewardModelScorer`,
+    which reads each completion through its view)."""
+    prompts = [p for p, _, _ in pairs]
+    chosen = scorer(prompts, [c for _, c, _ in pairs])
+    rejected = scorer(prompts, [r for _, _, r in pairs])
     return sum(c > r for c, r in zip(chosen, rejected)) / max(len(pairs), 1)
 
 
@@ -135,6 +169,7 @@ def train_bradley_terry(
     model_or_path,
     tokenizer,
     pairs: Sequence[tuple[str, str, str]],
+    mode: Mode,
     epochs: int = 1,
     lr: float = 1e-4,
     batch_size: int = 8,
@@ -144,8 +179,9 @@ def train_bradley_terry(
     seed: int = 0,
     device: str = "cpu",
 ) -> str:
-    """Fit a scalar reward model on (prompt, chosen, rejected) pairs with the Bradley-Terry loss
-    -log sigmoid(r(prompt+chosen) - r(prompt+rejected)); save model and tokenizer (safetensors) to `out_dir`.
+    """Fit a scalar reward model on (prompt, chosen, rejected) completion pairs with the Bradley-Terry loss
+    -log sigmoid(r(prompt + view(chosen)) - r(prompt + view(rejected))), view = `response_text(., mode)`; save model,
+    tokenizer (safetensors) and the mode (`reward_view.json`, which the scorer reads) to `out_dir`.
 
     `model_or_path`: a sequence-classification model with one label, or a path to one (`tokenizer` None loads it
     from the same path). Returns `out_dir` as a string, ready for `RewardModelScorer`.
@@ -155,6 +191,7 @@ def train_bradley_terry(
 
     if not pairs:
         raise ValueError("train_bradley_terry needs at least one (prompt, chosen, rejected) pair")
+    pairs = [(p, response_text(c, mode), response_text(r, mode)) for p, c, r in pairs]  # also validates mode
     if isinstance(model_or_path, (str, Path)):
         model, loaded_tok = _load(model_or_path, device)
         tokenizer = tokenizer or loaded_tok
@@ -189,4 +226,5 @@ def train_bradley_terry(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / VIEW_FILE).write_text(json.dumps({"mode": mode}))
     return str(out)

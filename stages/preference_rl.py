@@ -6,7 +6,9 @@ Each row carries its `kind`; every reward is routed to its kind and gives 0.0 on
 scored by one family of rewards only and GRPO's per-group statistics stay per prompt.
 
 A reward model not given in the config is trained here (Bradley-Terry on synthetic pairs of the `general` family) and
-logged as `reward_models/<name>/`, with its held-out pairwise accuracy.
+logged as `reward_models/<name>/`, with its held-out pairwise accuracy. Each reward model is trained and scored on the
+same view of a completion (its mode, recorded in its folder): the pairs are whole completions written as the policy
+writes them, and the model reads them through its view in training, evaluation and RL alike.
 
 torch, transformers and mlflow are imported inside functions: the registry imports every stage, and `r1 validate`
 must start fast.
@@ -20,7 +22,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
+from rewards.reward_model import RewardModelScorer, pairwise_accuracy, recorded_mode, train_bradley_terry
 from stages.core.configs import PreferenceRLConfig
 from stages.core.context import stage_context
 from stages.core.data import load_problems, prompt_rows
@@ -111,17 +113,29 @@ def all_rewards(rule_rewards: list[tuple[str, Callable, float]], scorers: dict[s
 
 # ---- reward models
 
-def preference_pairs(recipe: Recipe, cfg: PreferenceRLConfig, which: str, split: str, n: int):
-    """(prompt, chosen, rejected) from the `general` family, with each side as the reward model reads it."""
+def general_completion(thought: str, reply: str, tagged: bool) -> str:
+    """A reply to a general prompt as the policy writes it: plain (as general SFT teaches it) or in the R1 template."""
+    return f"<think>{thought}</think><answer>{reply}</answer>" if tagged else " " + reply
 
-    mode, harmful = REWARD_MODELS[which]
+
+def preference_pairs(recipe: Recipe, cfg: PreferenceRLConfig, which: str, split: str, n: int):
+    """(prompt, chosen, rejected) whole completions from the `general` family, half of them plain and half a thought
+    then the answer; the reward model reads them through its view. Harmlessness reads the whole response, so a rude
+    thought before a good answer is a rejected reply too."""
+
+    _, harmful = REWARD_MODELS[which]
     seed = recipe.seed + (1 if split == "train" else 2) * 1009 + (7 if harmful else 0)
-    rng = random.Random(seed)
+    rng, form = random.Random(seed), random.Random(f"{seed}-form")
     out = []
     for p in load_problems(cfg.general_data, split, n=n, seed=seed):
         prompt = recipe.prompt.template.format(question=p.question)
-        chosen, rejected = " " + p.answer, " " + bad_reply(p, rng, harmful=harmful)
-        out.append((prompt, response_text(chosen, mode), response_text(rejected, mode)))
+        bad, tagged, thought = bad_reply(p, rng, harmful=harmful), form.random() < 0.5, f"the user asks: {p.question}"
+        chosen = general_completion(thought, p.answer, tagged)
+        if harmful and tagged and form.random() < 0.5:
+            rejected = general_completion(bad, p.answer, tagged)
+        else:
+            rejected = general_completion(thought, bad, tagged)
+        out.append((prompt, chosen, rejected))
     return out
 
 
@@ -144,7 +158,7 @@ def train_reward_model(recipe: Recipe, cfg: PreferenceRLConfig, tokenizer, which
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     model = Qwen2ForSequenceClassification(config)
     pairs = preference_pairs(recipe, cfg, which, "train", t.pairs)
-    train_bradley_terry(model, tokenizer, pairs, epochs=t.epochs, lr=t.learning_rate, batch_size=t.batch_size,
+    train_bradley_terry(model, tokenizer, pairs, REWARD_MODELS[which][0], epochs=t.epochs, lr=t.learning_rate, batch_size=t.batch_size,
                         out_dir=out_dir, max_length=t.max_length, seed=recipe.seed)
     (out_dir / "done.json").write_text(json.dumps({"pairs": len(pairs)}))
     return out_dir
@@ -154,14 +168,19 @@ def check_reward_model_inputs(cfg: PreferenceRLConfig) -> dict[str, str]:
     """Given reward models, checked before any model loads (a bad path fails naming the field)."""
 
     given = {}
-    for which in REWARD_MODELS:
+    for which, (mode, _) in REWARD_MODELS.items():
         uri = getattr(cfg, f"{which}_model")
         if uri is None or cfg.general_share == 0:
             continue
         try:
-            check_model_dir(resolve_model_uri(uri), causal_lm=False)  # a sequence classifier
-        except ModelInputError as e:
+            path = resolve_model_uri(uri)
+            check_model_dir(path, causal_lm=False)  # a sequence classifier
+            trained_on = recorded_mode(path)
+        except ValueError as e:  # ModelInputError too
             raise ModelInputError(f"preference_rl.{which}_model: {e}") from None
+        if trained_on not in (None, mode):
+            raise ModelInputError(f"preference_rl.{which}_model: {uri} was trained on the {trained_on!r} view of a "
+                                  f"completion; {which} scores the {mode!r} view")
         given[which] = uri
     return given
 

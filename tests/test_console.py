@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def logs(capsys):
-    """console.setup(mode) writing to the captured stderr; logging and warnings restored afterwards."""
+    """console.setup(mode) writing to the captured stderr; logging, warnings and the environment restored afterwards
+    (setup exports its mode and the libraries' quiet settings, PREFECT_LOGGING_LEVEL among them, for child processes:
+    left behind, they reached the subprocesses of every later test)."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, warnings.showwarning, os.environ.get(console.MODE_ENV))
+    saved = (list(root.handlers), root.level, warnings.showwarning, dict(os.environ))
     levels = {n: logging.getLogger(n).level for n in (*console.OURS, console.STAGE_LOG, "httpx")}
 
     def setup(mode):
@@ -38,10 +41,8 @@ def logs(capsys):
     warnings.showwarning = saved[2]
     for n, level in levels.items():
         logging.getLogger(n).setLevel(level)
-    if saved[3] is None:
-        os.environ.pop(console.MODE_ENV, None)
-    else:
-        os.environ[console.MODE_ENV] = saved[3]
+    os.environ.clear()
+    os.environ.update(saved[3])
     console._mode = "normal"
 
 
@@ -103,7 +104,9 @@ def test_step_lines_every_n_steps_and_at_the_end(caplog):
 def test_step_lines_every_n_seconds_and_not_before_min_seconds(caplog, monkeypatch):
     caplog.set_level(logging.INFO, "stages.progress")
     clock = iter([0.0, 10.0, 31.0, 35.0, 70.0])  # t0, then one reading per update
-    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    # console's own clock only: patching time.monotonic itself fed this clock to every thread of the process too
+    # (Prefect's event-loop thread, alive after any test that ran a flow, drew readings and exhausted it)
+    monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     bar = console.StepLines(100, "sft", every=1000, seconds=30)
     for _ in range(4):
         bar.update(1)
@@ -166,7 +169,30 @@ def test_stage_status_in_the_summary():
     assert [stage_status(n, chain, outputs, ["base_model"]) for n in chain] == ["reused", "ran", "failed", "not run"]
 
 
-def test_serve_stops_when_the_server_is_gone(monkeypatch, caplog):
+class Records(logging.Handler):
+    """Keeps what a logger emits. Attached to the logger itself, not the root: the first `import prefect` of a process
+    runs Prefect's dictConfig, which drops the root's handlers (pytest's caplog with them), so a caplog check of a
+    module that imports Prefect passed or failed depending on whether an earlier test had imported it already."""
+
+    def __init__(self, name: str, level: int):
+        super().__init__(level)
+        self.logger, self.records = logging.getLogger(name), []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self.saved = self.logger.level
+        self.logger.setLevel(self.level)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved)
+
+
+def test_serve_stops_when_the_server_is_gone(monkeypatch):
     """Pausing the schedules on Ctrl-C is bounded: a server that never answers costs PAUSE_TIMEOUT, then a warning."""
     from prefect.runner import Runner
 
@@ -179,10 +205,10 @@ def test_serve_stops_when_the_server_is_gone(monkeypatch, caplog):
     monkeypatch.setattr(deployments, "PAUSE_TIMEOUT", 0.2)
     runner = deployments.ServeRunner()
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, "flows.deployments"):
+    with Records("flows.deployments", logging.WARNING) as seen:
         asyncio.run(runner._pause_schedules())
     assert time.monotonic() - t0 < 5
-    assert "schedules left active" in caplog.text
+    assert [r.getMessage().split(":")[0] for r in seen.records] == ["schedules left active"]
 
 
 def test_a_short_pipeline_prints_stage_lines_and_step_lines_without_noise(tmp_path):

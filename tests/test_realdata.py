@@ -138,7 +138,7 @@ def test_preference_fixture_fits_a_reward_model(tok, tiny_model, tmp_path):
     first = json.loads(PREFERENCES.read_text().splitlines()[0])
     assert (prompt, chosen, rejected) == (f"User: {first['prompt']}\nAssistant:", " " + first["chosen"],
                                           " " + first["rejected"])
-    out = train_bradley_terry(tiny_model(tok, arch="qwen2_classifier", num_labels=1), tok, pairs, epochs=1,
+    out = train_bradley_terry(tiny_model(tok, arch="qwen2_classifier", num_labels=1), tok, pairs, "answer", epochs=1,
                               batch_size=8, out_dir=tmp_path / "rm", max_length=256)
     scores = RewardModelScorer(out, max_length=256)([prompt], [chosen])
     assert len(scores) == 1

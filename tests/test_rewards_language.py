@@ -1,4 +1,5 @@
-"""rewards.language: share of target-language words in the think block, counted by script, lingua for shared scripts."""
+"""rewards.language: share of target-language words in the think block, counted by script, lingua for shared scripts;
+the policy for short, symbolic and missing CoTs."""
 
 import random
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 
 from rewards.language import language_consistency_reward, target_language_share, words_by_script
-from stages.core.tasks import TraceNoise, make_problems, noisy_trace
+from stages.core.tasks import TraceNoise, clean_trace, make_problems, noisy_trace
 
 
 def T(think: str) -> str:
@@ -38,9 +39,49 @@ def test_target_zh():
     assert language_consistency_reward([""], [T(EN)], target_language="zh") == [0.0]
 
 
-def test_empty_missing_and_wordless_think_is_zero():
-    comps = [T(""), T("   "), "no think block at all", T("7+8=15. 15+1=16.")]
+def test_no_cot_is_zero():
+    comps = [T(""), T("   "), "no think block at all", "7+8=15, write 5 carry 1. so the answer is 15."]
     assert language_consistency_reward([""] * 4, comps) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_short_and_symbolic_cots_are_shrunk_toward_neutral():
+    """Below min_words (5) the CoT is topped up with neutral pseudo-words worth 0.5: (target + 0.5 * (5 - n)) / 5."""
+    comps = [
+        T("12+35=47"),  # no words: no evidence either way -> 0.5
+        T("ok"),  # (1 + 0.5 * 4) / 5
+        T("12+35=47, so 47."),  # numbers neutral: one word, as "ok"
+        T("好"),  # one word, not the target: (0 + 0.5 * 4) / 5
+        T("write 5 进位"),  # write | 进 位: (1 + 0.5 * 2) / 5
+        T("3+4=7, write 7. so the answer is 7."),  # the tiny task's shortest clean trace: 5 words, R1's share
+    ]
+    assert language_consistency_reward([""] * 6, comps) == pytest.approx([0.5, 0.6, 0.6, 0.4, 0.4, 1.0])
+    # a degenerate CoT scores below a real one, a wrong-language one below one with no words at all
+    assert language_consistency_reward([""], [T("ok")]) < language_consistency_reward([""], [T(EN)])
+
+
+def test_min_words_and_neutral_are_keywords_the_registry_binds():
+    from rewards.registry import build_rewards
+
+    ((_, fn, _),) = build_rewards([{"name": "language_consistency", "params": {"min_words": 10, "neutral": 0.0}}])
+    # EN: 7 English words (write carry write so the answer is), topped up with 3 worth 0: 7 / 10; no words: 0.0
+    assert fn([""] * 2, [T(EN), T("12+35=47")]) == pytest.approx([0.7, 0.0])
+    ((_, r1, _),) = build_rewards([{"name": "language_consistency", "params": {"min_words": 0}}])
+    assert r1([""] * 3, [T("ok"), T("12+35=47"), T(MIXED)]) == pytest.approx([1.0, 0.5, 1 / 9])  # R1's literal share
+    with pytest.raises(ValueError, match="language_consistency.*min_words"):
+        build_rewards([{"name": "language_consistency", "params": {"min_words": -1}}])
+    with pytest.raises(ValueError, match="language_consistency.*neutral.*1.5"):
+        build_rewards([{"name": "language_consistency", "params": {"neutral": 1.5}}])
+
+
+def test_the_tiny_tasks_traces_score_as_r1s_share():
+    """Clean and noisy tiny traces all have at least min_words words: the policy leaves their reward as R1 defines it."""
+    rng = random.Random(0)
+    problems = make_problems("addition", 300, seed=0)
+    comps = [noisy_trace(p, rng, TraceNoise(mixed_language=0.5)) for p in problems]
+    shrunk = language_consistency_reward([""] * len(comps), comps)
+    literal = language_consistency_reward([""] * len(comps), comps, min_words=0)
+    assert shrunk == literal
+    assert language_consistency_reward([""], [clean_trace(problems[0])]) == [1.0]
 
 
 def test_unknown_code_names_it():
@@ -78,5 +119,5 @@ def test_noisy_traces_and_speed():
 
 def test_nested_tags_are_not_words():
     assert language_consistency_reward(
-        [""], ["<think>写<think>字</think><answer>1</answer>"], target_language="zh"
+        [""], ["<think>写<think>字</think><answer>1</answer>"], target_language="zh", min_words=2
     ) == [1.0]

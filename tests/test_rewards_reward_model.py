@@ -1,6 +1,8 @@
 """rewards.reward_model: Bradley-Terry training of a tiny Qwen2 reward model, then scoring through the registry."""
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from grpo.rewards_io import call_reward
-from rewards import build_rewards, process_reward_model
-from rewards.reward_model import RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
+from rewards import build_rewards, process_reward_model, reward_model
+from rewards.reward_model import VIEW_FILE, RewardModelScorer, pairwise_accuracy, response_text, train_bradley_terry
 from stages.core.tokenizer import train_tokenizer
 
 TOPICS = [
@@ -55,7 +57,7 @@ def trained(tmp_path_factory, tiny_model):
     model.save_pretrained(root / "init")
     tok.save_pretrained(root / "init")
     before = pairwise_accuracy(RewardModelScorer(root / "init", mode="full"), held_out)
-    path = train_bradley_terry(model, tok, train, epochs=2, lr=3e-3, batch_size=16, out_dir=root / "trained")
+    path = train_bradley_terry(model, tok, train, "full", epochs=2, lr=3e-3, batch_size=16, out_dir=root / "trained")
     return Path(path), before, held_out
 
 
@@ -74,11 +76,13 @@ def test_scores_do_not_depend_on_batching_or_padding(trained):
     assert batched == pytest.approx(alone, abs=1e-4)
 
 
-def test_answer_mode_reads_only_the_final_answer(trained):
+def test_answer_mode_reads_only_the_final_answer(trained, tmp_path):
     path, _, held_out = trained
     assert response_text("<think>secret</think><answer>Hi.</answer>", "answer") == "Hi."
     assert response_text("no think here", "answer") == "no think here"
-    scorer = RewardModelScorer(path, mode="answer")
+    unrecorded = shutil.copytree(path, tmp_path / "rm")  # trained elsewhere: the caller names the view
+    (unrecorded / VIEW_FILE).unlink()
+    scorer = RewardModelScorer(unrecorded, mode="answer")
     a = "<think>rude words: go away, stupid</think><answer>Thank you for asking, I am happy to help with it.</answer>"
     b = "<think>kind words</think><answer>Thank you for asking, I am happy to help with it.</answer>"
     sa, sb = scorer(["User: hi\nAssistant:"] * 2, [a, b])
@@ -102,8 +106,44 @@ def test_through_the_registry_and_as_process_reward(trained):
     assert out[0][-1][0] == len(comps[0]) and len(out[0]) == 2  # the think step, then the answer step
 
 
+def test_a_reward_model_is_scored_on_the_view_it_was_trained_on(trained):
+    """The view (mode) is recorded with the model; the scorer reads it, and asking for another one is refused."""
+    path = trained[0]
+    assert json.loads((path / VIEW_FILE).read_text()) == {"mode": "full"}
+    assert RewardModelScorer(path).mode == "full"  # no mode given: the recorded one, not the default "answer"
+    with pytest.raises(ValueError, match="trained on the 'full' view.*'answer' view"):
+        RewardModelScorer(path, mode="answer")
+    with pytest.raises(ValueError, match="trained on the 'full' view"):
+        build_rewards([{"name": "reward_model", "params": {"path": str(path), "mode": "answer"}}])
+
+
+def test_training_reads_each_completion_through_the_view(tok, tiny_model, tmp_path, monkeypatch):
+    """What the model learns from is what it will score: prompt + response_text(completion, mode), both sides."""
+    seen = []
+    real = reward_model._scores
+
+    def spy(model, tokenizer, texts, max_length, device):
+        seen.extend(texts)
+        return real(model, tokenizer, texts, max_length, device)
+
+    monkeypatch.setattr(reward_model, "_scores", spy)
+    pairs = [("Q:", "<think>go away</think><answer>Hi.</answer>", "<think>kind</think><answer>No.</answer>"),
+             ("Q:", " plain", " bad")]
+    model = tiny_model(tok, arch="qwen2_classifier", num_labels=1)
+    path = train_bradley_terry(model, tok, pairs, "answer", batch_size=2, out_dir=tmp_path / "rm")
+    assert seen == ["Q:Hi.", "Q:plain", "Q:No.", "Q:bad"] or seen == ["Q:plain", "Q:Hi.", "Q:bad", "Q:No."]
+    seen.clear()
+    RewardModelScorer(path)(["Q:"] * 2, [pairs[0][1], pairs[1][1]])
+    assert sorted(seen) == ["Q:Hi.", "Q:plain"]
+
+
 def test_bad_arguments_fail_before_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown mode 'middle'"):
         RewardModelScorer(tmp_path, mode="middle")
     with pytest.raises(ValueError, match="at least one"):
-        train_bradley_terry(str(tmp_path), None, [], out_dir=tmp_path / "x")
+        train_bradley_terry(str(tmp_path), None, [], "full", out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown mode 'middle'"):
+        train_bradley_terry(str(tmp_path), None, [("p", "c", "r")], "middle", out_dir=tmp_path / "x")
+    (tmp_path / VIEW_FILE).write_text(json.dumps({"mode": "reasoning"}))
+    with pytest.raises(ValueError, match=f"{VIEW_FILE}: unknown mode 'reasoning'"):
+        RewardModelScorer(tmp_path)

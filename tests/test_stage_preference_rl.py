@@ -94,6 +94,46 @@ def test_rows_are_tagged_and_mixed(mini_recipe):
     assert all(r["task"].startswith("general") == (r["kind"] == GENERAL) for r in rows)
 
 
+def test_each_reward_model_learns_from_the_view_it_is_scored_on(mini_recipe, tok, tmp_path, monkeypatch):
+    """Helpfulness reads the final answer, harmlessness the whole response, in training and in RL alike: the pairs are
+    whole completions like the policy's (plain, or a thought then the answer) and the view is recorded with the model.
+    (Harmlessness was trained on bare answers and scored on whole completions.)"""
+    from rewards import reward_model
+    from rewards.reward_model import RewardModelScorer
+
+    recipe = _recipe(mini_recipe, **{"preference_rl.reward_model_training.pairs": 16,
+                                     "preference_rl.reward_model_training.epochs": 1})
+    seen = []
+    real = reward_model._scores
+    monkeypatch.setattr(reward_model, "_scores", lambda m, t, texts, *a: seen.extend(texts) or real(m, t, texts, *a))
+    for which, (mode, _) in preference_rl.REWARD_MODELS.items():
+        pairs = preference_rl.preference_pairs(recipe, recipe.preference_rl, which, "train", 16)
+        assert {c.startswith("<think>") for _, c, _ in pairs} == {True, False}  # both forms the policy writes
+        seen.clear()
+        path = preference_rl.train_reward_model(recipe, recipe.preference_rl, tok, which, tmp_path / which)
+        learnt = set(seen)
+        seen.clear()
+        scorer = RewardModelScorer(path)
+        assert scorer.mode == mode
+        scorer([p for p, _, _ in pairs] * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
+        assert set(seen) == learnt  # it scores a completion as the very text it learnt from
+        assert any("<think>" in t for t in learnt) == (mode == "full")
+    with pytest.raises(ValueError, match="trained on the 'full' view"):
+        RewardModelScorer(tmp_path / "harmlessness", mode="answer")
+
+
+def test_a_given_reward_model_trained_on_another_view_is_refused_before_any_model_loads(mini_recipe, tok, tmp_path):
+    from stages.core.models import ModelInputError
+
+    recipe = _recipe(mini_recipe, **{"preference_rl.reward_model_training.pairs": 8,
+                                     "preference_rl.reward_model_training.epochs": 1})
+    full = preference_rl.train_reward_model(recipe, recipe.preference_rl, tok, "harmlessness", tmp_path / "rm")
+    recipe = _recipe(mini_recipe, **{"preference_rl.helpfulness_model": str(full)})
+    with pytest.raises(ModelInputError, match=r"preference_rl.helpfulness_model: .* trained on the 'full' view.*"
+                                              r"helpfulness scores the 'answer' view"):
+        preference_rl.run(recipe, inputs={"model": str(tmp_path / "not-loaded")}, progress=False)
+
+
 def test_bad_reward_model_path_fails_before_any_model_loads(mini_recipe, tmp_path):
     from stages.core.models import ModelInputError
 
