@@ -8,6 +8,7 @@ passes use `engine.module`.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 
@@ -152,6 +153,33 @@ class TorchEngine(_SkipCounter):
             self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt"), weights_only=True))
 
 
+STALE_BUILD_LOCK_S = 600  # the CPU op builds in about a minute: a lock this old belongs to a killed build
+
+
+def clear_stale_build_lock(now: float | None = None) -> bool:
+    """On CPU, DeepSpeed's process-group setup JIT-builds its shared-memory op under a lock *file* in the torch
+    extensions folder; a build that was killed leaves the file, and every later DeepSpeed run on the machine then
+    waits on it forever. Remove it when it is far older than a build takes; True if one was removed."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+    try:
+        age = (now or time.time()) - os.path.getmtime(lock)
+    except OSError:
+        return False
+    if age < STALE_BUILD_LOCK_S:
+        return False
+    try:
+        os.remove(lock)
+    except OSError:
+        return False
+    logging.getLogger(__name__).warning("removed a stale DeepSpeed build lock (%d s old, a killed build's): %s",
+                                        age, lock)
+    return True
+
+
 class DeepSpeedEngine(_SkipCounter):
     """DeepSpeed ZeRO-2/3. Gradient clipping and the optimiser step belong to DeepSpeed; we keep the same interface.
 
@@ -168,6 +196,7 @@ class DeepSpeedEngine(_SkipCounter):
         `scheduler` is then a callable optimizer -> scheduler. `ds_config` is not changed (see `runtime_config`)."""
         import deepspeed
 
+        clear_stale_build_lock()
         cfg = runtime_config(ds_config, max_grad_norm, rank_and_world()[1], precision, micro_batch_size, accumulation)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, model_parameters=model_parameters
