@@ -58,6 +58,7 @@ def test_saved_model_reloads_with_identical_outputs(mini_model_dir):
     tok = load_tokenizer(path)
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
     a = load_model(path)
+    assert a.config._attn_implementation == "sdpa"  # fused attention: no (L x L) scores kept for backward
     b = AutoModelForCausalLM.from_pretrained(path)
     ids = tok(["User: 3+4\nAssistant:"], return_tensors="pt")["input_ids"]
     with torch.no_grad():

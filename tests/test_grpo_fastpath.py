@@ -347,3 +347,27 @@ def test_trainer_update_matches_padded_logprobs(tok, prompts):
     assert len(grads) == 1
     for (name, _), g, q in zip(model.named_parameters(), grads[0], reference.parameters()):
         assert torch.allclose(g, q.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_the_training_pass_keeps_no_attention_scores_for_backward(tok):
+    """What autograd saves of the shared-prompt pass holds one O(L x S) tensor, the additive mask shared by every layer
+    and head; per-head (L x S) scores or probabilities (4 heads x 2 layers of them here, gigabytes at real lengths)
+    must not be kept."""
+    model = build_tiny_model(tok, num_hidden_layers=2, max_position_embeddings=1024).train()
+    n, P, T = 2, 8, 400
+    torch.manual_seed(0)
+    prompt, completion = torch.randint(3, len(tok), (1, P)).repeat(n, 1), torch.randint(3, len(tok), (n, T))
+    L, S = T - 1, P + T - 1  # the completion pass: queries, keys
+    big = {}  # bytes of each saved storage holding at least one (L x S) matrix's elements
+
+    def pack(t):
+        if t.numel() >= L * S:
+            big[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _ = fast.shared_prompt_logprobs(model, prompt, torch.ones_like(prompt), completion,
+                                              torch.ones_like(completion), chunk_size=64)
+    assert sum(big.values()) == n * L * S * 4, big  # the fp32 mask, once (probabilities kept per layer: 8 times it)
+    logp.sum().backward()  # and the backward runs from what was kept
+    assert all(p.grad.isfinite().all() for p in model.parameters())

@@ -1,5 +1,5 @@
 """The building blocks both fast-path passes share: fused projection weights, RMSNorm, residual-add matmuls, rotary
-tables and rotation, and the grouped-query layout of attention scores and masks.
+tables and rotation, the training pass's attention mask and the decoder's softmax of attention scores.
 
 All follow the Hugging Face Qwen2/Llama modules op for op where it matters for the numbers (RMSNorm statistics in
 float32 then scaled in the input dtype, rotary tables from the model's own rotary module)."""
@@ -78,15 +78,16 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def grouped_mask(allowed: torch.Tensor, nh: int, nkv: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, L, S) allowed keys → the additive mask (n*nkv, groups*L, S) of grouped-query scores, in the scores' dtype
-    (baddbmm takes one dtype), its most negative finite value on masked keys (exp of it is 0 after the max is taken
-    off; every query keeps one allowed key, so no row is all masked)."""
-    n, L, S = allowed.shape
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, L, S) allowed keys → the additive mask (n, 1, L, S) in the queries' dtype: 0 where allowed, the most
+    negative finite value elsewhere (every query keeps one allowed key, so no row is all masked). Built once per
+    pass and shared by the layers: `scaled_dot_product_attention` would convert a boolean mask, and keep the copy
+    for backward, in every layer."""
     add = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return add.unsqueeze(1).expand(n, nh, L, S).reshape(n * nkv, (nh // nkv) * L, S)
+    return add.unsqueeze(1)
 
 
 def attention_probs(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over keys, computed in float32 and returned in the scores' dtype, as Hugging Face's eager attention."""
+    """softmax over keys, computed in float32 and returned in the scores' dtype, as Hugging Face's eager attention.
+    Decoding only (no autograd): the training pass uses `scaled_dot_product_attention`, which keeps no scores."""
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

@@ -14,10 +14,9 @@ from torch.utils.checkpoint import checkpoint
 
 from grpo.fast.decoder import distinct_prompts
 from grpo.fast.ops import (
+    additive_mask,
     attention_dims,
-    attention_probs,
     fused_weights,
-    grouped_mask,
     linear_add,
     rms_norm,
     rotary_tables,
@@ -28,8 +27,10 @@ from grpo.logprobs import length_buckets, scatter_logprobs
 
 def attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, dims):
     """One Llama-family decoder layer on x (n, L, H); the queries attend to [prefix keys | own keys] under the additive
-    `mask` (n*nkv, groups*L, S) (`grouped_mask`). Returns the new x and this layer's (keys, values) of x, each
-    (n, nkv, L, hd). The same operations as the decoding step (grpo.fast.decoder), with autograd."""
+    `mask` (n, 1, L, S) (`additive_mask`). Returns the new x and this layer's (keys, values) of x, each
+    (n, nkv, L, hd). The same operations as the decoding step (grpo.fast.decoder), with autograd, except attention:
+    a fused kernel (`scaled_dot_product_attention`: memory-efficient/flash on CUDA, flash on CPU) that keeps no
+    (L x S) scores for backward, which at 1k-token completions would be gigabytes per layer."""
     nh, nkv, hd = dims
     n, L, H = x.shape
     a, m = layer.self_attn, layer.mlp
@@ -40,11 +41,9 @@ def attend(layer, fused, x, cos, sin_signed, keys_prefix, values_prefix, mask, d
     k, v = qk[:, nh:], qkv[:, nh + nkv :]
     keys = k if keys_prefix is None else torch.cat([keys_prefix, k], dim=2)
     values = v if values_prefix is None else torch.cat([values_prefix, v], dim=2)
-    S, g = keys.shape[2], nh // nkv
-    scores = torch.baddbmm(mask, qk[:, :nh].reshape(n * nkv, g * L, hd), keys.reshape(n * nkv, S, hd).transpose(1, 2),
-                           alpha=a.scaling)
-    o = torch.bmm(attention_probs(scores), values.reshape(n * nkv, S, hd))
-    o = o.view(n, nh, L, hd).transpose(1, 2).reshape(n * L, nh * hd)
+    o = F.scaled_dot_product_attention(qk[:, :nh], keys, values, attn_mask=mask, scale=a.scaling,
+                                       enable_gqa=nh != nkv)
+    o = o.transpose(1, 2).reshape(n * L, nh * hd)
     x = linear_add(x.reshape(n * L, H), o, a.o_proj.weight, a.o_proj.bias)
     gate, up = F.linear(rms_norm(x, layer.post_attention_layernorm), w_gu).chunk(2, dim=-1)
     x = linear_add(x, F.silu(gate) * up, m.down_proj.weight, m.down_proj.bias)
@@ -70,7 +69,7 @@ def prompt_pass(model, prompts, prompt_mask, fused, rotary):
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(P, P, dtype=torch.bool, device=prompts.device).tril()
     eye = torch.eye(P, dtype=torch.bool, device=prompts.device)
-    mask = grouped_mask((causal & prompt_mask[:, None, :]) | eye, dims[0], dims[1], base.embed_tokens.weight.dtype)
+    mask = additive_mask((causal & prompt_mask[:, None, :]) | eye, base.embed_tokens.weight.dtype)
     x = base.embed_tokens(prompts)
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     prompt_kv = []
@@ -91,10 +90,10 @@ def completion_pass(model, ids, start, prompt_kv, prompt_of_row, prompt_keys_ok,
     cos, sin = cos_all[pos].unsqueeze(1), sin_all[pos].unsqueeze(1)
     own = torch.ones(w, w, dtype=torch.bool, device=ids.device).tril().expand(n, -1, -1)
     allowed = torch.cat([prompt_keys_ok[:, None, :].expand(-1, w, -1), own], dim=2)
-    keys_ok = grouped_mask(allowed, dims[0], dims[1], base.embed_tokens.weight.dtype)
+    mask = additive_mask(allowed, base.embed_tokens.weight.dtype)
     x = base.embed_tokens(ids)
     for layer, fw, (pk, pv) in zip(base.layers, fused, prompt_kv):
-        x, _ = run_layer(layer, fw, x, cos, sin, pk[prompt_of_row], pv[prompt_of_row], keys_ok, dims)
+        x, _ = run_layer(layer, fw, x, cos, sin, pk[prompt_of_row], pv[prompt_of_row], mask, dims)
     return base.norm(x)
 
 

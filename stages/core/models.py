@@ -21,6 +21,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # what a model folder needs from the hub: configs, tokenizer, chat template, safetensors weights (never pickles)
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# PyTorch's fused attention: no (L x L) scores kept for backward; on CUDA the packed log-prob pass (no padding mask,
+# is_causal) runs its flash kernel, so the flash-attn package would add a dependency, not save memory. Transformers
+# 5's default too; named so that no default change can bring eager attention's O(L^2) activations back.
+ATTENTION = "sdpa"
 
 
 class ModelInputError(ValueError):
@@ -168,13 +172,14 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False, dtype=None):
-    """Causal LM from safetensors weights, in eval mode, on `device`."""
+    """Causal LM from safetensors weights, in eval mode, on `device`, with SDPA attention (remote code: its own
+    choice, since its classes may not implement SDPA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32,
-        output_loading_info=True,
+        output_loading_info=True, attn_implementation=None if trust_remote_code else ATTENTION,
     )
     if info.get("missing_keys"):  # never train from random weights silently
         missing = sorted(info["missing_keys"])
