@@ -38,13 +38,17 @@ def raise_on_signals() -> dict:
     def interrupt(signum, frame):
         if not _pending:
             _pending.append(f"interrupted ({signal.Signals(signum).name})")
-        # again every second until caught (`handled`): raised inside a finaliser or a weakref callback (the garbage
-        # collector runs them anywhere), the exception is printed as "ignored" and the run would go on
+        # again every second (RAISE_AGAIN times) until caught (`handled`): raised inside a finaliser or a weakref
+        # callback (the garbage collector runs them anywhere), the exception is printed as "ignored" and the run
+        # would go on
         signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
         raise Interrupted(_pending[0])
 
     def again(signum, frame):
-        if _pending:
+        if len(_pending) > RAISE_AGAIN:  # caught by code that is not ours (a library's cleanup): leave it be
+            handled()
+        elif _pending:
+            _pending.append(_pending[0])
             raise Interrupted(_pending[0])
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
@@ -59,7 +63,8 @@ def restore_signals(before: dict) -> None:
         signal.signal(sig, handler)
 
 
-_pending: list[str] = []  # the interrupt raised and not yet caught
+_pending: list[str] = []  # the interrupt raised and not yet caught, once per time it was raised
+RAISE_AGAIN = 3  # times, a second apart
 
 
 def handled() -> None:
