@@ -208,7 +208,7 @@ def test_serve_stops_when_the_server_is_gone(monkeypatch):
     with Records("flows.deployments", logging.WARNING) as seen:
         asyncio.run(runner._pause_schedules())
     assert time.monotonic() - t0 < 5
-    assert [r.getMessage().split(":")[0] for r in seen.records] == ["schedules left active"]
+    assert [r.getMessage().split(":")[0] for r in seen.records] == ["r1 serve stopped; schedules left active"]
 
 
 def test_a_short_pipeline_prints_stage_lines_and_step_lines_without_noise(tmp_path):
