@@ -5,9 +5,9 @@ anything is loaded) when the number of ranks changed."""
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
+import torch
 
 from flows.launch import LaunchSpec
 from grpo.checkpoint import STATE_FILE, CheckpointWorldSizeError, load_checkpoint
@@ -21,7 +21,7 @@ def test_checkpoint_from_another_world_size_is_refused_before_loading(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps({"global_step": 4, "world_size": 2}))
 
     class Engine:
-        module = types.SimpleNamespace()
+        module = torch.nn.Linear(2, 2)  # a real module: the checkpoint reads its record (LoRA adapters or not) first
 
         def load(self, directory):
             raise AssertionError("the engine was loaded")

@@ -155,8 +155,9 @@ def response_nll(model, input_ids, attention_mask, labels):
     targets = labels[:, 1:]
     keep = targets != -100
     head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or model.config.vocab_size  # not weight.shape: ZeRO-3 partitions it
     logp, _ = chosen_token_logprobs(hidden[:, :-1][keep].unsqueeze(0), head, targets[keep].unsqueeze(0),
-                                    chunk_size=max(1, CHECKPOINT_ABOVE // head.weight.shape[0]), with_entropy=False)
+                                    chunk_size=max(1, CHECKPOINT_ABOVE // vocab), with_entropy=False)
     return -logp.sum()
 
 
