@@ -82,9 +82,11 @@ def run(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).warning("%s", stop)
         if distributed.launched_rank() == 0:
             preemption.record(stop)
+        distributed.leave_process_group()
         return preemption.REQUEUE_EXIT
     if args.result_file and distributed.launched_rank() == 0:
         write_json_atomic(args.result_file, out)
+    distributed.leave_process_group()
     return 0
 
 

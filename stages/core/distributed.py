@@ -53,6 +53,17 @@ def init_from_env() -> None:
     log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), dist.get_world_size(), backend)
 
 
+def leave_process_group() -> None:
+    """Leave together at the end of a stage: wait for every rank, then destroy the process groups. Groups left to the
+    interpreter's exit can abort a rank ("terminate called without an active exception", seen with gloo on 2 ranks),
+    and torchrun then stops the others mid-save."""
+    import torch.distributed as dist  # lazy: preflight reads this module
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def deepspeed_config(recipe, own: str | None = None) -> dict | None:
     """The DeepSpeed config a training stage uses: its own `deepspeed_config`, else the recipe's
     `cluster.deepspeed_config` (a path, relative to the working folder or to the repository).
