@@ -3,11 +3,20 @@ data position and step counters.
 
 A checkpoint is written into `<name>.tmp` and renamed into place, so a crash never leaves a half-written `checkpoint-N`;
 `trainer_state.json` is written last and marks a complete one.
+
+Resume at another world size (N ranks wrote it, M resume it; or DeepSpeed wrote it and one plain-torch process resumes
+it): DeepSpeed's shards are consolidated once into a universal checkpoint (`<checkpoint>/universal`, DeepSpeed's
+`ds_to_universal`: per parameter its fp32 weights and Adam moments), which any ZeRO stage loads at any size and the
+plain-torch engine reads directly; the reference is reassembled from its shards. The weights, the Adam moments and step,
+the LR schedule, the counters and the data position continue; each rank's RNG is re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import random
 import re
@@ -17,10 +26,15 @@ from pathlib import Path
 import torch
 
 from grpo.distributed import barrier, rank_and_world
+from grpo.engine import reshard_reference
 from grpo.faults import fault_point
 from grpo.lora import base_fingerprint, has_adapter
+from grpo.rollout import mix_seed
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+UNIVERSAL = "universal"  # the consolidated (DeepSpeed universal) form, written on the first resume at another size
 MODEL_FILE = "model_config.json"  # the model the checkpoint belongs to: a resume into another one is refused
 
 # config fields that make two models' weights incompatible (Hugging Face config names)
@@ -110,25 +124,82 @@ def save_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     return path
 
 
-def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None) -> dict:
-    """Restore engine, reference (if given) and this rank's RNG; returns the trainer state dict."""
+def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None, seed: int = 0) -> dict:
+    """Restore engine, reference (if given) and this rank's RNG; returns the trainer state dict. A checkpoint written
+    by another number of ranks (or by the other engine) is resharded; `seed` (the run's) then re-seeds each rank."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     check_checkpoint_model(path, model_record(engine.module))
     state = json.loads((path / STATE_FILE).read_text())
     rank, world = rank_and_world()
-    if state.get("world_size", world) != world:
-        raise CheckpointWorldSizeError(
-            f"checkpoint {path} was written by {state['world_size']} ranks and this run has {world}: ZeRO shards the "
-            f"optimizer state (ZeRO-3 also the weights and the reference) by rank, so resume it with "
-            f"{state['world_size']} ranks (cluster.nproc_per_node / gpus_per_node, nodes), or move it away to start over"
-        )
-    engine.load(str(path))
+    written = state.get("world_size", world)
+    if written == world and written_by_deepspeed(path) == engine.is_deepspeed:
+        engine.load(str(path))
+        if reference is not None:
+            engine.load_reference(reference, str(path))
+        set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))  # tensors and ints: no pickle code
+        return state
+    if problem := reshard_problem(path, written, world, engine):
+        raise CheckpointWorldSizeError(problem)
+    step = state.get("global_step", state.get("step", 0))  # GRPO's and SFT's step counters
+    engine.load_universal(str(universal_checkpoint(path)))
     if reference is not None:
-        engine.load_reference(reference, str(path))
-    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))  # tensors and ints: no pickle code
+        reshard_reference(reference, str(path), written)
+    reseed(seed, step, rank)
+    if rank == 0:
+        log.info("resumed %s, written by %d rank(s), on %d: weights, Adam moments, LR schedule, counters and data "
+                 "position continue; each rank's sampling RNG is re-seeded from (seed %d, step %d, rank), so the run "
+                 "is deterministic but not bit for bit the uninterrupted %d-rank run (with rollout_seeding: prompt, "
+                 "the same rollouts and, up to float rounding, the same run)", path, written, world, seed, step, written)
     return state
+
+
+def written_by_deepspeed(path: Path) -> bool:
+    return (Path(path) / "engine").is_dir()
+
+
+def reshard_problem(path: Path, written: int, world: int, engine) -> str | None:
+    """Why checkpoint `path` (written by `written` ranks) cannot resume on this run's `world` ranks and engine, as one
+    line naming the checkpoint, both sizes and what to do; None when it can."""
+    where = f"checkpoint {path} was written by {written} rank(s) and this run has {world}"
+    back = f"resume it with {written} rank(s) (cluster.nproc_per_node / gpus_per_node, nodes), or move it away to start over"
+    if has_adapter(engine.module):
+        return f"{where}: a LoRA checkpoint is not resharded; {back}"
+    if not written_by_deepspeed(path):
+        return f"{where}: it was written by one process without DeepSpeed, which is not resharded; {back}"
+    if not any((path / "engine").glob("*optim_states.pt")):
+        return f"{where}: it was written under ZeRO stage 0, which is not resharded (use ZeRO-2 or 3); {back}"
+    if getattr(engine, "zero_stage", 1) == 0:
+        return f"{where}: this run uses ZeRO stage 0, which cannot load a resharded checkpoint (use ZeRO-2 or 3); {back}"
+    return None
+
+
+def universal_checkpoint(path: Path) -> Path:
+    """`path/universal`: DeepSpeed's universal form of the checkpoint's ZeRO shards, converted once by rank 0 (atomic,
+    like the checkpoint) and read by every rank."""
+    out = path / UNIVERSAL
+    if rank_and_world()[0] == 0 and not (out / "zero").is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = path / (UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = Namespace(input_folder=str(path / "engine"), output_folder=str(tmp), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+            ds_to_universal(args)
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """This rank's python and torch RNG from (seed, step, rank): a resume at another size is deterministic."""
+    s = mix_seed(seed, step, rank)
+    random.seed(s)
+    torch.manual_seed(s)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

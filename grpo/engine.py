@@ -8,6 +8,7 @@ passes use `engine.module`.
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import math
 import os
@@ -89,6 +90,8 @@ class TorchEngine(_SkipCounter):
     scaler: a GradScaler for fp16 (autocast) training: the loss is scaled before backward and the gradients unscaled
     before clipping; an overflowing (inf/NaN) gradient skips the update and lowers the scale."""
 
+    is_deepspeed = False
+
     def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None,
                  scaler: torch.amp.GradScaler | None = None):
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -152,6 +155,24 @@ class TorchEngine(_SkipCounter):
         if self.scaler is not None:
             self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt"), weights_only=True))
 
+    def load_universal(self, directory: str) -> None:
+        """A DeepSpeed universal checkpoint (grpo.checkpoint.universal_checkpoint) into this one process: each trained
+        weight (its fp32 master) with its Adam moments and step, and the LR schedule. An fp16 loss scale starts over."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        state, i = {}, 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                saved = universal_param(directory, names[id(p)])
+                with torch.no_grad():
+                    p.copy_(saved["fp32"].view_as(p))
+                state[i] = {"step": saved["step"].float().reshape(()), "exp_avg": saved["exp_avg"].view_as(p),
+                            "exp_avg_sq": saved["exp_avg_sq"].view_as(p)}
+                i += 1
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        self.scheduler.load_state_dict(universal_model_states(directory)["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # a torch optimizer's own checkpoint carries it; the schedule's state does not set it
+
 
 STALE_BUILD_LOCK_S = 600  # the CPU op builds in about a minute: a lock this old belongs to a killed build
 
@@ -180,6 +201,67 @@ def clear_stale_build_lock(now: float | None = None) -> bool:
     return True
 
 
+def universal_param(directory: str, name: str) -> dict[str, torch.Tensor]:
+    """One parameter of a DeepSpeed universal checkpoint: its whole fp32 value, Adam moments and step."""
+    out = {}
+    for key in ("fp32", "exp_avg", "exp_avg_sq", "step"):
+        file = os.path.join(directory, "zero", name, f"{key}.pt")
+        if key == "step" and not os.path.exists(file):  # ZeRO-3 keeps one step for all parameters
+            out[key] = universal_step(directory)
+            continue
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: the universal checkpoint has no {key} for parameter {name}")
+        value = torch.load(file, weights_only=True)
+        out[key] = value["param"] if isinstance(value, dict) else value  # ZeRO-2 wraps it, ZeRO-3 does not
+    return out
+
+
+def universal_step(directory: str) -> torch.Tensor:
+    """The optimizer step of a ZeRO-3 universal checkpoint (its common optimizer state); the file pickles two
+    DeepSpeed classes besides tensors, allowed by name (still no arbitrary code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        common = torch.load(os.path.join(directory, "zero", "optimizer_state.pt"), weights_only=True)
+    return common["optimizer_state_dict"]["state"][0]["step"]
+
+
+def universal_model_states(directory: str) -> dict:
+    """The engine-level states (LR schedule, counters) a universal checkpoint keeps: rank 0's model-states file."""
+    files = sorted(glob.glob(os.path.join(directory, "*model_states.pt")))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no DeepSpeed model-states file (*model_states.pt)")
+    return torch.load(files[0], weights_only=True)
+
+
+def reshard_reference(reference: torch.nn.Module, directory: str, written: int) -> None:
+    """Load a checkpoint's reference written by `written` ranks into this run's: rank 0's whole `reference.pt`, or
+    ZeRO-3's per-rank shards put back together (each parameter's shards in rank order, padding cut); a ZeRO-3 reference
+    here keeps this rank's slice of each."""
+    rank, world = rank_and_world()
+    params = list(reference.named_parameters())
+    whole = os.path.join(directory, "reference.pt")
+    if os.path.exists(whole):
+        saved = torch.load(whole, weights_only=True)
+        values = [saved[name].reshape(-1) for name, _ in params]
+    else:
+        shards = [torch.load(os.path.join(directory, f"reference_shards_rank{r}.pt"), weights_only=True)
+                  for r in range(written)]
+        values = [torch.cat([s[i].reshape(-1) for s in shards]) for i in range(len(params))]
+    zero3 = [p for _, p in params if hasattr(p, "ds_tensor")]
+    with torch.no_grad():
+        for (_, p), value in zip(params, values, strict=True):
+            if hasattr(p, "ds_tensor"):  # this rank's slice of the whole, padded as ZeRO-3 pads
+                part = p.ds_tensor.numel()
+                padded = torch.nn.functional.pad(value[: p.ds_numel], (0, part * world - p.ds_numel))
+                p.ds_tensor.copy_(padded[rank * part : (rank + 1) * part])
+            else:
+                p.copy_(value[: p.numel()].view_as(p))
+    if zero3:
+        _release_gathered(zero3)
+
+
 class DeepSpeedEngine(_SkipCounter):
     """DeepSpeed ZeRO-2/3. Gradient clipping and the optimiser step belong to DeepSpeed; we keep the same interface.
 
@@ -188,6 +270,8 @@ class DeepSpeedEngine(_SkipCounter):
     turned into NaN gradients so that the same check catches it. Stage 0 has no such check: we test the (already
     all-reduced) gradients ourselves and all ranks agree through an all-reduce of the flag.
     """
+
+    is_deepspeed = True
 
     def __init__(self, model, optimizer, scheduler, max_grad_norm: float | None, ds_config: dict,
                  model_parameters: list | None = None, precision: str = "fp32", micro_batch_size: int | None = None,
@@ -319,6 +403,19 @@ class DeepSpeedEngine(_SkipCounter):
 
     def load(self, directory: str) -> None:
         self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not has_adapter(self.module))
+
+    def load_universal(self, directory: str) -> None:
+        """A DeepSpeed universal checkpoint (grpo.checkpoint.universal_checkpoint), through DeepSpeed's own loader: each
+        rank takes its partition of the weights and Adam moments at this run's size and ZeRO stage; the LR schedule and
+        the engine's counters come back too."""
+        config = self.engine._config
+        config.load_universal_checkpoint = True  # DeepSpeed's `checkpoint.load_universal`, read only by the load
+        try:
+            loaded, _ = self.engine.load_checkpoint(os.path.dirname(directory), tag=os.path.basename(directory))
+        finally:
+            config.load_universal_checkpoint = False
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {directory}")
 
 
 def _copy_shards(policy: torch.nn.Module, reference: torch.nn.Module) -> None:

@@ -496,8 +496,6 @@ class GRPOTrainer:
             path = found
         if self.cfg.beta > 0 and self.reference is None:
             self.reference = self.engine.make_reference()  # overwritten by the saved weights
-        state = self.training.resume(path, self.reference)
-        if state["world_size"] != self.world:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has {self.world}")
+        state = self.training.resume(path, self.reference)  # another world size: resharded, the data order continues
         self.global_step = state["global_step"]
         self.sampler.load(state["sampler"])

@@ -60,6 +60,7 @@ class OptimizerSettings(Protocol):
     gradient_checkpointing: bool
     micro_batch_size: int | None
     lora: LoRAConfig
+    seed: int
 
 
 def build_engine(model: torch.nn.Module, cfg: OptimizerSettings, total_updates: int,
@@ -253,8 +254,9 @@ class Training:
         return latest_checkpoint(self.output_dir) if self.output_dir is not None else None
 
     def resume(self, path: str | Path, reference: torch.nn.Module | None = None) -> dict:
-        """Load checkpoint `path` into the engine (and the reference); returns the saved trainer state."""
-        state = load_checkpoint(path, self.engine, reference)
+        """Load checkpoint `path` into the engine (and the reference); returns the saved trainer state. One written by
+        another number of ranks is resharded (grpo.checkpoint), each rank's RNG re-seeded from the config's seed."""
+        state = load_checkpoint(path, self.engine, reference, seed=self.cfg.seed)
         self._python = random.getstate()  # restored by load_checkpoint
         self.engine.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
