@@ -140,7 +140,8 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
             engine.load_reference(reference, str(path))
         set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))  # tensors and ints: no pickle code
         return state
-    if problem := reshard_problem(path, written, world, engine):
+    if problem := reshard_problem(path, written, world, deepspeed=engine.is_deepspeed,
+                                  zero_stage=getattr(engine, "zero_stage", 0), lora=has_adapter(engine.module)):
         raise CheckpointWorldSizeError(problem)
     step = state.get("global_step", state.get("step", 0))  # GRPO's and SFT's step counters
     engine.load_universal(str(universal_checkpoint(path)))
@@ -159,18 +160,21 @@ def written_by_deepspeed(path: Path) -> bool:
     return (Path(path) / "engine").is_dir()
 
 
-def reshard_problem(path: Path, written: int, world: int, engine) -> str | None:
-    """Why checkpoint `path` (written by `written` ranks) cannot resume on this run's `world` ranks and engine, as one
-    line naming the checkpoint, both sizes and what to do; None when it can."""
+def reshard_problem(path: Path, written: int, world: int, *, deepspeed: bool, zero_stage: int = 2,
+                    lora: bool = False) -> str | None:
+    """Why checkpoint `path` (written by `written` ranks) cannot resume on a run of `world` ranks (under DeepSpeed at
+    `zero_stage`, or plain torch; training LoRA adapters or not), as one line naming the checkpoint, both sizes and
+    what to do; None when it can. Reads no weights: callable before any model loads."""
     where = f"checkpoint {path} was written by {written} rank(s) and this run has {world}"
     back = f"resume it with {written} rank(s) (cluster.nproc_per_node / gpus_per_node, nodes), or move it away to start over"
-    if has_adapter(engine.module):
+    if lora:
         return f"{where}: a LoRA checkpoint is not resharded; {back}"
     if not written_by_deepspeed(path):
-        return f"{where}: it was written by one process without DeepSpeed, which is not resharded; {back}"
+        return (f"{where} under {'DeepSpeed' if deepspeed else 'plain torch'}: it was written without DeepSpeed (no "
+                f"engine/ shards to consolidate), which is not resharded; {back}")
     if not any((path / "engine").glob("*optim_states.pt")):
         return f"{where}: it was written under ZeRO stage 0, which is not resharded (use ZeRO-2 or 3); {back}"
-    if getattr(engine, "zero_stage", 1) == 0:
+    if deepspeed and zero_stage == 0:
         return f"{where}: this run uses ZeRO stage 0, which cannot load a resharded checkpoint (use ZeRO-2 or 3); {back}"
     return None
 

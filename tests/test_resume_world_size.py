@@ -5,9 +5,10 @@ checkpoint, the reference reassembled, each rank's RNG re-seeded from (seed, ste
 DeepSpeed itself holds at step 2 (each parameter's whole fp32 weights and Adam moments, gathered over the ranks). One
 process then resumes each checkpoint: its weights and moments must equal those tensors exactly, its step counter and
 data position continue, and, since the rollouts are scripted (no sampling), its last two steps must equal the 2-rank
-run's up to float rounding. Under ZeRO-3 a 1-rank DeepSpeed run resumes too (DeepSpeed's own universal loader).
+run's up to float rounding. Under ZeRO-3 a 1-rank DeepSpeed run resumes too (DeepSpeed's own universal loader), and
+its own checkpoint at step 3 then resumes on 2 ranks (1 -> 2).
 
-Run as a script (by torchrun) this file is the worker: `write <stage> <out>` or `resume <stage> <out>`.
+Run as a script (by torchrun) this file is the worker: `write|resume|widen <stage> <out>`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +27,17 @@ import torch
 STEPS, CUT = 4, 2
 
 
-def grpo_setup():
+def grpo_setup(every: int = CUT):
     from tests.test_grpo_distributed import setup
 
     model, tok, cfg, dataset, funcs, backend = setup("token_mean")
     # 4 steps in one iteration: the cut at step 2 is mid-iteration (the reference comes from the checkpoint), and
     # 12 prompts at 4 a step cross into the second epoch of the data after the cut
-    cfg = cfg.model_copy(update={"steps_per_iteration": STEPS, "checkpoint_every": CUT})
+    cfg = cfg.model_copy(update={"steps_per_iteration": STEPS, "checkpoint_every": every})
     return model, tok, cfg, dataset, funcs, backend
 
 
-def sft_setup():
+def sft_setup(every: int = CUT):
     from stages.core.sft import SFTConfig
     from stages.core.tasks import clean_trace, make_problems
     from stages.core.tokenizer import train_tokenizer
@@ -44,7 +46,7 @@ def sft_setup():
     problems = make_problems("addition", 16, seed=3)
     examples = [{"prompt": f"User: {p.question}\nAssistant:", "completion": clean_trace(p)} for p in problems]
     tok = train_tokenizer([e["prompt"] + e["completion"] for e in examples], vocab_size=320)
-    cfg = SFTConfig(batch_size=4, max_steps=STEPS, checkpoint_every=CUT, learning_rate=1e-2, warmup_steps=1,
+    cfg = SFTConfig(batch_size=4, max_steps=STEPS, checkpoint_every=every, learning_rate=1e-2, warmup_steps=1,
                     max_length=64, log_every=1, seed=5)
     return build_tiny_model(tok), tok, examples, cfg
 
@@ -63,19 +65,19 @@ def consolidated(engine) -> dict[str, dict[str, torch.Tensor]]:
             for n, p in engine.module.named_parameters()}
 
 
-def grpo_trainer(stage: int | None, out: Path, model=None):
+def grpo_trainer(stage: int | None, out: Path, model=None, every: int = CUT):
     from grpo.trainer import GRPOTrainer
 
-    fresh, tok, cfg, dataset, funcs, backend = grpo_setup()
+    fresh, tok, cfg, dataset, funcs, backend = grpo_setup(every)
     return GRPOTrainer(model if model is not None else fresh, tok, cfg, dataset, funcs, backend=backend,
                        progress=False, output_dir=out / "grpo",
                        deepspeed_config=None if stage is None else ds_config(stage))
 
 
-def sft_trainer(stage: int | None, out: Path, model=None):
+def sft_trainer(stage: int | None, out: Path, model=None, every: int = CUT):
     from stages.core.sft import SFTTrainer
 
-    fresh, tok, examples, cfg = sft_setup()
+    fresh, tok, examples, cfg = sft_setup(every)
     return SFTTrainer(model if model is not None else fresh, tok, examples, cfg, output_dir=out / "sft", progress=False,
                       deepspeed_config=None if stage is None else ds_config(stage))
 
@@ -115,44 +117,77 @@ def check_resumed(loop: str, engine, at_cut: dict) -> None:
             assert torch.equal(mine[key].reshape(value.shape), value), (loop, name, key)
 
 
-def resume_and_continue(stage: int | None, out: Path) -> dict:
-    """Resume both checkpoints at step 2 on this run's ranks (from another model init) and run to step 4."""
+def resume_and_continue(stage: int | None, out: Path, cut: int = CUT, every: int = CUT) -> dict:
+    """Resume both checkpoints at step `cut` on this run's ranks (from another model init) and run to step 4. At the
+    2-rank run's cut, the weights and moments must be the ones it dumped there."""
     from tests.conftest import build_tiny_model
 
-    at_cut = torch.load(out / "at_cut.pt", weights_only=True)
+    at_cut = torch.load(out / "at_cut.pt", weights_only=True) if cut == CUT else None
     _, tok, *_ = grpo_setup()
-    grpo = grpo_trainer(stage, out, model=build_tiny_model(tok, seed=9))
-    grpo.resume(out / "grpo" / f"checkpoint-{CUT}")
-    check_resumed("grpo", grpo.engine, at_cut)
+    grpo = grpo_trainer(stage, out, model=build_tiny_model(tok, seed=9), every=every)
+    grpo.resume(out / "grpo" / f"checkpoint-{cut}")
+    if at_cut:
+        check_resumed("grpo", grpo.engine, at_cut)
     resumed = {"grpo_step": grpo.global_step, "grpo_sampler_at_cut": grpo.sampler.state(), "lr": grpo.engine.lr(),
                "torch_seed": torch.initial_seed()}
     resumed["grpo"] = grpo.train()
     resumed["grpo_sampler"] = grpo.sampler.state()
     _, sft_tok, _, _ = sft_setup()
-    sft = sft_trainer(stage, out, model=build_tiny_model(sft_tok, seed=9))
-    sft.step = sft.training.resume(out / "sft" / f"checkpoint-{CUT}")["step"]
-    check_resumed("sft", sft.engine, at_cut)
+    sft = sft_trainer(stage, out, model=build_tiny_model(sft_tok, seed=9), every=every)
+    sft.step = sft.training.resume(out / "sft" / f"checkpoint-{cut}")["step"]
+    if at_cut:
+        check_resumed("sft", sft.engine, at_cut)
     resumed["sft_step"] = sft.step
     resumed["sft"] = sft.train().history
     return resumed
 
 
-def compare(resumed: dict, history: dict) -> None:
+def compare(resumed: dict, history: dict, cut: int = CUT) -> None:
     """The resumed run continues the 2-rank one: same counters and data position, same losses up to float rounding."""
-    assert resumed["grpo_step"] == CUT and resumed["sft_step"] == CUT
-    assert resumed["grpo_sampler_at_cut"] == {"epoch": 0, "pos": 8}  # 2 steps of 4 prompts out of 12
+    assert resumed["grpo_step"] == cut and resumed["sft_step"] == cut
+    assert resumed["grpo_sampler_at_cut"] == {"epoch": 0, "pos": 4 * cut}  # 4 prompts a step out of 12
     assert resumed["grpo_sampler"] == history["grpo_sampler"] == {"epoch": 1, "pos": 4}
-    assert resumed["lr"] == pytest.approx(history["grpo"][CUT - 1]["lr"])  # the schedule continues
+    assert resumed["lr"] == pytest.approx(history["grpo"][cut - 1]["lr"])  # the schedule continues
     from grpo.rollout import mix_seed
 
-    assert resumed["torch_seed"] == mix_seed(0, CUT, 0)  # rank 0's sampling RNG re-seeded from (seed, step, rank)
-    assert len(resumed["grpo"]) == len(resumed["sft"]) == STEPS - CUT
-    for a, b in zip(resumed["grpo"], history["grpo"][CUT:], strict=True):
+    assert resumed["torch_seed"] == mix_seed(0, cut, 0)  # rank 0's sampling RNG re-seeded from (seed, step, rank)
+    assert len(resumed["grpo"]) == len(resumed["sft"]) == STEPS - cut
+    for a, b in zip(resumed["grpo"], history["grpo"][cut:], strict=True):
         for key in ("loss", "reward/mean", "kl", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    for a, b in zip(resumed["sft"], history["sft"][CUT:], strict=True):
+    for a, b in zip(resumed["sft"], history["sft"][cut:], strict=True):
         for key in ("sft/loss", "sft/lr", "sft/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("files, run, why", [
+    ([], {"deepspeed": True}, r"under DeepSpeed: it was written without DeepSpeed"),
+    ([], {"deepspeed": False}, r"under plain torch: it was written without DeepSpeed"),
+    (["engine/mp_rank_00_model_states.pt"], {"deepspeed": False}, r"written under ZeRO stage 0"),
+    (["engine/zero_pp_rank_0_mp_rank_00_optim_states.pt"], {"deepspeed": True, "zero_stage": 0},
+     r"this run uses ZeRO stage 0"),
+    (["engine/zero_pp_rank_0_mp_rank_00_optim_states.pt"], {"deepspeed": False, "lora": True}, r"LoRA checkpoint"),
+])
+def test_what_cannot_be_resharded_is_refused_in_one_line(files, run, why, tmp_path):
+    from grpo.checkpoint import reshard_problem
+
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    problem = reshard_problem(tmp_path, 8, 4, **run)
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith(f"checkpoint {tmp_path} was written by 8 rank(s) and this run has 4")
+    assert "resume it with 8 rank(s)" in problem
+    assert re.search(why, problem), problem
+
+
+def test_zero_shards_are_resharded(tmp_path):
+    from grpo.checkpoint import reshard_problem
+
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert reshard_problem(tmp_path, 8, 4, deepspeed=True, zero_stage=3) is None
+    assert reshard_problem(tmp_path, 8, 1, deepspeed=False) is None
 
 
 def torchrun(nproc: int, port: int, *args) -> None:
@@ -176,9 +211,14 @@ def test_written_on_2_ranks_resumes_on_1(stage, tmp_path, caplog):
     compare(resumed, history)
     said = [r.getMessage() for r in caplog.records if "re-seeded" in r.getMessage()]
     assert len(said) == 2 and "written by 2 rank(s), on 1" in said[0], said
-    if stage == 3:  # and on 1 DeepSpeed rank: DeepSpeed's universal loader, the reference resharded into ZeRO-3
+    if stage == 3:
+        # on 1 DeepSpeed rank (DeepSpeed's universal loader; the reference resharded into ZeRO-3), which checkpoints
+        # every step; then its step-3 checkpoint on 2 ranks again (1 -> 2: each rank takes its slice)
         torchrun(1, 29660, "resume", stage, tmp_path)
         compare(json.loads((tmp_path / "resumed.json").read_text()), history)
+        assert json.loads((tmp_path / "grpo" / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 1
+        torchrun(2, 29661, "widen", stage, tmp_path)
+        compare(json.loads((tmp_path / "resumed.json").read_text()), history, cut=3)
 
 
 if __name__ == "__main__":
@@ -190,6 +230,6 @@ if __name__ == "__main__":
     if mode == "write":
         write(stage, out)
     else:
-        result = resume_and_continue(stage, out)
+        result = resume_and_continue(stage, out, every=1) if mode == "resume" else resume_and_continue(stage, out, 3)
         if torch.distributed.get_rank() == 0:
             (out / "resumed.json").write_text(json.dumps(result))

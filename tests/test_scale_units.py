@@ -22,11 +22,12 @@ def test_checkpoint_from_another_world_size_is_refused_before_loading(tmp_path):
 
     class Engine:
         module = torch.nn.Linear(2, 2)  # a real module: the checkpoint reads its record (LoRA adapters or not) first
+        is_deepspeed = False  # and a checkpoint without DeepSpeed's shards is not resharded
 
         def load(self, directory):
             raise AssertionError("the engine was loaded")
 
-    with pytest.raises(CheckpointWorldSizeError, match=r"written by 2 ranks and this run has 1.*resume it with 2"):
+    with pytest.raises(CheckpointWorldSizeError, match=r"written by 2 rank\(s\) and this run has 1.*resume it with 2"):
         load_checkpoint(tmp_path, Engine(), None)
 
 
