@@ -142,6 +142,18 @@ def resume_and_continue(stage: int | None, out: Path, cut: int = CUT, every: int
     return resumed
 
 
+def sampled_after_resume(out: Path) -> list[str]:
+    """The completions one process samples (Hugging Face generate, rollout_seeding: rank) right after resuming the
+    2-rank checkpoint: they come from the re-seeded RNG."""
+    from grpo.trainer import GRPOTrainer
+
+    model, tok, cfg, dataset, funcs, _ = grpo_setup()
+    trainer = GRPOTrainer(model, tok, cfg, dataset, funcs, progress=False)
+    trainer.resume(out / "grpo" / f"checkpoint-{CUT}")
+    prompts = [row["prompt"] for row in trainer.next_rows()]
+    return trainer.backend.generate(prompts, cfg.num_generations, trainer.sampling).completions
+
+
 def compare(resumed: dict, history: dict, cut: int = CUT) -> None:
     """The resumed run continues the 2-rank one: same counters and data position, same losses up to float rounding."""
     assert resumed["grpo_step"] == cut and resumed["sft_step"] == cut
@@ -190,6 +202,26 @@ def test_zero_shards_are_resharded(tmp_path):
     assert reshard_problem(tmp_path, 8, 1, deepspeed=False) is None
 
 
+def test_sft_refuses_a_checkpoint_whose_batches_differ(tmp_path):
+    """Fewer examples than sft.batch_size: the batch is what the ranks can split evenly, so it depends on the world
+    size; a checkpoint taken with other batches would not continue the data order."""
+    from stages.core.sft import SFTTrainer
+
+    model, tok, examples, cfg = sft_setup()
+    cfg = cfg.model_copy(update={"batch_size": 8, "max_steps": 2, "checkpoint_every": 1})
+    first = SFTTrainer(model, tok, examples[:6], cfg, output_dir=tmp_path, progress=False)
+    assert first.batch_size == 6
+    first.total_steps = 1
+    first.train()
+    state_file = tmp_path / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["batch_size"] == 6
+    state_file.write_text(json.dumps({**state, "batch_size": 4}))  # what 4 ranks take of 6 examples
+    again = SFTTrainer(sft_setup()[0], tok, examples[:6], cfg, output_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint-1 was written with batches of 4 examples and this run takes 6"):
+        again.train(resume_from="latest")
+
+
 def torchrun(nproc: int, port: int, *args) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -211,6 +243,9 @@ def test_written_on_2_ranks_resumes_on_1(stage, tmp_path, caplog):
     compare(resumed, history)
     said = [r.getMessage() for r in caplog.records if "re-seeded" in r.getMessage()]
     assert len(said) == 2 and "written by 2 rank(s), on 1" in said[0], said
+    if stage == 2:  # sampled rollouts after such a resume are new draws, but the same on every resume
+        first = sampled_after_resume(tmp_path)
+        assert sampled_after_resume(tmp_path) == first and len(set(first)) > 1
     if stage == 3:
         # on 1 DeepSpeed rank (DeepSpeed's universal loader; the reference resharded into ZeRO-3), which checkpoints
         # every step; then its step-3 checkpoint on 2 ranks again (1 -> 2: each rank takes its slice)

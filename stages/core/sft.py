@@ -205,7 +205,9 @@ class SFTTrainer:
         if resume_from == "latest":
             resume_from = self.training.latest()
         if resume_from:
-            self.step = self.training.resume(resume_from)["step"]
+            state = self.training.resume(resume_from)
+            self.check_batches(resume_from, state)
+            self.step = state["step"]
             log.info("resumed SFT from %s at step %d", resume_from, self.step)
         model = self.engine.module
         model.train()
@@ -274,4 +276,16 @@ class SFTTrainer:
             self.tokenizer.save_pretrained(directory)
 
     def save(self) -> Path | None:
-        return self.training.save(self.output_dir / f"checkpoint-{self.step}", {"step": self.step})
+        return self.training.save(self.output_dir / f"checkpoint-{self.step}",
+                                  {"step": self.step, "batch_size": self.batch_size})
+
+    def check_batches(self, path, state: dict) -> None:
+        """The data order is a function of (seed, step, batch size): a checkpoint resumed at another world size that
+        changes the batch (fewer examples than batch_size) would not continue it, and is refused."""
+        saved = state.get("batch_size", self.batch_size)
+        if saved != self.batch_size:
+            raise ValueError(
+                f"checkpoint {path} was written with batches of {saved} examples and this run takes {self.batch_size} "
+                f"({len(self.data)} examples, sft.batch_size {self.cfg.batch_size}, {self.world} rank(s)): the data "
+                f"order would not continue; resume with the world size that wrote it ({state.get('world_size')} "
+                "rank(s)) or give more examples than sft.batch_size")
