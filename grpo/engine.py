@@ -238,18 +238,17 @@ def universal_model_states(directory: str) -> dict:
 def reshard_reference(reference: torch.nn.Module, directory: str, written: int) -> None:
     """Load a checkpoint's reference written by `written` ranks into this run's: rank 0's whole `reference.pt`, or
     ZeRO-3's per-rank shards put back together (each parameter's shards in rank order, padding cut); a ZeRO-3 reference
-    here keeps this rank's slice of each."""
+    here keeps this rank's slice of each. The files are memory-mapped and one parameter is whole at a time."""
     rank, world = rank_and_world()
     params = list(reference.named_parameters())
     whole = os.path.join(directory, "reference.pt")
     if os.path.exists(whole):
-        saved = torch.load(whole, weights_only=True)
-        values = [saved[name].reshape(-1) for name, _ in params]
+        saved = torch.load(whole, weights_only=True, mmap=True)
+        values = (saved[name].reshape(-1) for name, _ in params)  # lazily: one parameter whole at a time
     else:
-        shards = [torch.load(os.path.join(directory, f"reference_shards_rank{r}.pt"), weights_only=True)
+        shards = [torch.load(os.path.join(directory, f"reference_shards_rank{r}.pt"), weights_only=True, mmap=True)
                   for r in range(written)]
-        values = [torch.cat([s[i].reshape(-1) for s in shards]) for i in range(len(params))]
-    zero3 = [p for _, p in params if hasattr(p, "ds_tensor")]
+        values = (torch.cat([s[i].reshape(-1) for s in shards]) for i in range(len(params)))
     with torch.no_grad():
         for (_, p), value in zip(params, values, strict=True):
             if hasattr(p, "ds_tensor"):  # this rank's slice of the whole, padded as ZeRO-3 pads
@@ -258,7 +257,7 @@ def reshard_reference(reference: torch.nn.Module, directory: str, written: int) 
                 p.ds_tensor.copy_(padded[rank * part : (rank + 1) * part])
             else:
                 p.copy_(value[: p.numel()].view_as(p))
-    if zero3:
+    if zero3 := [p for _, p in params if hasattr(p, "ds_tensor")]:
         _release_gathered(zero3)
 
 
