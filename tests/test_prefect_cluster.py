@@ -165,7 +165,7 @@ def test_a_crashed_run_of_a_served_deployment_is_retried_up_to_the_cap(prefect_h
     script, output = tmp_path / "served_flow.py", tmp_path / "serve.log"
     script.write_text(SERVED_FLOW)  # the runner starts each attempt from the flow's file
     server = subprocess.Popen([sys.executable, str(script), str(log)], env=env, cwd=tmp_path,
-                              stdout=output.open("w"), stderr=subprocess.STDOUT)
+                              stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def attempts() -> list[tuple[int, int]]:
         return [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
@@ -199,7 +199,8 @@ def test_a_crashed_run_of_a_served_deployment_is_retried_up_to_the_cap(prefect_h
             assert [r.id for r in runs] == [run.id]  # rescheduled, not a new run: the same parameters
             assert final.parameters == {"log": str(log)}
     finally:
-        server.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # the runner and an attempt still running, were the test to fail
         server.wait()
         with get_client(sync_client=True) as client:
             for a in client.read_automations_by_name(RETRY_AUTOMATION.format("retrytest")):
