@@ -201,13 +201,14 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
           set: list[str] = typer.Option(None, "--set", help=SET_HELP),
           quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
           verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP)) -> None:
-    """Run one stage alone as its own MLflow run (no Prefect). Inputs not given resolve to the newest finished run of
-    the upstream stage in the recipe's MLflow experiment."""
+    """Run one stage alone as its own MLflow run (no Prefect), through the recipe's cluster launcher as the pipeline
+    does (in this process for `local`; torchrun, deepspeed, Slurm, Kubernetes otherwise). Inputs not given resolve to
+    the newest finished run of the upstream stage in the recipe's MLflow experiment."""
     _logging(verbose, quiet)
     errors.raise_on_signals()
     # lazy: fast `r1 --help` (see top)
+    from flows.launch import LaunchSpec, launch_stage
     from stages.core.order import check_stages, inputs_of
-    from stages.registry import runnable
 
     try:
         check_stages([name])
@@ -226,7 +227,8 @@ def stage(name: str = typer.Argument(..., help="stage name, e.g. r1_zero (see RE
     for key in ("model", "data"):
         if given[key] and key not in known:
             _fail(f"--input-{key}: stage {name} takes no {key} input; its inputs: {known}")
-    out = runnable()[name](cfg, inputs={k: v for k, v in given.items() if v})
+    out = launch_stage(name, recipe, _overrides(set), spec=LaunchSpec.from_cluster(cfg.cluster),
+                       inputs={k: v for k, v in given.items() if v})
     console.print_json(json.dumps(out))
 
 

@@ -4,7 +4,8 @@ Deployments are named after the recipe (`r1-pipeline/tiny`, `r1-reasoning-rl/tin
 recipe and its overrides, so the UI's "Run" button reruns exactly what was served, and "Custom run" edits the form.
 The serving process runs the flow runs itself (Prefect's `serve`), in subprocesses started from the current folder.
 It also sets up what long runs need (`prepare_server`): heartbeats, an automation that marks a flow run whose process
-died Crashed, and the served cluster's concurrency limit (docs/scaling.md, "Cluster concurrency").
+died Crashed, one that reschedules the served recipe's crashed runs (at most `cluster.crash_retries` times; they resume
+from the stages' checkpoints), and the served cluster's concurrency limit (docs/scaling.md, "Cluster concurrency").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 180  # flow runs report this often: Prefect's default, which runs started elsewhere keep too
 MISSED_HEARTBEATS = 3  # a run silent this many heartbeats long is marked Crashed (the automation sees every run)
 CRASH_AUTOMATION = "r1: mark flow runs without heartbeats Crashed"
+RETRY_AUTOMATION = "r1: retry crashed runs of recipe {}"
 PAUSE_TIMEOUT = 5.0  # seconds to pause the schedules on Ctrl-C; the server may already be gone (`r1 up` stopped first)
 
 
@@ -150,14 +152,56 @@ def ensure_crash_automation(within_seconds: float = MISSED_HEARTBEATS * HEARTBEA
         log.info("created automation %r (%g s without heartbeat)", CRASH_AUTOMATION, within_seconds)
 
 
+def retry_automation(recipe_name: str, retries: int):
+    """Reschedule a crashed flow run of the recipe's deployments (its process died: marked Crashed by the runner that
+    started it, or by the crash automation when the runner went too) with its own parameters, so a runner of the
+    deployment runs it again and its stages resume from their checkpoints; at most `retries` times. The cap is the
+    attempt count Prefect puts on each flow-run event (`prefect.run-count`, 1 on the first attempt, +1 per rerun): the
+    trigger matches attempts 1..retries only, so the crash of attempt retries+1 stays Crashed. Flow runs of other
+    recipes (another `recipe:` tag) and runs not from a deployment (nothing would pick them up) are left alone."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=RETRY_AUTOMATION.format(recipe_name), description="set up by `r1 serve` (flows/deployments.py)",
+        trigger=EventTrigger(expect={"prefect.flow-run.Crashed"},
+                             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"],
+                                                          "prefect.run-count": [str(i) for i in range(1, retries + 1)]}),
+                             match_related=[ResourceSpecification({"prefect.resource.role": "tag",
+                                                                   "prefect.resource.id": f"prefect.tag.recipe:{recipe_name}"}),
+                                            ResourceSpecification({"prefect.resource.role": "deployment"})],
+                             for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry",
+                                    message=f"rescheduled after a crash (at most {retries} times, cluster.crash_retries)")])
+
+
+def ensure_retry_automation(recipe_name: str, retries: int) -> None:
+    """The recipe's retry automation as the recipe says now: replaced when it exists, none when retries is 0."""
+    from prefect.client.orchestration import get_client
+
+    name = RETRY_AUTOMATION.format(recipe_name)
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(name):
+            client.delete_automation(old.id)
+    if retries:
+        retry_automation(recipe_name, retries).create()
+        log.info("created automation %r (at most %d reruns of a crashed flow run)", name, retries)
+
+
 def prepare_server(deployments: list) -> None:
     """What `r1 serve` sets up besides the deployments: heartbeats of its flow runs (inherited by the processes it
-    starts), the automation that marks silent ones Crashed, and the served recipe's cluster concurrency limit."""
+    starts), the automation that marks silent ones Crashed, the one that retries the served recipe's crashed runs, and
+    its cluster concurrency limit."""
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     ensure_crash_automation()
     served = next((d.parameters for d in deployments if d.flow_name == r1_pipeline.name), None)
     if served:
-        ensure_limit(load_recipe(served["recipe"], served.get("overrides")).cluster)
+        cfg = load_recipe(served["recipe"], served.get("overrides"))
+        ensure_retry_automation(cfg.name, cfg.cluster.crash_retries)
+        ensure_limit(cfg.cluster)
 
 
 def serve_until_stopped(deployments: list, limit: int | None = None, on_ready=None) -> None:

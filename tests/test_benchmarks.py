@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.compare import bench_scores, compare_rows, print_rows, to_csv
-from grpo.rollout import HFGenerateBackend
+from grpo.rollout import HFGenerateBackend, mix_seed
 from rewards import accuracy_reward
 from stages.core.benchmarks import (
     FIXTURES,
@@ -149,10 +149,11 @@ class Spy:
     """Stands in for HFGenerateBackend.generate: records prompts and sampling, answers with scripted completions."""
 
     def __init__(self, script=None):
-        self.calls, self.script = [], script
+        self.calls, self.seeds, self.script = [], [], script
 
-    def __call__(self, backend, prompts, k, sampling):
+    def __call__(self, backend, prompts, k, sampling, seeds=None):
         self.calls.append((list(prompts), k, sampling))
+        self.seeds.append(seeds)
         texts = [self.script(p, j) if self.script else "<think>x</think><answer>0</answer>" for p in prompts
                  for j in range(k)]
         return SimpleNamespace(completions=texts, lengths=torch.ones(len(texts), dtype=torch.long),
@@ -163,7 +164,7 @@ class Spy:
 def spy(monkeypatch):
     def install(script=None):
         s = Spy(script)
-        monkeypatch.setattr(HFGenerateBackend, "generate", lambda self, p, k, sp: s(self, p, k, sp))
+        monkeypatch.setattr(HFGenerateBackend, "generate", lambda self, p, k, sp, seeds=None: s(self, p, k, sp, seeds))
         return s
     return install
 
@@ -193,6 +194,7 @@ def test_heldout_evaluation_samples_at_the_recipes_top_p(spy, tok, tiny_model):
              PromptConfig())
     sampled, greedy = (sp for _, _, sp in s.calls)
     assert (sampled.temperature, sampled.top_p, sampled.do_sample) == (0.6, 0.95, True) and not greedy.do_sample
+    assert s.seeds == [[mix_seed(1234, 0)], None]  # the sampled completions from the prompt's own seed (eval.seed, 0)
 
 
 def test_chat_style_evaluation_prompts_are_grpos(spy, tok, tiny_model):

@@ -1,5 +1,8 @@
 """The pipeline flow: no repeated work, downstream-only reruns, input resolution before anything starts."""
 
+import json
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -90,6 +93,34 @@ def test_cli_stage_resolves_upstream_and_reports_missing_input(tmp_path):
     (rl_run,) = [r for r in _stage_runs(uri) if r.data.tags["r1.stage"] == "r1_zero"]
     assert rl_run.data.tags["r1.input.model"] == f"runs:/{base_run.info.run_id}/model"
     assert runner.invoke(app, ["stage", "r2_zero"]).exit_code == 2
+
+
+def test_cli_stage_launches_through_the_recipes_cluster_launcher(monkeypatch, tmp_path):
+    """`r1 stage` starts a stage the way the pipeline's stage task does: with `cluster.launcher: torchrun`, torchrun
+    over the recipe's processes, running the stage's entry point with the given input and the --set overrides."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.launch import stage as launch_module
+
+    commands = []
+
+    def fake_stream(cmd, spec, log, **kw):  # the torchrun run: rank 0's result file, nothing started
+        commands.append(cmd)
+        Path(cmd[cmd.index("--result-file") + 1]).write_text(json.dumps({"run_id": "launched"}))
+        return 0, []
+
+    monkeypatch.setattr(launch_module, "stream", fake_stream)
+    sets = ["--set", "cluster.launcher=torchrun", "--set", "cluster.nproc_per_node=2", "--set",
+            f"output_dir={tmp_path}", "--set", "seed=3"]
+    out = CliRunner().invoke(app, ["stage", "r1_zero", "--input-model", "/models/base", *sets])
+    assert out.exit_code == 0, out.output
+    assert '"run_id": "launched"' in out.output
+    (cmd,) = commands
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("stages.entry") - 1 : cmd.index("stages.entry") + 2] == ["-m", "stages.entry", "r1_zero"]
+    assert json.loads(cmd[cmd.index("--inputs") + 1]) == {"model": "/models/base"}
+    assert json.loads(cmd[cmd.index("--overrides") + 1])["seed"] == 3
 
 
 def test_a_failing_rank_fails_the_stage_task_with_its_message(prefect_harness, monkeypatch, tmp_path):

@@ -2,9 +2,9 @@
 shards and rank 0 merges them in batch order, giving exactly a 1-rank run's rows and counts, target cut-off included;
 a rank killed mid-shard resumes only its own work. The synthesize stage on 2 torchrun ranks matches one process. The
 vLLM bulk path runs against a fake `vllm` module (vLLM cannot run here): one seed per completion, weights read from
-the model's directory, no weight sync.
+the model's directory, no weight sync. Held-out and benchmark evaluation on 2 ranks give 1 rank's samples and metrics.
 
-Run as a script (by torchrun) this file is the sampling worker.
+Run as a script (by torchrun) this file is the sampling worker (`eval MODEL OUT`: the evaluation worker).
 """
 
 from __future__ import annotations
@@ -222,6 +222,76 @@ def test_synthesize_on_two_ranks_writes_the_rows_of_one(stopping_model, tmp_path
     print(f"synthesize on 2 torchrun ranks: {time.perf_counter() - t0:.1f} s")
 
 
+# ---- evaluation on 2 ranks --------------------------------------------------------------------------------------------
+
+EVAL = {"eval.num_prompts": 7, "eval.samples_per_prompt": 3, "eval.batch_size": 6, "eval.max_new_tokens": 12,
+        "eval.temperature": 1.0, "eval.top_p": 0.9}  # 2 prompts per batch: batches 0-3, the last one short
+
+
+def run_evaluation(model_dir: str, record: Path | None = None) -> dict:
+    """Held-out evaluation and the AIME-shaped fixture on this process's ranks: rank 0's metrics and samples ({} on the
+    others); `record`: where each rank writes how many prompts it generated for."""
+    import torch
+
+    from grpo.distributed import rank
+    from grpo.rollout import HFGenerateBackend
+    from stages.core.benchmarks import cli_benchmark, evaluate_benchmark, load_benchmark
+    from stages.core.evaluate import evaluate
+    from stages.core.heldout import heldout_problems
+    from stages.core.models import load_model_and_tokenizer
+    from stages.core.recipe import load_recipe
+
+    recipe = load_recipe("tiny", EVAL)
+    bench = cli_benchmark("aime-fixture", 2)
+    model, tok = load_model_and_tokenizer(model_dir)
+    prompts, generate = [], HFGenerateBackend.generate
+    HFGenerateBackend.generate = lambda self, p, *a, **kw: prompts.append(len(p)) or generate(self, p, *a, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float rounding in this process and in the torchrun workers
+    try:
+        res = evaluate(model, tok, heldout_problems(recipe), recipe.eval, recipe.prompt)
+        scores = evaluate_benchmark(model, tok, load_benchmark(bench), bench, recipe.eval, recipe.prompt)
+    finally:
+        HFGenerateBackend.generate = generate
+        torch.set_num_threads(threads)
+    if record is not None:
+        (record / f"prompts-rank{rank()}.json").write_text(json.dumps(prompts))
+    if res is None:
+        assert scores is None  # the other ranks only generate
+        return {}
+    return {"eval": res.metrics(), "samples": res.samples, "bench": scores.metrics()}
+
+
+def eval_worker(model_dir: str, out: str) -> None:
+    from stages.core.distributed import init_from_env
+
+    init_from_env()
+    result = run_evaluation(model_dir, Path(out))
+    if result:
+        (Path(out) / "eval.json").write_text(json.dumps(result))
+
+
+def test_evaluation_on_two_ranks_equals_one(stopping_model, tmp_path):
+    one = run_evaluation(stopping_model, tmp_path)
+    one_rank_prompts = json.loads((tmp_path / "prompts-rank0.json").read_text())
+    out = tmp_path / "two"
+    out.mkdir()
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29653",
+           __file__, "eval", stopping_model, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((out / "eval.json").read_text())
+    assert two["samples"] == one["samples"]  # the same completions, in prompt order
+    assert two["eval"] == one["eval"] and two["bench"] == one["bench"]
+    assert one["eval"]["eval/num_prompts"] == 7 and len(one["samples"]) == 21 and one["bench"]["bench/aime-fixture/samples"] == 2
+    assert len({s["completion"] for s in one["samples"]}) > 7  # sampled: the 3 samples of a prompt differ
+    by_rank = [json.loads((out / f"prompts-rank{r}.json").read_text()) for r in (0, 1)]
+    # held-out: 4 batches (2, 2, 2, 1 prompts), sampled then greedy; rank 0 has batches 0 and 2, rank 1 has 1 and 3
+    assert by_rank[0][:4] == [2, 2, 2, 2] and by_rank[1][:4] == [2, 2, 1, 1]
+    assert sum(by_rank[0]) + sum(by_rank[1]) == sum(one_rank_prompts)  # every prompt generated once, by one rank
+
+
 # ---- the vLLM bulk path, against a fake vLLM -----------------------------------------------------------------------
 
 class FakeVLLM:
@@ -309,4 +379,4 @@ def test_vllm_settings_refused_before_any_model_loads(monkeypatch):
 
 
 if __name__ == "__main__":
-    worker(*sys.argv[1:])
+    eval_worker(*sys.argv[2:]) if sys.argv[1] == "eval" else worker(*sys.argv[1:])

@@ -19,8 +19,8 @@ from pathlib import Path
 from rewards import accuracy_reward, extract_answer, extract_boxed, normalize_answer
 from rewards.accuracy import as_number
 from stages import fixtures
-from stages.core import console
 from stages.core.config_base import expand_path
+from stages.core.evaluate import sample_on_all_ranks
 from stages.core.heldout import problem_prompts
 from stages.core.recipe import BenchmarkConfig, EvalConfig, PromptConfig, cut
 from stages.core.tasks import Problem
@@ -161,22 +161,20 @@ class BenchmarkResult:
 
 
 def evaluate_benchmark(model, tokenizer, problems: list[Problem], bench: BenchmarkConfig, cfg: EvalConfig,
-                       prompt: PromptConfig, progress: bool = False) -> BenchmarkResult:
-    """n samples per problem at cfg's temperature and top-p, prompts built as in training; the three metrics."""
-    import torch
-
+                       prompt: PromptConfig, progress: bool = False) -> BenchmarkResult | None:
+    """n samples per problem at cfg's temperature and top-p, prompts built as in training; the three metrics on rank 0
+    (None on the other ranks of a launch: every rank generates its share, stages.core.evaluate.sample_on_all_ranks)."""
     from grpo.rollout import HFGenerateBackend, SamplingParams  # lazy: imports torch
 
     n = bench.samples or cfg.samples_per_prompt
     k = bench.pass_k or n
     prompts = problem_prompts(problems, prompt, tokenizer)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
-    backend, per_batch = HFGenerateBackend(model, tokenizer), max(1, cfg.batch_size // n)
-    torch.manual_seed(cfg.seed)
-    texts: list[str] = []
-    with torch.no_grad():
-        for i in console.progress_iter(range(0, len(prompts), per_batch), f"benchmark {bench.name}", progress):
-            texts.extend(backend.generate(prompts[i : i + per_batch], n, sampling).completions)
+    per_problem = sample_on_all_ranks(HFGenerateBackend(model, tokenizer), prompts, n, sampling, cfg.seed,
+                                      cfg.batch_size, f"benchmark {bench.name}", progress)
+    if per_problem is None:
+        return None
+    texts = [t for ts, _, _ in per_problem for t in ts]
     answers = [p.answer for p in problems for _ in range(n)]
     correct = [a >= 1.0 for a in accuracy_reward([q for q in prompts for _ in range(n)], texts, answers)]
     groups = [(texts[i * n : (i + 1) * n], correct[i * n : (i + 1) * n]) for i in range(len(problems))]

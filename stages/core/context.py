@@ -91,8 +91,9 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
     """Save the model into the work dir, log it as the run's `model/` artifact, evaluate it on held-out prompts.
 
     save: a callable(dir) that writes the model (e.g. a trainer's, which gathers ZeRO-3 shards; every rank calls it);
-    default save_pretrained of `model` and `tokenizer`. On several ranks the others return after the save: rank 0
-    alone logs, registers and evaluates (a ZeRO-3 model, whose weights are sharded, through its saved copy).
+    default save_pretrained of `model` and `tokenizer`. On several ranks rank 0 alone logs and registers, then every
+    rank generates its share of the evaluation (a ZeRO-3 model, whose weights are sharded, through its saved copy) and
+    rank 0 logs the metrics.
     """
     import mlflow
 
@@ -103,14 +104,15 @@ def finish_with_model(ctx: StageContext, model, tokenizer, evaluate_it: bool = T
     elif ctx.main:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    if not ctx.main:
-        return outputs
-    tracking.make_pyfunc(out, ctx.run_id)
-    mlflow.log_artifacts(str(out), artifact_path="model")
-    register_model(ctx.recipe, ctx.name, ctx.run_id, ctx.key)
+    if ctx.main:
+        tracking.make_pyfunc(out, ctx.run_id)
+        mlflow.log_artifacts(str(out), artifact_path="model")
+        register_model(ctx.recipe, ctx.name, ctx.run_id, ctx.key)
     if evaluate_it:
+        distributed.barrier()  # rank 0's saved copy is whole before the others read it
         log_evaluation(ctx, _whole_model(model, out), tokenizer)
-    tracking.log_curves(ctx.run_id)
+    if ctx.main:
+        tracking.log_curves(ctx.run_id)
     return outputs
 
 
@@ -123,23 +125,29 @@ def _whole_model(model, saved: Path):
 
 
 def log_evaluation(ctx: StageContext, model, tokenizer, prefix: str = "eval/", table: str = "samples.json"):
+    """Held-out evaluation and the recipe's benchmarks into the stage's run. Called on every rank of a launch (each
+    generates its share); rank 0 logs and returns the held-out result, the others return None."""
     import mlflow
 
     r = ctx.recipe
     problems = heldout_problems(r)
-    tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in problems], "heldout",
-                         tracking.data_source_uri(r.base_model, "eval"), "evaluation")
+    if ctx.main:
+        tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in problems], "heldout",
+                             tracking.data_source_uri(r.base_model, "eval"), "evaluation")
     res = evaluate(model, tokenizer, problems, r.eval, r.prompt, progress=ctx.progress)
-    mlflow.log_metrics(res.metrics(prefix))
-    if table:
-        mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
-    log.debug("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
+    if res is not None:
+        mlflow.log_metrics(res.metrics(prefix))
+        if table:
+            mlflow.log_table({k: [s[k] for s in res.samples] for k in res.samples[0]}, table)
+        log.debug("stage %s evaluation: %s", ctx.name, {k: round(v, 3) for k, v in res.metrics(prefix).items()})
     for bench in r.eval.benchmarks:  # bench/<name>/... (a distilled student's: bench/<student>/<name>/...)
         rows = load_benchmark(bench)
-        tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in rows], f"bench-{bench.name}",
-                             f"path:{benchmark_file(bench.path)}", "evaluation")
+        if ctx.main:
+            tracking.log_dataset([{"question": p.question, "answer": p.answer} for p in rows], f"bench-{bench.name}",
+                                 f"path:{benchmark_file(bench.path)}", "evaluation")
         scores = evaluate_benchmark(model, tokenizer, rows, bench, r.eval, r.prompt, ctx.progress)
-        mlflow.log_metrics(scores.metrics("bench/" + prefix.removeprefix("eval/")))
+        if scores is not None:
+            mlflow.log_metrics(scores.metrics("bench/" + prefix.removeprefix("eval/")))
     return res
 
 

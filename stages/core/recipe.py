@@ -200,6 +200,8 @@ class ClusterConfig(Strict):
                              "Prefect concurrency limit r1-cluster-<name> (default: the partition, else the launcher)")
     concurrency: int | None = Field(None, ge=1, description="stages launched by Prefect flows that may run on this "
                                     "cluster at once (default: 1 with GPUs, no limit on CPU)")
+    crash_retries: int = Field(2, ge=0, le=100, description="r1 serve: times a served flow run whose process died "
+                               "(node lost, OOM-killed; marked Crashed) is rescheduled; it resumes from checkpoints")
     # slurm
     partition: str | None = None
     account: str | None = None

@@ -61,6 +61,28 @@ def generation_rank(tensor_parallel_size: int = 1) -> GenerationRank:
     return GenerationRank(rank // tensor_parallel_size, world // tensor_parallel_size, rank % tensor_parallel_size == 0)
 
 
+def owned_batches(num_batches: int, gen: GenerationRank) -> range:
+    """The batches this rank generates: batch b is rank b mod W's."""
+    return range(gen.rank, num_batches, gen.world)
+
+
+def gather_in_batch_order(mine: dict[int, list], gen: GenerationRank) -> list | None:
+    """Every rank's per-batch results (batch index -> items) on rank 0, concatenated in batch order; None elsewhere.
+    For results small enough to travel as pickled objects (evaluation completions), not for bulk sets (shards)."""
+    import torch
+
+    from grpo.distributed import is_distributed  # lazy: imports torch
+
+    if not is_distributed():
+        return [x for b in sorted(mine) for x in mine[b]]
+    parts = [None] * torch.distributed.get_world_size() if gen.rank == 0 else None
+    torch.distributed.gather_object(mine if gen.writer else {}, parts, dst=0)
+    if gen.rank != 0 or not gen.writer:
+        return None
+    merged = {b: items for part in parts for b, items in part.items()}
+    return [x for b in sorted(merged) for x in merged[b]]
+
+
 def start_sum_over_ranks(values: list[float]) -> Callable[[], list[float]]:
     """Start an element-wise sum over all ranks without waiting for it; the returned function waits and gives it (the
     identity on one process). On the collective backend's device (NCCL: this rank's GPU)."""
