@@ -179,6 +179,22 @@ def reshard_problem(path: Path, written: int, world: int, *, deepspeed: bool, ze
     return None
 
 
+def resume_problem(output_dir: str | Path, deepspeed_config: dict | None, lora: bool) -> str | None:
+    """reshard_problem for the newest checkpoint in `output_dir` and this run (its world size; DeepSpeed at the
+    config's ZeRO stage, or plain torch when there is no config): the refusal a resume would raise, read from the
+    checkpoint's files before any model loads. None when there is nothing to resume or it can be resumed."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    written = json.loads((path / STATE_FILE).read_text()).get("world_size")
+    world = rank_and_world()[1]
+    deepspeed = deepspeed_config is not None
+    if written is None or (written == world and written_by_deepspeed(path) == deepspeed):
+        return None
+    zero = int((deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0))
+    return reshard_problem(path, written, world, deepspeed=deepspeed, zero_stage=zero, lora=lora)
+
+
 def universal_checkpoint(path: Path) -> Path:
     """`path/universal`: DeepSpeed's universal form of the checkpoint's ZeRO shards, converted once by rank 0 (atomic,
     like the checkpoint) and read by every rank."""

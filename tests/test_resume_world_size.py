@@ -268,3 +268,29 @@ if __name__ == "__main__":
         result = resume_and_continue(stage, out, every=1) if mode == "resume" else resume_and_continue(stage, out, 3)
         if torch.distributed.get_rank() == 0:
             (out / "resumed.json").write_text(json.dumps(result))
+
+
+def test_a_stage_refuses_a_checkpoint_it_cannot_reshard_before_its_run_opens(mini_recipe, tmp_path):
+    """The stage's work dir holds a checkpoint written by 8 plain-torch ranks (not reshardable): opening the stage
+    refuses it in one line naming the checkpoint and both sizes, before an MLflow run opens or a model loads."""
+    import mlflow
+
+    from stages.core.context import stage_context
+    from stages.core.lineage import StageInputError, stage_key
+
+    cfg, inputs = mini_recipe.reasoning_rl, {"model": "runs:/0123/model"}
+    workdir = tmp_path / "runs" / "reasoning_rl" / stage_key("reasoning_rl", cfg, inputs, mini_recipe)[:16]
+    ckpt = workdir / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"world_size": 8, "global_step": 4}')
+    with pytest.raises(StageInputError) as e, stage_context(mini_recipe, "reasoning_rl", cfg, inputs, None, False):
+        pytest.fail("the stage opened")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"stage reasoning_rl: checkpoint {ckpt} was written by 8 rank(s) and this run has 1")
+    assert "written without DeepSpeed" in str(e.value)
+    mlflow.set_tracking_uri(mini_recipe.tracking.uri)
+    assert mlflow.search_runs(search_all_experiments=True).empty  # no run opened
+
+    (ckpt / "trainer_state.json").write_text('{"world_size": 1, "global_step": 4}')  # same size: it opens
+    with stage_context(mini_recipe, "reasoning_rl", cfg, inputs, None, False) as ctx:
+        assert ctx.workdir == workdir

@@ -20,9 +20,10 @@ from pydantic import BaseModel
 from grpo import distributed, faults
 from stages.core import attempts, console, tracking
 from stages.core.benchmarks import benchmark_file, evaluate_benchmark, load_benchmark
+from stages.core.distributed import deepspeed_config
 from stages.core.evaluate import evaluate
 from stages.core.heldout import heldout_problems
-from stages.core.lineage import EVAL_KEY_TAG, KEY_TAG, eval_key, register_model, stage_key
+from stages.core.lineage import EVAL_KEY_TAG, KEY_TAG, StageInputError, eval_key, register_model, stage_key
 from stages.core.models import load_model, load_tokenizer, pick_device, resolve_model_uri
 from stages.core.recipe import Recipe, flatten
 
@@ -58,6 +59,7 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
     key = stage_key(name, cfg, inputs, recipe)
     workdir = Path(recipe.output_dir) / name / key[:16]
     workdir.mkdir(parents=True, exist_ok=True)
+    check_resumable(recipe, name, cfg, workdir)
     faults.set_stage(name)
     if not distributed.is_main():
         yield StageContext(name, recipe, distributed.broadcast(None), key, workdir, inputs, progress, main=False)
@@ -75,6 +77,20 @@ def stage_context(recipe: Recipe, name: str, cfg: BaseModel, inputs: dict[str, s
         yield StageContext(name, recipe, run.info.run_id, key, workdir, inputs, progress)
         attempts.finish(run.info.run_id)
         finished_line(recipe, name, run.info, time.monotonic() - t0)
+
+
+def check_resumable(recipe: Recipe, name: str, cfg: BaseModel, workdir: Path) -> None:
+    """A training stage's checkpoint that this launch could not resume (another world size, and an engine or ZeRO
+    stage that cannot reshard it) is refused here, before its MLflow run opens or any model loads."""
+    train = getattr(cfg, "grpo", None) or getattr(cfg, "sft", None)
+    if train is None or not (workdir / "checkpoints").is_dir():
+        return
+    from grpo.checkpoint import resume_problem  # lazy: imports torch
+
+    # in-process (no process group) a stage trains with plain torch; deepspeed_config would say so a second time
+    ds = deepspeed_config(recipe, getattr(cfg, "deepspeed_config", None)) if distributed.is_distributed() else None
+    if problem := resume_problem(workdir / "checkpoints", ds, lora=train.lora.enabled):
+        raise StageInputError(f"stage {name}: {problem}")
 
 
 def finished_line(recipe: Recipe, name: str, info, seconds: float) -> None:
