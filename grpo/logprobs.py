@@ -2,8 +2,10 @@
 
 Only completion positions are projected onto the vocabulary (hidden states are sliced before the LM head), and the
 projection + log-softmax runs over chunks of positions. When the batch's vocabulary logits would be large (over
-CHECKPOINT_ABOVE elements, 64 MB in fp32), each chunk runs under activation checkpointing: peak memory then holds one
-chunk of logits, never the whole batch's; below that, recomputing them in the backward pass would only cost time.
+CHECKPOINT_ABOVE elements, 64 MB in fp32), `ChunkedLMHead` computes them one chunk at a time and keeps only each
+position's log-normaliser for backward, which recomputes the chunk's logits and turns them into their gradient in
+place: peak memory holds about one chunk of fp32 logits, never the whole batch's. Below that, plain autograd
+(recomputing would only cost time).
 Logits are divided by the sampling temperature, so that the ratio and the KL are measured on the distribution that was
 sampled. This module is the reference: the model's own Hugging Face forward, for every model.
 
@@ -19,6 +21,7 @@ path's `grpo.fast.shared_prompt_logprobs`, which also computes each prompt once 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -28,7 +31,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
-CHECKPOINT_ABOVE = 2**24  # vocabulary logits (positions x vocab) above which the LM head runs under checkpointing
+CHECKPOINT_ABOVE = 2**24  # vocabulary logits (positions x vocab) above which the LM head runs chunked and recomputed
+VOCAB_TILE = 32768  # vocabulary columns per elementwise pass (and per GEMM on the CPU) of ChunkedLMHead
 
 
 def _chosen_logp_and_entropy(hidden: torch.Tensor, lm_head, tokens: torch.Tensor, temperature: float,
@@ -44,6 +48,102 @@ def _chosen_logp_and_entropy(hidden: torch.Tensor, lm_head, tokens: torch.Tensor
     return chosen, entropy
 
 
+def lm_head_tile(weight: torch.Tensor) -> int:
+    """LM head rows per GEMM. On the CPU, tiles of VOCAB_TILE (each cast to fp32 for the gradient GEMMs: a tile's
+    fp32 copy, not the whole head's); elsewhere the whole vocabulary in one GEMM, as autograd runs it (tiled bf16
+    GEMMs would round each tile's product before the sum)."""
+    return VOCAB_TILE if weight.device.type == "cpu" else weight.shape[0]
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(n, V) fp32 logits / T of hidden states h (n, H), projected in `dtype` as the model's forward would (its
+    weights' dtype, or autocast's), one tile of the vocabulary at a time into one fp32 buffer."""
+    z = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+    h, tile = h.to(dtype), lm_head_tile(weight)
+    for s in range(0, weight.shape[0], tile):
+        b = None if bias is None else bias[s : s + tile].to(dtype)
+        z[:, s : s + tile] = F.linear(h, weight[s : s + tile].to(dtype), b)
+    return z.div_(temperature)
+
+
+class ChunkedLMHead(torch.autograd.Function):
+    """log softmax(h W^T + b)/T [token] and the entropy (a diagnostic, no gradient) over chunks of `chunk_size`
+    positions, for hidden states h (n, H). Forward keeps h and each position's log-normaliser, not the logits;
+    backward recomputes a chunk's logits and turns them in place into d logp / d logits = (onehot - softmax) / T.
+
+    The gradient GEMMs run in fp32 on the CPU, where a bf16 GEMM with the vocabulary as its inner dimension has no
+    fast kernel (no AVX512-BF16/AMX: (256 x 151,936) @ (151,936 x 128) took 41 s, 0.3 s in fp32; it was 80% of a
+    GRPO step at Qwen's vocabulary, and TRL's chunked head casts to fp32 there too). Elsewhere they run in the
+    forward's dtype, as autograd would. The weight's gradient is summed over the chunks in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature: float, chunk_size: int, with_entropy: bool):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse, entropy = torch.empty_like(logp), torch.zeros_like(logp)
+        for s in range(0, n, chunk_size):
+            z = chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature, dtype)
+            chosen = z.gather(-1, tokens[s : s + chunk_size, None])
+            top = z.amax(dim=-1, keepdim=True)
+            z.sub_(top)
+            sum_exp, sum_exp_z = torch.zeros_like(top), torch.zeros_like(top)
+            for v in range(0, z.shape[1], VOCAB_TILE):  # exp by tiles: no second (n, V) buffer
+                e = z[:, v : v + VOCAB_TILE].exp()
+                sum_exp += e.sum(dim=-1, keepdim=True)
+                if with_entropy:  # H = log Σe - Σ e·(z - top) / Σe
+                    sum_exp_z += e.mul_(z[:, v : v + VOCAB_TILE]).sum(dim=-1, keepdim=True)
+            lse[s : s + chunk_size] = (top + sum_exp.log()).squeeze(-1)
+            logp[s : s + chunk_size] = (chosen - top - sum_exp.log()).squeeze(-1)
+            if with_entropy:
+                entropy[s : s + chunk_size] = (sum_exp.log() - sum_exp_z / sum_exp).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None
+        T, chunk, tile = ctx.temperature, ctx.chunk_size, lm_head_tile(weight)
+        gemm = torch.float32 if weight.device.type == "cpu" else ctx.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            g = grad_logp[s : s + chunk].float().unsqueeze(-1) / T
+            z = chunk_logits(h, weight, bias, T, ctx.dtype)
+            dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -softmax · g/T, in place
+            dz.scatter_add_(-1, tokens[s : s + chunk, None], g)  # + onehot · g/T
+            dz, hg = dz.to(gemm), h.to(gemm)
+            acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+            for v in range(0, weight.shape[0], tile):
+                w, d = weight[v : v + tile].to(gemm), dz[:, v : v + tile]
+                if need_h:
+                    acc += d @ w
+                if need_w:
+                    grad_w[v : v + tile] += d.t() @ hg
+            if need_h:
+                grad_h[s : s + chunk] = acc
+            if need_b:
+                grad_b += dz.sum(dim=0, dtype=torch.float32)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def fused_head_supported(lm_head) -> bool:
+    """ChunkedLMHead reads the LM head's weight directly: a plain nn.Linear whose weight is whole (not partitioned
+    by ZeRO-3, which gathers it only inside the module's own forward)."""
+    return type(lm_head) is torch.nn.Linear and not hasattr(lm_head.weight, "ds_id")
+
+
 def chosen_token_logprobs(
     hidden: torch.Tensor,
     lm_head,
@@ -57,7 +157,12 @@ def chosen_token_logprobs(
     N, T, H = hidden.shape
     flat_h, flat_tok = hidden.reshape(N * T, H), tokens.reshape(N * T)
     vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
-    recompute = torch.is_grad_enabled() and hidden.requires_grad and N * T * vocab > CHECKPOINT_ABOVE
+    large = N * T * vocab > CHECKPOINT_ABOVE
+    if large and fused_head_supported(lm_head):
+        logp, ent = ChunkedLMHead.apply(flat_h, lm_head.weight, lm_head.bias, flat_tok, temperature, chunk_size,
+                                        with_entropy)
+        return logp.view(N, T), ent.view(N, T)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and large
     logps, ents = [], []
     for start in range(0, N * T, chunk_size):
         h, tok = flat_h[start : start + chunk_size], flat_tok[start : start + chunk_size]
