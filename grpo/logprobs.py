@@ -49,56 +49,66 @@ def _chosen_logp_and_entropy(hidden: torch.Tensor, lm_head, tokens: torch.Tensor
 
 
 def lm_head_tile(weight: torch.Tensor) -> int:
-    """LM head rows per GEMM. On the CPU, tiles of VOCAB_TILE (each cast to fp32 for the gradient GEMMs: a tile's
-    fp32 copy, not the whole head's); elsewhere the whole vocabulary in one GEMM, as autograd runs it (tiled bf16
-    GEMMs would round each tile's product before the sum)."""
+    """Vocabulary rows per tile of ChunkedLMHead. On the CPU, VOCAB_TILE: a chunk's logits live one (n, 32k) tile at
+    a time, and each tile of the head is cast to fp32 for the gradient GEMMs (a tile's fp32 copy, not the whole
+    head's). Elsewhere the whole vocabulary in one GEMM, as autograd runs it: bf16 GEMMs over tiles would round each
+    tile's share of the hidden states' gradient before the sum."""
     return VOCAB_TILE if weight.device.type == "cpu" else weight.shape[0]
 
 
-def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """(n, V) fp32 logits / T of hidden states h (n, H), projected in `dtype` as the model's forward would (its
-    weights' dtype, or autocast's), one tile of the vocabulary at a time into one fp32 buffer."""
-    z = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
-    h, tile = h.to(dtype), lm_head_tile(weight)
-    for s in range(0, weight.shape[0], tile):
-        b = None if bias is None else bias[s : s + tile].to(dtype)
-        z[:, s : s + tile] = F.linear(h, weight[s : s + tile].to(dtype), b)
-    return z.div_(temperature)
+def tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v: int, tile: int,
+                temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """(n, tile) fp32 logits / T over vocabulary rows v..v+tile of hidden states h (n, H), projected in `dtype` as the
+    model's forward would (its weights' dtype, or autocast's)."""
+    b = None if bias is None else bias[v : v + tile].to(dtype)
+    return F.linear(h.to(dtype), weight[v : v + tile].to(dtype), b).float().div_(temperature)
+
+
+def in_tile(tokens: torch.Tensor, v: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each token in the tile starting at vocabulary row v, clamped into it; whether it is really there)."""
+    local = tokens - v
+    return local.clamp(0, width - 1).unsqueeze(-1), ((local >= 0) & (local < width)).unsqueeze(-1)
 
 
 class ChunkedLMHead(torch.autograd.Function):
-    """log softmax(h W^T + b)/T [token] and the entropy (a diagnostic, no gradient) over chunks of `chunk_size`
-    positions, for hidden states h (n, H). Forward keeps h and each position's log-normaliser, not the logits;
-    backward recomputes a chunk's logits and turns them in place into d logp / d logits = (onehot - softmax) / T.
+    """log softmax(h W^T + b)/T [token] and the entropy (a diagnostic, no gradient) for hidden states h (n, H), over
+    chunks of `chunk_size` positions and tiles of the vocabulary (`lm_head_tile`) with a running log-sum-exp. Forward
+    keeps h and each position's log-normaliser, not the logits; backward recomputes each tile's logits and turns them
+    in place into d logp / d logits = (onehot - softmax) / T.
 
     The gradient GEMMs run in fp32 on the CPU, where a bf16 GEMM with the vocabulary as its inner dimension has no
     fast kernel (no AVX512-BF16/AMX: (256 x 151,936) @ (151,936 x 128) took 41 s, 0.3 s in fp32; it was 80% of a
     GRPO step at Qwen's vocabulary, and TRL's chunked head casts to fp32 there too). Elsewhere they run in the
-    forward's dtype, as autograd would. The weight's gradient is summed over the chunks in fp32."""
+    forward's dtype, as autograd would. Gradients are summed over chunks and tiles in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature: float, chunk_size: int, with_entropy: bool):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse, entropy = torch.empty_like(logp), torch.zeros_like(logp)
-        for s in range(0, n, chunk_size):
-            z = chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature, dtype)
-            chosen = z.gather(-1, tokens[s : s + chunk_size, None])
-            top = z.amax(dim=-1, keepdim=True)
-            z.sub_(top)
-            sum_exp, sum_exp_z = torch.zeros_like(top), torch.zeros_like(top)
-            for v in range(0, z.shape[1], VOCAB_TILE):  # exp by tiles: no second (n, V) buffer
-                e = z[:, v : v + VOCAB_TILE].exp()
-                sum_exp += e.sum(dim=-1, keepdim=True)
-                if with_entropy:  # H = log Σe - Σ e·(z - top) / Σe
-                    sum_exp_z += e.mul_(z[:, v : v + VOCAB_TILE]).sum(dim=-1, keepdim=True)
+        V, tile = weight.shape[0], lm_head_tile(weight)
+        logp, entropy = [], []
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, tok = hidden[s : s + chunk_size], tokens[s : s + chunk_size]
+            top = torch.full((len(h), 1), -torch.inf, device=h.device)
+            sum_exp, sum_exp_z, chosen = torch.zeros_like(top), torch.zeros_like(top), torch.zeros_like(top)
+            for v in range(0, V, tile):
+                z = tile_logits(h, weight, bias, v, tile, temperature, dtype)
+                col, here = in_tile(tok, v, z.shape[1])
+                chosen = torch.where(here, z.gather(-1, col), chosen)
+                new_top = torch.maximum(top, z.amax(dim=-1, keepdim=True))
+                rescale = (top - new_top).exp()
+                e = (z - new_top).exp_()
+                sum_exp = sum_exp * rescale + e.sum(dim=-1, keepdim=True)
+                if with_entropy:  # H = lse - Σ e·z / Σ e
+                    sum_exp_z = sum_exp_z * rescale + e.mul_(z).sum(dim=-1, keepdim=True)
+                top = new_top
             lse[s : s + chunk_size] = (top + sum_exp.log()).squeeze(-1)
-            logp[s : s + chunk_size] = (chosen - top - sum_exp.log()).squeeze(-1)
+            logp.append(chosen.squeeze(-1) - lse[s : s + chunk_size])
             if with_entropy:
-                entropy[s : s + chunk_size] = (sum_exp.log() - sum_exp_z / sum_exp).squeeze(-1)
+                entropy.append(lse[s : s + chunk_size] - (sum_exp_z / sum_exp).squeeze(-1))
+        logp = torch.cat(logp)
+        entropy = torch.cat(entropy) if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
         ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -111,31 +121,33 @@ class ChunkedLMHead(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None or not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None
-        T, chunk, tile = ctx.temperature, ctx.chunk_size, lm_head_tile(weight)
+        T, chunk, V, tile = ctx.temperature, ctx.chunk_size, weight.shape[0], lm_head_tile(weight)
         gemm = torch.float32 if weight.device.type == "cpu" else ctx.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s : s + chunk]
-            g = grad_logp[s : s + chunk].float().unsqueeze(-1) / T
-            z = chunk_logits(h, weight, bias, T, ctx.dtype)
-            dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -softmax · g/T, in place
-            dz.scatter_add_(-1, tokens[s : s + chunk, None], g)  # + onehot · g/T
-            dz, hg = dz.to(gemm), h.to(gemm)
-            acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
-            for v in range(0, weight.shape[0], tile):
-                w, d = weight[v : v + tile].to(gemm), dz[:, v : v + tile]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        for v in range(0, V, tile):  # tiles outside, chunks inside: a tile's weight gradient is summed in fp32 alone
+            w = weight[v : v + tile].to(gemm)
+            tile_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            tile_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+            for s in range(0, hidden.shape[0], chunk):
+                h, tok = hidden[s : s + chunk], tokens[s : s + chunk]
+                g = grad_logp[s : s + chunk].float().unsqueeze(-1) / T
+                z = tile_logits(h, weight, bias, v, tile, T, ctx.dtype)
+                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -softmax · g/T, in place
+                col, here = in_tile(tok, v, z.shape[1])
+                dz = dz.scatter_add_(-1, col, g * here).to(gemm)  # + onehot · g/T
                 if need_h:
-                    acc += d @ w
+                    grad_h[s : s + chunk] += dz @ w
                 if need_w:
-                    grad_w[v : v + tile] += d.t() @ hg
-            if need_h:
-                grad_h[s : s + chunk] = acc
+                    tile_w += dz.t() @ h.to(gemm)
+                if need_b:
+                    tile_b += dz.sum(dim=0, dtype=torch.float32)
+            if need_w:
+                grad_w[v : v + tile] = tile_w
             if need_b:
-                grad_b += dz.sum(dim=0, dtype=torch.float32)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                grad_b[v : v + tile] = tile_b
+        return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b, None, None, None, None)
 
 
 def fused_head_supported(lm_head) -> bool:

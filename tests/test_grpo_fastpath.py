@@ -327,15 +327,17 @@ def lm_head_case(dtype, vocab=3000, hidden=32, n=160, bias=False):
 
 def head_logprobs(head, h, tokens, weights, monkeypatch, chunked: bool):
     """(logp, entropy, gradients of Σ weight·logp w.r.t. h and the head's parameters), through the chunked head
-    (`ChunkedLMHead`, chunks of 64 positions) or plain autograd over the whole logits."""
+    (`ChunkedLMHead`, chunks of 64 positions, vocabulary tiles of 700 on the CPU) or plain autograd over the whole
+    logits."""
     monkeypatch.setattr(lp, "CHECKPOINT_ABOVE", 0 if chunked else 2**62)
+    monkeypatch.setattr(lp, "VOCAB_TILE", 700)
     logp, ent = lp.chosen_token_logprobs(h, head, tokens, temperature=0.7, chunk_size=64)
     return logp, ent, torch.autograd.grad((logp * weights).sum(), [h, *head.parameters()])
 
 
 def test_the_chunked_lm_head_equals_autograd_in_fp32(monkeypatch):
     """Values, entropy and gradients (hidden states, weight, bias) of the chunked head equal plain autograd's over the
-    full logits, over chunks that do not divide the positions."""
+    full logits, over chunks and tiles that do not divide the positions and the vocabulary."""
     case = lm_head_case(torch.float32, bias=True)
     a, b = head_logprobs(*case, monkeypatch, True), head_logprobs(*case, monkeypatch, False)
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
@@ -388,6 +390,7 @@ def test_the_chunked_lm_head_keeps_no_logits_and_no_bf16_gemm_over_the_vocabular
         return t
 
     monkeypatch.setattr(lp, "CHECKPOINT_ABOVE", 0)
+    monkeypatch.setattr(lp, "VOCAB_TILE", 700)
     with Gemms(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logp, _ = lp.chosen_token_logprobs(h, head, tokens, temperature=0.7, chunk_size=64)
         (logp * weights).sum().backward()
