@@ -10,7 +10,9 @@ Both sides get the same fixed rollout: one prompt of 32 tokens, G = 2 completion
 random tokens each (no EOS), so generation is not measured and both train on the same max-length batch. Settings on
 both sides: bf16 weights, gradient checkpointing, micro-batch 1 with accumulation over the group (one optimiser step),
 beta 0.04 (k3 KL to a reference copy), per-sequence loss mean (TRL: loss_type="grpo"), lr 1e-6, AdamW, clip 1.0.
-Ours also runs its log-softmax over chunks of `logprob_chunk_size` positions (256 here; one of our config's knobs).
+Ours runs its LM head and log-softmax over chunks of `logprob_chunk_size` positions (256 here; one of our config's
+knobs), in tiles of 32k vocabulary rows on the CPU (`grpo.logprobs.ChunkedLMHead`); TRL 1.16 runs its own chunked LM
+head (`trl.kernels.ChunkedLogProbFunction`: 32k-row tiles, fp32 gradient GEMMs on the CPU).
 
 Each measurement runs in its own child process (glibc's mmap threshold fixed, `LIVE_MEMORY_ENV`): the policy is built, the peak resident set reset (/proc/self/
 clear_refs) to the current one, then the trainer is set up and `steps` steps run; reported: the peak's growth over
@@ -245,6 +247,7 @@ def main() -> None:
             r = child(side, T, a.steps, a.hidden, a.layers, a.threads)
             point[f"{side}_peak_mb"], point[f"{side}_s"] = r["peak_growth_mb"], r["s_per_step"]
             point[f"{side}_peak_reset"] = r["peak_reset"]
+            point[f"{side}_load_avg"] = os.getloadavg()[0]  # the machine's 1-minute load as the measurement ended
         if {"ours", "trl"} <= set(sides):
             point["peak_ratio"] = point["ours_peak_mb"] / point["trl_peak_mb"]
             point["speedup"] = point["trl_s"] / point["ours_s"]
