@@ -128,7 +128,7 @@ class ChunkedLMHead(torch.autograd.Function):
         grad_b = torch.empty_like(bias) if need_b else None
         for v in range(0, V, tile):  # tiles outside, chunks inside: a tile's weight gradient is summed in fp32 alone
             w = weight[v : v + tile].to(gemm)
-            tile_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            tile_w = None  # the first chunk's part as it comes, then an fp32 sum (one chunk: no fp32 copy of a V x H)
             tile_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
             for s in range(0, hidden.shape[0], chunk):
                 h, tok = hidden[s : s + chunk], tokens[s : s + chunk]
@@ -140,7 +140,8 @@ class ChunkedLMHead(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + chunk] += dz @ w
                 if need_w:
-                    tile_w += dz.t() @ h.to(gemm)
+                    part = dz.t() @ h.to(gemm)
+                    tile_w = part if tile_w is None else tile_w.float().add_(part)
                 if need_b:
                     tile_b += dz.sum(dim=0, dtype=torch.float32)
             if need_w:
