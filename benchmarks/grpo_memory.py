@@ -10,12 +10,15 @@ Both sides get the same fixed rollout: one prompt of 32 tokens, G = 2 completion
 random tokens each (no EOS), so generation is not measured and both train on the same max-length batch. Settings on
 both sides: bf16 weights, gradient checkpointing, micro-batch 1 with accumulation over the group (one optimiser step),
 beta 0.04 (k3 KL to a reference copy), per-sequence loss mean (TRL: loss_type="grpo"), lr 1e-6, AdamW, clip 1.0.
-Ours also runs its log-softmax over chunks of `logprob_chunk_size` positions (256 here; one of our config's knobs).
+Ours runs its LM head and log-softmax over chunks of `logprob_chunk_size` positions (256 here; one of our config's
+knobs), in tiles of 32k vocabulary rows on the CPU (`grpo.logprobs.ChunkedLMHead`); TRL 1.16 runs its own chunked LM
+head (`trl.kernels.ChunkedLogProbFunction`: 32k-row tiles, fp32 gradient GEMMs on the CPU).
 
 Each measurement runs in its own child process (glibc's mmap threshold fixed, `LIVE_MEMORY_ENV`): the policy is built, the peak resident set reset (/proc/self/
 clear_refs) to the current one, then the trainer is set up and `steps` steps run; reported: the peak's growth over
 that baseline (what training adds to the policy's weights: the reference copy, gradients, optimiser states,
-activations, logits) and the median seconds per step after the first.
+activations, logits) and the median seconds per step after the first, wall-clock and the process's CPU time (one
+thread: the CPU seconds change little with the machine's load, the wall-clock seconds a lot).
 """
 
 from __future__ import annotations
@@ -138,18 +141,19 @@ def measure_ours(completion_tokens: int, steps: int, hidden: int, layers: int, o
 
     model = realistic_model(hidden, layers, PROMPT_TOKENS + completion_tokens + 8)
     prompt, completions = fixed_tokens(completion_tokens)
-    seconds = []
+    seconds, cpu_seconds = [], []
 
     def run():
         trainer = GRPOTrainer(model, None, ours_config(completion_tokens, steps, **(overrides or {})),
                               [{"prompt": "p"}], [("alternate", reward, 1.0)],
                               backend=FixedRollout(prompt, completions), progress=False)
         for _ in range(steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             (m,) = trainer.train(max_steps=1)
             seconds.append(time.perf_counter() - t)
+            cpu_seconds.append(time.process_time() - c)
             assert m["skipped_steps"] == 0 and m["loss"] == m["loss"], m
-    return measured(run, seconds)
+    return measured(run, seconds, cpu_seconds)
 
 
 def measure_trl(completion_tokens: int, steps: int, hidden: int, layers: int) -> dict:
@@ -165,7 +169,7 @@ def measure_trl(completion_tokens: int, steps: int, hidden: int, layers: int) ->
     model = realistic_model(hidden, layers, PROMPT_TOKENS + completion_tokens + 8)
     prompt, completions = fixed_tokens(completion_tokens)
     tok = train_tokenizer(["a b c"], vocab_size=300)  # TRL decodes the ids for its reward call; it trains on the ids
-    seconds, started = [], []
+    seconds, cpu_seconds, started = [], [], []
 
     def fixed_rollout(prompts, trainer):  # TRL's rollout hook: the same ids every step, no generation
         return {"prompt_ids": [list(prompt) for _ in prompts], "logprobs": None,
@@ -173,10 +177,11 @@ def measure_trl(completion_tokens: int, steps: int, hidden: int, layers: int) ->
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            started.append(time.perf_counter())
+            started.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kw):
-            seconds.append(time.perf_counter() - started[-1])
+            seconds.append(time.perf_counter() - started[-1][0])
+            cpu_seconds.append(time.process_time() - started[-1][1])
 
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -195,16 +200,17 @@ def measure_trl(completion_tokens: int, steps: int, hidden: int, layers: int) ->
         def run():
             TRLTrainer(model=model, processing_class=tok, args=args, reward_funcs=[reward], callbacks=[Clock()],
                        rollout_func=fixed_rollout, train_dataset=data).train()
-        return measured(run, seconds)
+        return measured(run, seconds, cpu_seconds)
 
 
-def measured(run, seconds: list[float]) -> dict:
+def measured(run, seconds: list[float], cpu_seconds: list[float]) -> dict:
     """Run `run` (trainer setup and steps) after the model is built: the peak RSS's rise over the RSS before it."""
     before = rss_mb()
     exact = reset_peak_rss()  # else the peak since the process started (ru_maxrss), baseline included
     run()
     return {"peak_growth_mb": peak_rss_mb() - before, "rss_before_mb": before, "peak_reset": exact,
-            "seconds": seconds, "s_per_step": statistics.median(seconds[1:] or seconds)}
+            "seconds": seconds, "s_per_step": statistics.median(seconds[1:] or seconds),
+            "cpu_s_per_step": statistics.median(cpu_seconds[1:] or cpu_seconds)}
 
 
 def child(side: str, completion_tokens: int, steps: int, hidden: int, layers: int, threads: int) -> dict:
@@ -244,10 +250,13 @@ def main() -> None:
         for side in sides:
             r = child(side, T, a.steps, a.hidden, a.layers, a.threads)
             point[f"{side}_peak_mb"], point[f"{side}_s"] = r["peak_growth_mb"], r["s_per_step"]
+            point[f"{side}_cpu_s"] = r["cpu_s_per_step"]
             point[f"{side}_peak_reset"] = r["peak_reset"]
+            point[f"{side}_load_avg"] = os.getloadavg()[0]  # the machine's 1-minute load as the measurement ended
         if {"ours", "trl"} <= set(sides):
             point["peak_ratio"] = point["ours_peak_mb"] / point["trl_peak_mb"]
             point["speedup"] = point["trl_s"] / point["ours_s"]
+            point["cpu_speedup"] = point["trl_cpu_s"] / point["ours_cpu_s"]
         points.append(point)
         print(json.dumps(point), flush=True)
     result = {"points": points, "machine": {"cpu": platform.processor() or platform.machine(), "threads": a.threads,

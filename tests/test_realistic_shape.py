@@ -109,7 +109,7 @@ def grpo_step(overrides: dict) -> dict:
         (m,) = trainer.train(max_steps=1)
         out["loss_finite"] = bool(torch.isfinite(torch.tensor(m["loss"]))) and m["skipped_steps"] == 0
 
-    r = measured(step, [0.0])
+    r = measured(step, [0.0], [0.0])
     return {**r, **out, "weights_changed": not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)}
 
 
@@ -177,7 +177,7 @@ def sft_step(overrides: dict) -> dict:
         res = trainer.train()
         out["loss_finite"] = bool(torch.isfinite(torch.tensor(res.final_loss))) and res.steps == 1
 
-    r = measured(step, [0.0])
+    r = measured(step, [0.0], [0.0])
     return {**r, **out, "weights_changed": not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)}
 
 
