@@ -199,7 +199,7 @@ def sft_or_reuse(model, tok, examples: list[dict], sft_cfg, folder: Path, ctx, t
         return load_model(folder / "model"), json.loads(done.read_text())
 
     logger = MLflowLogger(run_id=ctx.run_id, prefix=f"{tag}/")
-    trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=folder / "checkpoints", logger=logger,
+    trainer = SFTTrainer(model, tok, examples, ctx.seeded(sft_cfg), output_dir=folder / "checkpoints", logger=logger,
                          progress=ctx.progress)
     res = trainer.train(resume_from="latest")
     trained = trainer.engine.module

@@ -123,3 +123,37 @@ def test_cold_start_built_from_r1_zero_names_the_filters_when_nothing_is_readabl
         cold_start_sft.run(recipe, {"model": base, "r1_zero_model": base}, progress=False)
     with pytest.raises(Exception, match="r1_zero"):  # no explicit R1-Zero model and no finished r1_zero run
         cold_start_sft.run(recipe, {"model": base}, progress=False)
+
+
+def test_every_trainer_follows_the_recipe_seed(monkeypatch, tmp_path):
+    """`--set seed=N` reseeds each stage's trainer (GRPO sampling, SFT data order), not only the problems and the base
+    model: the stage's own seed is an offset. (Every trainer ran with its section's seed 0 whatever the recipe's seed,
+    so the tiny chain's seeds 1 and 2 shared their RL sampling and SFT order with seed 0.)"""
+    import grpo
+    from stages import distill
+    from stages.core import grpo_runner, sft_runner
+    from stages.core.context import StageContext
+    from stages.core.recipe import load_recipe
+
+    class Built(Exception):
+        pass
+
+    seeds = []
+
+    def built(cfg):
+        seeds.append(cfg.seed)
+        raise Built
+
+    monkeypatch.setattr(grpo, "GRPOTrainer", lambda model, tok, cfg, *a, **k: built(cfg))
+    for module in (sft_runner, distill):
+        monkeypatch.setattr(module, "SFTTrainer", lambda model, tok, examples, cfg, *a, **k: built(cfg))
+    monkeypatch.setattr(distill, "MLflowLogger", lambda **kwargs: None)
+    recipe = load_recipe("tiny", {"seed": 3, "r1_zero.grpo.seed": 5, "general_sft.sft.seed": 7, "distill.sft.seed": 11})
+    ctx = StageContext("test", recipe, "run", "key", tmp_path, {}, progress=False, main=False)
+    with pytest.raises(Built):
+        grpo_runner.train_grpo(ctx, recipe.r1_zero, None, None, [], [])
+    with pytest.raises(Built):
+        sft_runner.train_and_finish(ctx, recipe.general_sft.sft, None, None, [])
+    with pytest.raises(Built):
+        distill.sft_or_reuse(None, None, [], recipe.distill.sft, tmp_path / "student", ctx, "student")
+    assert seeds == [5 + 3, 7 + 3, 11 + 3]

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -28,6 +29,8 @@ from stages.core.models import load_model, load_tokenizer, pick_device, resolve_
 from stages.core.recipe import Recipe, flatten
 
 log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=BaseModel)
 
 
 @dataclass
@@ -45,6 +48,11 @@ class StageContext:
     def logger(self):
         """Per-step metrics into the stage's run (a resumed attempt first takes over the killed one's steps)."""
         return attempts.stage_logger(self.run_id)
+
+    def seeded(self, cfg: C) -> C:
+        """A trainer config (GRPO or SFT) whose seed is offset by the recipe's: `--set seed=N` reseeds every stage's
+        sampling and data order, not only the problems and the base model (seed 0 keeps the stage's own seed)."""
+        return cfg.model_copy(update={"seed": cfg.seed + self.recipe.seed})
 
 
 @contextlib.contextmanager

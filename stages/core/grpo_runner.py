@@ -44,7 +44,7 @@ def train_grpo(ctx: StageContext, cfg: GRPOStageConfig, model, tokenizer, rows: 
 
     ds_config = deepspeed_config(ctx.recipe, cfg.deepspeed_config)  # the stage's own, else the cluster's
     ckpt_dir = ctx.workdir / "checkpoints"
-    grpo_cfg = cfg.grpo
+    grpo_cfg = ctx.seeded(cfg.grpo)
     if grpo_cfg.checkpoint_every is None:
         grpo_cfg = grpo_cfg.model_copy(update={"checkpoint_every": max(1, grpo_cfg.total_steps // 4)})
     rows = render_chat(rows, tokenizer)  # style chat: the model's chat template, now that its tokenizer is loaded

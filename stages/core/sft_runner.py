@@ -19,6 +19,7 @@ def train_and_finish(ctx: StageContext, sft_cfg: SFTConfig, model, tok, examples
     import mlflow
 
     examples = [{k: e[k] for k in ("messages", "prompt", "completion") if k in e} for e in examples]
+    sft_cfg = ctx.seeded(sft_cfg)
     trainer = SFTTrainer(model, tok, examples, sft_cfg, output_dir=ctx.workdir / "checkpoints", logger=ctx.logger,
                          progress=ctx.progress, deepspeed_config=deepspeed_config(ctx.recipe))
     if sft_cfg.checkpoint_every is None:  # a few checkpoints, so a killed run resumes
