@@ -134,7 +134,7 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
     state = json.loads((path / STATE_FILE).read_text())
     rank, world = rank_and_world()
     written = state.get("world_size", world)
-    if written == world and written_by_deepspeed(path) == engine.is_deepspeed:
+    if same_layout(path, written, world, engine.is_deepspeed):
         engine.load(str(path))
         if reference is not None:
             engine.load_reference(reference, str(path))
@@ -158,6 +158,11 @@ def load_checkpoint(path: str | Path, engine, reference: torch.nn.Module | None,
 
 def written_by_deepspeed(path: Path) -> bool:
     return (Path(path) / "engine").is_dir()
+
+
+def same_layout(path: Path, written: int, world: int, deepspeed: bool) -> bool:
+    """Whether checkpoint `path` loads as it is: written by as many ranks as this run has, under the same engine."""
+    return written == world and written_by_deepspeed(path) == deepspeed
 
 
 def reshard_problem(path: Path, written: int, world: int, *, deepspeed: bool, zero_stage: int = 2,
@@ -189,7 +194,7 @@ def resume_problem(output_dir: str | Path, deepspeed_config: dict | None, lora: 
     written = json.loads((path / STATE_FILE).read_text()).get("world_size")
     world = rank_and_world()[1]
     deepspeed = deepspeed_config is not None
-    if written is None or (written == world and written_by_deepspeed(path) == deepspeed):
+    if written is None or same_layout(path, written, world, deepspeed):
         return None
     zero = int((deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0))
     return reshard_problem(path, written, world, deepspeed=deepspeed, zero_stage=zero, lora=lora)
