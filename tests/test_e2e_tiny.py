@@ -65,8 +65,10 @@ def test_tiny_pipeline_end_to_end(prefect_harness, tiny_base, tmp_path):
     assert holds(acc["preference_rl"], acc["general_sft"] - 0.02, se("preference_rl", "general_sft")), acc
     # the final model is readable and at least as accurate as R1-Zero
     assert holds(acc["preference_rl"], acc["r1_zero"], se("preference_rl", "r1_zero")), acc
-    # the distilled student reaches half its teacher and twice its undistilled twin (issue #20 asks three times: at 1000
-    # steps the student reached 2.5, 2.8 and 1.8 times its twin on seeds 0, 1, 2, as the twin starts to learn too)
+    # the distilled student reaches half its teacher and twice its undistilled twin at equal steps. Not three times, as
+    # issue #20 asked: the twin learns the base's noisy traces, whose ceiling is the base's own pass@1 (the twin reached
+    # 0.56 at 3000 steps on seed 1, the base 0.56), so student / twin falls towards 1.7 as both converge and exceeds 3
+    # only while the twin is still far from it (at the recipe's 1500 steps: 2.0 and 4.8 on seeds 1 and 2)
     d = m["distill"]
     student = json.loads(out["stages"]["distill"]["students"])[0]
     s, twin, teacher = (d[f"eval/{k}/pass_at_1"] for k in (student, f"{student}_baseline", "teacher"))
